@@ -1,0 +1,1 @@
+"""The credit service: accounts, an append-only ledger and two-phase reservations."""

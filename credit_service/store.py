@@ -1,0 +1,248 @@
+"""SQL of the credit service, one function per statement. Tables live in the `credit` schema."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+import asyncpg
+
+from credit_service.domain import (
+    Balance,
+    EntryKind,
+    GrantKind,
+    LedgerEntry,
+    Movement,
+    ReleaseReason,
+    Reservation,
+    ReservationStatus,
+)
+
+SCHEMA = "credit"
+
+_RESERVATION_COLUMNS = (
+    "reservation_id, owner_id, amount, committed_amount, refunded_amount, status, release_reason,"
+    " reference, created_at, updated_at, expires_at"
+)
+_ENTRY_COLUMNS = (
+    "entry_id, owner_id, kind, available_delta, held_delta, spent_delta, granted_delta,"
+    " reservation_id, request_id, grant_kind, note, created_at"
+)
+
+
+def _reservation(row: asyncpg.Record) -> Reservation:
+    return Reservation(
+        reservation_id=row["reservation_id"],
+        owner_id=row["owner_id"],
+        amount=row["amount"],
+        committed_amount=row["committed_amount"],
+        refunded_amount=row["refunded_amount"],
+        status=ReservationStatus(row["status"]),
+        release_reason=ReleaseReason(row["release_reason"]) if row["release_reason"] else None,
+        reference=row["reference"],
+        created_at=row["created_at"],
+        updated_at=row["updated_at"],
+        expires_at=row["expires_at"],
+    )
+
+
+def _entry(row: asyncpg.Record) -> LedgerEntry:
+    return LedgerEntry(
+        entry_id=row["entry_id"],
+        owner_id=row["owner_id"],
+        kind=EntryKind(row["kind"]),
+        available_delta=row["available_delta"],
+        held_delta=row["held_delta"],
+        spent_delta=row["spent_delta"],
+        granted_delta=row["granted_delta"],
+        reservation_id=row["reservation_id"],
+        request_id=row["request_id"],
+        grant_kind=GrantKind(row["grant_kind"]) if row["grant_kind"] else None,
+        note=row["note"],
+        created_at=row["created_at"],
+    )
+
+
+def _balance(row: asyncpg.Record) -> Balance:
+    return Balance(
+        owner_id=row["owner_id"],
+        available=row["available"],
+        held=row["held"],
+        spent=row["spent"],
+        granted=row["granted"],
+        updated_at=row["updated_at"],
+    )
+
+
+async def fetch_balance(connection: asyncpg.Connection, owner_id: uuid.UUID) -> Balance | None:
+    row = await connection.fetchrow(
+        "SELECT owner_id, available, held, spent, granted, updated_at FROM credit.accounts WHERE owner_id = $1",
+        owner_id,
+    )
+    return None if row is None else _balance(row)
+
+
+async def ensure_account(connection: asyncpg.Connection, owner_id: uuid.UUID) -> None:
+    await connection.execute(
+        "INSERT INTO credit.accounts (owner_id) VALUES ($1) ON CONFLICT (owner_id) DO NOTHING", owner_id
+    )
+
+
+async def fetch_grant(connection: asyncpg.Connection, request_id: str) -> LedgerEntry | None:
+    row = await connection.fetchrow(
+        f"SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries WHERE kind = 'grant' AND request_id = $1", request_id
+    )
+    return None if row is None else _entry(row)
+
+
+async def insert_grant(
+    connection: asyncpg.Connection,
+    owner_id: uuid.UUID,
+    amount: int,
+    request_id: str,
+    grant_kind: GrantKind,
+    note: str,
+) -> LedgerEntry:
+    row = await connection.fetchrow(
+        f"""INSERT INTO credit.ledger_entries
+               (owner_id, kind, available_delta, held_delta, spent_delta, granted_delta,
+                request_id, grant_kind, note)
+            VALUES ($1, 'grant', $2, 0, 0, $2, $3, $4, $5)
+            RETURNING {_ENTRY_COLUMNS}""",
+        owner_id,
+        amount,
+        request_id,
+        grant_kind.value,
+        note,
+    )
+    assert row is not None
+    return _entry(row)
+
+
+async def write_movements(
+    connection: asyncpg.Connection, owner_id: uuid.UUID, reservation_id: uuid.UUID, movements: Sequence[Movement]
+) -> None:
+    """One statement for all entries of a transition; the ledger trigger updates the account."""
+    deltas = [movement.deltas() for movement in movements]
+    await connection.execute(
+        """INSERT INTO credit.ledger_entries
+               (owner_id, kind, available_delta, held_delta, spent_delta, granted_delta, reservation_id)
+           SELECT $1, m.kind, m.available, m.held, m.spent, m.granted, $2
+             FROM unnest($3::text[], $4::bigint[], $5::bigint[], $6::bigint[], $7::bigint[])
+                  WITH ORDINALITY AS m(kind, available, held, spent, granted, position)
+            ORDER BY m.position""",
+        owner_id,
+        reservation_id,
+        [movement.kind.value for movement in movements],
+        [d[0] for d in deltas],
+        [d[1] for d in deltas],
+        [d[2] for d in deltas],
+        [d[3] for d in deltas],
+    )
+
+
+async def fetch_reservation(
+    connection: asyncpg.Connection, reservation_id: uuid.UUID, *, for_update: bool = False
+) -> Reservation | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await connection.fetchrow(
+        f"SELECT {_RESERVATION_COLUMNS} FROM credit.reservations WHERE reservation_id = $1{lock}", reservation_id
+    )
+    return None if row is None else _reservation(row)
+
+
+async def insert_reservation(
+    connection: asyncpg.Connection,
+    reservation_id: uuid.UUID,
+    owner_id: uuid.UUID,
+    amount: int,
+    reference: str,
+    ttl_s: float,
+) -> Reservation | None:
+    """The new pending reservation, or None when the id exists (a concurrent or earlier call)."""
+    row = await connection.fetchrow(
+        f"""INSERT INTO credit.reservations (reservation_id, owner_id, amount, reference, expires_at)
+            VALUES ($1, $2, $3, $4, now() + make_interval(secs => $5))
+            ON CONFLICT (reservation_id) DO NOTHING
+            RETURNING {_RESERVATION_COLUMNS}""",
+        reservation_id,
+        owner_id,
+        amount,
+        reference,
+        ttl_s,
+    )
+    return None if row is None else _reservation(row)
+
+
+async def update_reservation(connection: asyncpg.Connection, reservation: Reservation) -> Reservation:
+    row = await connection.fetchrow(
+        f"""UPDATE credit.reservations
+               SET status = $2, committed_amount = $3, refunded_amount = $4, release_reason = $5,
+                   updated_at = now()
+             WHERE reservation_id = $1
+         RETURNING {_RESERVATION_COLUMNS}""",
+        reservation.reservation_id,
+        reservation.status.value,
+        reservation.committed_amount,
+        reservation.refunded_amount,
+        reservation.release_reason.value if reservation.release_reason else None,
+    )
+    assert row is not None, reservation.reservation_id
+    return _reservation(row)
+
+
+async def lock_expired_reservations(connection: asyncpg.Connection, limit: int) -> list[Reservation]:
+    """Pending reservations past their expiry, locked; rows other sweepers hold are skipped."""
+    rows = await connection.fetch(
+        f"""SELECT {_RESERVATION_COLUMNS} FROM credit.reservations
+             WHERE status = 'pending' AND expires_at <= now()
+             ORDER BY expires_at
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED""",
+        limit,
+    )
+    return [_reservation(row) for row in rows]
+
+
+async def list_reservations(
+    connection: asyncpg.Connection,
+    *,
+    owner_id: uuid.UUID | None,
+    status: ReservationStatus | None,
+    created_before: datetime | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Reservation]:
+    """Newest first; `after` is the (created_at, reservation_id) of the previous page's last row."""
+    rows = await connection.fetch(
+        f"""SELECT {_RESERVATION_COLUMNS} FROM credit.reservations
+             WHERE ($1::uuid IS NULL OR owner_id = $1)
+               AND ($2::text IS NULL OR status = $2)
+               AND ($3::timestamptz IS NULL OR created_at < $3)
+               AND ($4::timestamptz IS NULL OR (created_at, reservation_id) < ($4, $5::uuid))
+             ORDER BY created_at DESC, reservation_id DESC
+             LIMIT $6""",
+        owner_id,
+        status.value if status else None,
+        created_before,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [_reservation(row) for row in rows]
+
+
+async def list_entries(
+    connection: asyncpg.Connection, owner_id: uuid.UUID, *, before_entry_id: int | None, limit: int
+) -> list[LedgerEntry]:
+    rows = await connection.fetch(
+        f"""SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries
+             WHERE owner_id = $1 AND ($2::bigint IS NULL OR entry_id < $2)
+             ORDER BY entry_id DESC
+             LIMIT $3""",
+        owner_id,
+        before_entry_id,
+        limit,
+    )
+    return [_entry(row) for row in rows]

@@ -1,0 +1,116 @@
+"""Reading settings from the environment: explicit, typed, bounded, with errors naming the variable."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+
+class ConfigError(Exception):
+    """A setting is missing or malformed; the message names the variable."""
+
+
+def text(env: Mapping[str, str], name: str, default: str | None = None) -> str:
+    value = env.get(name, default)
+    if value is None or value == "":
+        raise ConfigError(f"{name} is required")
+    return value
+
+
+def integer(env: Mapping[str, str], name: str, default: int, *, minimum: int, maximum: int) -> int:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def number(env: Mapping[str, str], name: str, default: float, *, minimum: float, maximum: float) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not minimum <= value <= maximum:
+        raise ConfigError(f"{name} must be between {minimum} and {maximum}, got {value}")
+    return value
+
+
+def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every service needs to serve: address, database, limits. Units are in the names."""
+
+    grpc_address: str
+    database_url: str
+    database_pool_min_size: int
+    database_pool_max_size: int
+    database_command_timeout_s: float
+    migrate_on_start: bool
+    health_check_interval_s: float
+    shutdown_grace_s: float
+    default_rpc_deadline_s: float
+    max_message_bytes: int
+    max_concurrent_rpcs: int
+    reflection_enabled: bool
+    log_format: str
+    log_level: str
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str], prefix: str, default_address: str) -> ServerSettings:
+        """Reads `<PREFIX>_*` variables; DATABASE_URL is the fallback for the database."""
+
+        def key(name: str) -> str:
+            return f"{prefix}_{name}"
+
+        database_url = env.get(key("DATABASE_URL")) or env.get("DATABASE_URL")
+        if not database_url:
+            raise ConfigError(f"{key('DATABASE_URL')} (or DATABASE_URL) is required")
+        pool_max = integer(env, key("DATABASE_POOL_MAX_SIZE"), 10, minimum=1, maximum=200)
+        return cls(
+            grpc_address=text(env, key("GRPC_ADDRESS"), default_address),
+            database_url=database_url,
+            database_pool_min_size=integer(env, key("DATABASE_POOL_MIN_SIZE"), 1, minimum=0, maximum=pool_max),
+            database_pool_max_size=pool_max,
+            database_command_timeout_s=number(
+                env, key("DATABASE_COMMAND_TIMEOUT_S"), 10.0, minimum=0.1, maximum=300.0
+            ),
+            migrate_on_start=boolean(env, key("MIGRATE_ON_START"), True),
+            health_check_interval_s=number(env, key("HEALTH_CHECK_INTERVAL_S"), 5.0, minimum=0.1, maximum=300.0),
+            # Below Kubernetes' default terminationGracePeriodSeconds of 30 s.
+            shutdown_grace_s=number(env, key("SHUTDOWN_GRACE_S"), 10.0, minimum=0.0, maximum=120.0),
+            # Transcoded HTTP calls arrive without a deadline (CONVENTIONS.md): give them one.
+            default_rpc_deadline_s=number(env, key("DEFAULT_RPC_DEADLINE_S"), 10.0, minimum=0.1, maximum=300.0),
+            max_message_bytes=integer(
+                env, key("MAX_MESSAGE_BYTES"), 1024 * 1024, minimum=4096, maximum=64 * 1024 * 1024
+            ),
+            max_concurrent_rpcs=integer(env, key("MAX_CONCURRENT_RPCS"), 1000, minimum=1, maximum=100_000),
+            reflection_enabled=boolean(env, key("REFLECTION_ENABLED"), True),
+            log_format=choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
+            log_level=choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
+        )

@@ -1,0 +1,140 @@
+"""The database of one service: readiness (reachable, migrated), the pool, transaction retries."""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import random
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+import structlog
+
+from service_kit import migrations as schema_migrations
+from service_kit.config import ServerSettings
+from service_kit.errors import Unavailable
+from service_kit.interceptor import DATABASE_UNAVAILABLE_ERRORS
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+CONNECT_TIMEOUT_S = 5.0
+MIGRATION_TIMEOUT_S = 120.0
+# Serialization failures and deadlocks are retried as whole transactions, a bounded number of
+# times (CONVENTIONS.md); every other error is the caller's to handle.
+RETRYABLE_ERRORS = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
+TRANSACTION_ATTEMPTS = 4
+RETRY_BASE_DELAY_S = 0.01
+
+
+class DatabaseState(enum.Enum):
+    STARTING = "starting"
+    UNREACHABLE = "unreachable"
+    SCHEMA_BEHIND = "schema_behind"
+    MIGRATION_FAILED = "migration_failed"
+    READY = "ready"
+
+
+class Database:
+    def __init__(self, settings: ServerSettings, schema: str, migrations: tuple[schema_migrations.Migration, ...]):
+        self._settings = settings
+        self.schema = schema
+        self._migrations = migrations
+        self.expected_version = schema_migrations.latest_version(migrations)
+        self._pool: asyncpg.Pool | None = None
+        self._migrated = False
+        self.state = DatabaseState.STARTING
+        self.detail = "not checked yet"
+
+    @property
+    def pool(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise Unavailable("the database is not ready yet; retry later", reason="DATABASE_UNAVAILABLE")
+        return self._pool
+
+    async def check(self) -> DatabaseState:
+        """One readiness step: connect, migrate once if allowed, compare the schema version."""
+        try:
+            state, detail = await self._check_once()
+        except DATABASE_UNAVAILABLE_ERRORS + (TimeoutError, asyncpg.PostgresError) as error:
+            state, detail = DatabaseState.UNREACHABLE, repr(error)
+        except schema_migrations.MigrationError as error:
+            state, detail = DatabaseState.MIGRATION_FAILED, str(error)
+        if state is not self.state:
+            level = log.info if state is DatabaseState.READY else log.warning
+            level("database_state_changed", schema=self.schema, state=state.value, detail=detail)
+        self.state, self.detail = state, detail
+        return state
+
+    async def _check_once(self) -> tuple[DatabaseState, str]:
+        if self._pool is None:
+            connection = await asyncpg.connect(self._settings.database_url, timeout=CONNECT_TIMEOUT_S)
+            try:
+                if self._settings.migrate_on_start and not self._migrated:
+                    await asyncio.wait_for(
+                        schema_migrations.migrate(connection, self.schema, self._migrations), MIGRATION_TIMEOUT_S
+                    )
+                    self._migrated = True
+                version = await schema_migrations.applied_version(connection, self.schema)
+            finally:
+                await connection.close(timeout=CONNECT_TIMEOUT_S)
+            if version < self.expected_version:
+                return self._behind(version)
+            self._pool = await self._create_pool()
+            return DatabaseState.READY, f"schema version {version}"
+        async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
+            version = await schema_migrations.applied_version(connection, self.schema)
+        if version < self.expected_version:
+            return self._behind(version)
+        return DatabaseState.READY, f"schema version {version}"
+
+    def _behind(self, version: int) -> tuple[DatabaseState, str]:
+        return (
+            DatabaseState.SCHEMA_BEHIND,
+            f"schema {self.schema} is at version {version}, this build needs {self.expected_version}; "
+            "apply the migrations (they run at start unless MIGRATE_ON_START is false)",
+        )
+
+    async def _create_pool(self) -> asyncpg.Pool:
+        pool = await asyncpg.create_pool(
+            self._settings.database_url,
+            min_size=self._settings.database_pool_min_size,
+            max_size=self._settings.database_pool_max_size,
+            command_timeout=self._settings.database_command_timeout_s,
+            timeout=CONNECT_TIMEOUT_S,
+            max_inactive_connection_lifetime=300.0,
+        )
+        assert pool is not None
+        return pool
+
+    async def close(self, timeout_s: float = 5.0) -> None:
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        try:
+            await asyncio.wait_for(pool.close(), timeout_s)
+        except TimeoutError:
+            pool.terminate()
+
+
+async def in_transaction(
+    pool: asyncpg.Pool,
+    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    *,
+    isolation: str = "read_committed",
+    attempts: int = TRANSACTION_ATTEMPTS,
+) -> T:
+    """Runs `work` in one transaction, retrying the whole of it on serialization failure or deadlock."""
+    assert attempts >= 1
+    for attempt in range(1, attempts + 1):
+        try:
+            async with pool.acquire() as connection, connection.transaction(isolation=isolation):
+                return await work(connection)
+        except RETRYABLE_ERRORS as error:
+            if attempt == attempts:
+                raise
+            delay_s = RETRY_BASE_DELAY_S * 2**attempt * random.uniform(0.5, 1.5)  # noqa: S311  # jitter, not crypto
+            log.info("transaction_retried", attempt=attempt, error=type(error).__name__, delay_s=round(delay_s, 3))
+            await asyncio.sleep(delay_s)
+    raise AssertionError("unreachable")

@@ -1,0 +1,194 @@
+"""The server interceptor every RPC goes through.
+
+For each call it binds the request context to the log (contextvars, cleared per call), gives
+the call a time budget (the caller's deadline, or a default for calls that come without one,
+such as HTTP transcoded by Envoy), renders domain errors with the service's one table of codes,
+turns infrastructure failures into UNAVAILABLE, hides unexpected exceptions behind INTERNAL
+(traceback logged here, never sent), and writes one canonical line per RPC.
+
+An aio interceptor only resolves the handler, so the work happens in a wrapper around
+`handler.unary_unary` (CONVENTIONS.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+import grpc
+import structlog
+
+from service_kit.errors import DomainError, Unavailable, rich_status, status_for
+
+log = structlog.get_logger()
+
+REQUEST_ID_HEADER = "x-request-id"
+MAX_REQUEST_ID_HEADER_LENGTH = 128
+# A TimeoutError this close to the call's deadline is the deadline itself.
+TIMEOUT_SLACK_S = 0.05
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_deadline", default=None)
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpc_request_id", default=None)
+
+ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
+RpcObserver = Callable[[str, str, grpc.StatusCode, float], None]
+
+
+def remaining_budget_s() -> float | None:
+    """Seconds left of the current RPC's budget, for deadlines of downstream calls."""
+    deadline = _deadline.get()
+    return None if deadline is None else deadline - asyncio.get_running_loop().time()
+
+
+def current_request_id() -> str | None:
+    return _request_id.get()
+
+
+# Failures of the database connection rather than of the statement: retrying later may work.
+DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.TooManyConnectionsError,
+)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    code: grpc.StatusCode
+    reason: str | None = None
+    status: grpc.Status | None = None
+
+
+class ServerInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        *,
+        domain: str,
+        error_codes: ErrorTable,
+        default_deadline_s: float,
+        observers: tuple[RpcObserver, ...] = (),
+    ) -> None:
+        self._domain = domain
+        self._error_codes = error_codes
+        self._default_deadline_s = default_deadline_s
+        self._observers = observers
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method: str = handler_call_details.method  # type: ignore[attr-defined]  # aio details carry it
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(method, handler.unary_unary),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+        service, _, rpc = method.lstrip("/").rpartition("/")
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            structlog.contextvars.clear_contextvars()
+            request_id = _incoming_request_id(context)
+            structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
+            started = time.perf_counter()
+            budget_s = _budget_s(context, self._default_deadline_s)
+            deadline_token = _deadline.set(asyncio.get_running_loop().time() + budget_s)
+            request_id_token = _request_id.set(request_id)
+            outcome = Outcome(grpc.StatusCode.OK)
+            try:
+                async with asyncio.timeout(budget_s):
+                    return await behaviour(request, context)
+            except Exception as error:  # noqa: BLE001  # every failure becomes a status below
+                outcome = self._outcome(error, context)
+                if outcome.status is None:
+                    raise  # the handler aborted on its own; its status stands
+                await context.abort_with_status(outcome.status)
+            finally:
+                duration_s = time.perf_counter() - started
+                _deadline.reset(deadline_token)
+                _request_id.reset(request_id_token)
+                self._finish(service, rpc, outcome, duration_s)
+
+        return wrapped
+
+    def _outcome(self, error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> Outcome:
+        if isinstance(error, grpc.aio.AbortError):
+            return Outcome(context.code() or grpc.StatusCode.UNKNOWN)
+        if isinstance(error, DomainError):
+            code = self._code_for(error)
+            return Outcome(code, error.reason, status_for(error, code, domain=self._domain))
+        if isinstance(error, TimeoutError):
+            remaining_s = remaining_budget_s()
+            if remaining_s is not None and remaining_s > TIMEOUT_SLACK_S:
+                # A database command timed out while the call still had time: a slow dependency.
+                return self._render(
+                    grpc.StatusCode.UNAVAILABLE, "DEPENDENCY_TIMEOUT", "a dependency timed out; retry later"
+                )
+            return self._render(grpc.StatusCode.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED", "the call ran out of time")
+        if isinstance(error, DATABASE_UNAVAILABLE_ERRORS):
+            log.warning("database_unavailable", error=repr(error))
+            return self._render(
+                grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database is unavailable; retry later"
+            )
+        log.exception("rpc_internal_error")
+        return self._render(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
+
+    def _render(self, code: grpc.StatusCode, reason: str, message: str) -> Outcome:
+        return Outcome(code, reason, rich_status(code, reason, message, domain=self._domain))
+
+    def _code_for(self, error: DomainError) -> grpc.StatusCode:
+        for kind in type(error).__mro__:
+            code = self._error_codes.get(kind)  # type: ignore[call-overload]  # the MRO holds classes
+            if code is not None:
+                return code
+        if isinstance(error, Unavailable):
+            return grpc.StatusCode.UNAVAILABLE
+        log.error("unmapped_domain_error", error_type=type(error).__name__)
+        return grpc.StatusCode.INTERNAL
+
+    def _finish(self, service: str, rpc: str, outcome: Outcome, duration_s: float) -> None:
+        duration_ms = round(duration_s * 1000, 2)
+        code_name = outcome.code.name
+        if outcome.code in (grpc.StatusCode.OK,):
+            log.info("rpc_finished", grpc_code=code_name, duration_ms=duration_ms)
+        elif outcome.code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN):
+            log.error("rpc_finished", grpc_code=code_name, reason=outcome.reason, duration_ms=duration_ms)
+        else:
+            log.info("rpc_finished", grpc_code=code_name, reason=outcome.reason, duration_ms=duration_ms)
+        for observer in self._observers:
+            observer(service, rpc, outcome.code, duration_s)
+        structlog.contextvars.clear_contextvars()
+
+
+def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == REQUEST_ID_HEADER and isinstance(value, str):
+            cleaned = value.strip()
+            if cleaned and len(cleaned) <= MAX_REQUEST_ID_HEADER_LENGTH and cleaned.isprintable():
+                return cleaned
+    return uuid.uuid4().hex
+
+
+def _budget_s(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> float:
+    remaining = context.time_remaining()
+    return default_s if remaining is None else max(0.0, remaining)
+
+
+def outgoing_metadata() -> tuple[tuple[str, str], ...]:
+    """Metadata for a downstream call made while serving an RPC: carries the request id."""
+    request_id = _request_id.get()
+    return () if request_id is None else ((REQUEST_ID_HEADER, request_id),)

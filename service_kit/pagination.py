@@ -1,0 +1,50 @@
+"""Opaque page tokens (AIP-158): a keyset cursor plus a fingerprint of the request's filters.
+
+A token is only a cursor into data the caller may read anyway, so it is encoded, not signed; a
+tampered or foreign token is refused with INVALID_ARGUMENT naming page_token, never a crash.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from collections.abc import Sequence
+
+from service_kit.errors import InvalidArgument
+
+MAX_TOKEN_LENGTH = 1024
+Cursor = list[str | int]
+
+
+def fingerprint(filters: Sequence[object]) -> str:
+    return hashlib.sha256(repr(tuple(filters)).encode()).hexdigest()[:16]
+
+
+def encode(cursor: Cursor, filters: Sequence[object]) -> str:
+    payload = json.dumps({"c": cursor, "f": fingerprint(filters)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(payload.encode()).decode().rstrip("=")
+
+
+def decode(token: str, filters: Sequence[object], *, field: str = "page_token", arity: int) -> Cursor | None:
+    """The cursor in `token`, or None for the first page."""
+    if not token:
+        return None
+    if len(token) > MAX_TOKEN_LENGTH:
+        raise InvalidArgument.of(field, "is too long to be a page token")
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        payload = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+    except (ValueError, binascii.Error, UnicodeError):
+        raise InvalidArgument.of(field, "is not a page token from this API") from None
+    cursor = payload.get("c") if isinstance(payload, dict) else None
+    if (
+        not isinstance(cursor, list)
+        or len(cursor) != arity
+        or not all(isinstance(part, str | int) and not isinstance(part, bool) for part in cursor)
+    ):
+        raise InvalidArgument.of(field, "is not a page token from this API")
+    if payload.get("f") != fingerprint(filters):
+        raise InvalidArgument.of(field, "belongs to a request with other filters")
+    return cursor
