@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from credit.v1 import credit_pb2_grpc
 from credit_service.config import CreditSettings
-from credit_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, CreditServicer
 from credit_service.service import CreditService
+from credit_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, CreditServicer
 from credit_service.store import SCHEMA
 from service_kit import migrations
 from service_kit.database import Database

@@ -17,6 +17,7 @@ import structlog
 
 from credit_service import store
 from credit_service.domain import (
+    AccountNotFound,
     Balance,
     EntryKind,
     GrantKind,
@@ -24,7 +25,6 @@ from credit_service.domain import (
     LedgerEntry,
     Movement,
     NoAccountToReserveFrom,
-    AccountNotFound,
     RequestIdReused,
     Reservation,
     ReservationIdReused,
@@ -32,6 +32,7 @@ from credit_service.domain import (
     ReservationStatus,
     Transition,
 )
+from service_kit.connection import Connection
 from service_kit.database import Database, in_transaction
 
 log = structlog.get_logger()
@@ -52,13 +53,18 @@ class CreditService:
     async def grant(
         self, request_id: str, owner_id: uuid.UUID, amount: int, kind: GrantKind, note: str
     ) -> tuple[Balance, LedgerEntry]:
-        async def work(connection: asyncpg.Connection) -> tuple[Balance, LedgerEntry]:
+        async def work(connection: Connection) -> tuple[Balance, LedgerEntry]:
             entry = await store.fetch_grant(connection, request_id)
             if entry is None:
                 await store.ensure_account(connection, owner_id)
                 entry = await store.insert_grant(connection, owner_id, amount, request_id, kind, note)
                 log.info("credits_granted", owner_id=str(owner_id), amount=amount, grant_kind=kind.value)
-            elif (entry.owner_id, entry.granted_delta, entry.grant_kind, entry.note) != (owner_id, amount, kind, note):
+            elif (entry.owner_id, entry.granted_delta, entry.grant_kind, entry.note) != (
+                owner_id,
+                amount,
+                kind,
+                note,
+            ):
                 raise RequestIdReused(request_id)
             balance = await store.fetch_balance(connection, owner_id)
             assert balance is not None
@@ -82,7 +88,7 @@ class CreditService:
     async def reserve(
         self, reservation_id: uuid.UUID, owner_id: uuid.UUID, amount: int, reference: str
     ) -> tuple[Reservation, Balance]:
-        async def work(connection: asyncpg.Connection) -> tuple[Reservation, Balance]:
+        async def work(connection: Connection) -> tuple[Reservation, Balance]:
             reservation = await store.fetch_reservation(connection, reservation_id)
             if reservation is None:
                 reservation = await store.insert_reservation(
@@ -124,7 +130,7 @@ class CreditService:
         return await self._transition(reservation_id, lambda r: r.plan_refund(amount))
 
     async def _transition(self, reservation_id: uuid.UUID, plan: Callable[[Reservation], Transition]) -> Reservation:
-        async def work(connection: asyncpg.Connection) -> Reservation:
+        async def work(connection: Connection) -> Reservation:
             # FOR UPDATE serializes concurrent transitions of one reservation: the second one
             # sees the first one's result and plans from it (exactly one transition happens).
             current = await store.fetch_reservation(connection, reservation_id, for_update=True)
@@ -184,11 +190,13 @@ class CreditService:
     async def release_expired(self, batch_size: int) -> int:
         """Releases up to `batch_size` expired holds; returns how many."""
 
-        async def work(connection: asyncpg.Connection) -> int:
+        async def work(connection: Connection) -> int:
             expired = await store.lock_expired_reservations(connection, batch_size)
             for reservation in expired:
                 transition = reservation.plan_expiry()
-                await store.write_movements(connection, reservation.owner_id, reservation.reservation_id, transition.movements)
+                await store.write_movements(
+                    connection, reservation.owner_id, reservation.reservation_id, transition.movements
+                )
                 await store.update_reservation(connection, transition.after)
             return len(expired)
 

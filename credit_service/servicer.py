@@ -15,12 +15,13 @@ from credit_service.domain import MAX_AMOUNT, MAX_NOTE_LENGTH, MAX_REFERENCE_LEN
 from credit_service.service import CreditService
 from service_kit import pagination
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
-from service_kit.validation import Checks
+from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
 SERVICE_NAME = credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name
 ERROR_DOMAIN = SERVICE_NAME
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
+MAX_ENTRY_ID = 2**63 - 1  # ledger_entries.entry_id is a bigint
 
 # The one table from domain errors to status codes (subclasses inherit their parent's code).
 ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
@@ -136,7 +137,9 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         balance, entry = await self._service.grant(request_id, owner_id, amount, _GRANT_KIND_FROM_PROTO[kind], note)
         return credit_pb2.GrantCreditsResponse(balance=balance_message(balance), entry=entry_message(entry))
 
-    async def GetBalance(self, request: credit_pb2.GetBalanceRequest, context: Context) -> credit_pb2.GetBalanceResponse:
+    async def GetBalance(
+        self, request: credit_pb2.GetBalanceRequest, context: Context
+    ) -> credit_pb2.GetBalanceResponse:
         checks = Checks()
         owner_id = checks.uuid("owner_id", request.owner_id)
         checks.done()
@@ -210,7 +213,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         after = _reservation_cursor(cursor)
         page = await self._service.list_reservations(
             owner_id=owner_id,
-            status=_STATUS_FROM_PROTO.get(status_number),  # type: ignore[call-overload]  # enum numbers are ints
+            status=_STATUS_FROM_PROTO.get(status_number),
             created_before=created_before,
             after=after,
             page_size=page_size,
@@ -234,7 +237,8 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         cursor = pagination.decode(request.page_token, filters, arity=1)
         before_entry_id = None
         if cursor is not None:
-            if not isinstance(cursor[0], int):
+            # Entry ids are positive bigints; a forged one outside that range would fail in the driver.
+            if not isinstance(cursor[0], int) or not 1 <= cursor[0] <= MAX_ENTRY_ID:
                 raise InvalidArgument.of("page_token", "is not a page token from this API")
             before_entry_id = cursor[0]
         page = await self._service.list_entries(owner_id, before_entry_id=before_entry_id, page_size=page_size)
@@ -252,6 +256,7 @@ def _reservation_cursor(cursor: pagination.Cursor | None) -> tuple[datetime, uui
         reservation_id = uuid.UUID(str(cursor[1]))
     except ValueError:
         raise InvalidArgument.of("page_token", "is not a page token from this API") from None
-    if created_at.tzinfo is None:
+    # A forged instant outside what the database can hold would fail deep in the driver (INTERNAL).
+    if created_at.tzinfo is None or not EARLIEST_INSTANT <= created_at < LATEST_INSTANT:
         raise InvalidArgument.of("page_token", "is not a page token from this API")
     return created_at, reservation_id

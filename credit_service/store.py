@@ -18,6 +18,7 @@ from credit_service.domain import (
     Reservation,
     ReservationStatus,
 )
+from service_kit.connection import Connection
 
 SCHEMA = "credit"
 
@@ -75,7 +76,7 @@ def _balance(row: asyncpg.Record) -> Balance:
     )
 
 
-async def fetch_balance(connection: asyncpg.Connection, owner_id: uuid.UUID) -> Balance | None:
+async def fetch_balance(connection: Connection, owner_id: uuid.UUID) -> Balance | None:
     row = await connection.fetchrow(
         "SELECT owner_id, available, held, spent, granted, updated_at FROM credit.accounts WHERE owner_id = $1",
         owner_id,
@@ -83,21 +84,22 @@ async def fetch_balance(connection: asyncpg.Connection, owner_id: uuid.UUID) -> 
     return None if row is None else _balance(row)
 
 
-async def ensure_account(connection: asyncpg.Connection, owner_id: uuid.UUID) -> None:
+async def ensure_account(connection: Connection, owner_id: uuid.UUID) -> None:
     await connection.execute(
         "INSERT INTO credit.accounts (owner_id) VALUES ($1) ON CONFLICT (owner_id) DO NOTHING", owner_id
     )
 
 
-async def fetch_grant(connection: asyncpg.Connection, request_id: str) -> LedgerEntry | None:
+async def fetch_grant(connection: Connection, request_id: str) -> LedgerEntry | None:
     row = await connection.fetchrow(
-        f"SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries WHERE kind = 'grant' AND request_id = $1", request_id
+        f"SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries WHERE kind = 'grant' AND request_id = $1",
+        request_id,
     )
     return None if row is None else _entry(row)
 
 
 async def insert_grant(
-    connection: asyncpg.Connection,
+    connection: Connection,
     owner_id: uuid.UUID,
     amount: int,
     request_id: str,
@@ -121,7 +123,10 @@ async def insert_grant(
 
 
 async def write_movements(
-    connection: asyncpg.Connection, owner_id: uuid.UUID, reservation_id: uuid.UUID, movements: Sequence[Movement]
+    connection: Connection,
+    owner_id: uuid.UUID,
+    reservation_id: uuid.UUID,
+    movements: Sequence[Movement],
 ) -> None:
     """One statement for all entries of a transition; the ledger trigger updates the account."""
     deltas = [movement.deltas() for movement in movements]
@@ -143,17 +148,18 @@ async def write_movements(
 
 
 async def fetch_reservation(
-    connection: asyncpg.Connection, reservation_id: uuid.UUID, *, for_update: bool = False
+    connection: Connection, reservation_id: uuid.UUID, *, for_update: bool = False
 ) -> Reservation | None:
     lock = " FOR UPDATE" if for_update else ""
     row = await connection.fetchrow(
-        f"SELECT {_RESERVATION_COLUMNS} FROM credit.reservations WHERE reservation_id = $1{lock}", reservation_id
+        f"SELECT {_RESERVATION_COLUMNS} FROM credit.reservations WHERE reservation_id = $1{lock}",
+        reservation_id,
     )
     return None if row is None else _reservation(row)
 
 
 async def insert_reservation(
-    connection: asyncpg.Connection,
+    connection: Connection,
     reservation_id: uuid.UUID,
     owner_id: uuid.UUID,
     amount: int,
@@ -175,7 +181,7 @@ async def insert_reservation(
     return None if row is None else _reservation(row)
 
 
-async def update_reservation(connection: asyncpg.Connection, reservation: Reservation) -> Reservation:
+async def update_reservation(connection: Connection, reservation: Reservation) -> Reservation:
     row = await connection.fetchrow(
         f"""UPDATE credit.reservations
                SET status = $2, committed_amount = $3, refunded_amount = $4, release_reason = $5,
@@ -192,7 +198,7 @@ async def update_reservation(connection: asyncpg.Connection, reservation: Reserv
     return _reservation(row)
 
 
-async def lock_expired_reservations(connection: asyncpg.Connection, limit: int) -> list[Reservation]:
+async def lock_expired_reservations(connection: Connection, limit: int) -> list[Reservation]:
     """Pending reservations past their expiry, locked; rows other sweepers hold are skipped."""
     rows = await connection.fetch(
         f"""SELECT {_RESERVATION_COLUMNS} FROM credit.reservations
@@ -206,7 +212,7 @@ async def lock_expired_reservations(connection: asyncpg.Connection, limit: int) 
 
 
 async def list_reservations(
-    connection: asyncpg.Connection,
+    connection: Connection,
     *,
     owner_id: uuid.UUID | None,
     status: ReservationStatus | None,
@@ -234,7 +240,7 @@ async def list_reservations(
 
 
 async def list_entries(
-    connection: asyncpg.Connection, owner_id: uuid.UUID, *, before_entry_id: int | None, limit: int
+    connection: Connection, owner_id: uuid.UUID, *, before_entry_id: int | None, limit: int
 ) -> list[LedgerEntry]:
     rows = await connection.fetch(
         f"""SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries

@@ -67,7 +67,8 @@ def generate(out: Path) -> None:
         ]
     )
     # gen/ is an import root: `from booking.v1 import booking_pb2` needs real packages.
-    for folder in sorted({p.parent for p in out.rglob("*.py")}):
+    for module_folder in sorted({p.parent for p in out.rglob("*.py")}):
+        folder = module_folder
         while folder != out:
             (folder / "__init__.py").touch()
             folder = folder.parent

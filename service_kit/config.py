@@ -97,9 +97,7 @@ class ServerSettings:
             database_url=database_url,
             database_pool_min_size=integer(env, key("DATABASE_POOL_MIN_SIZE"), 1, minimum=0, maximum=pool_max),
             database_pool_max_size=pool_max,
-            database_command_timeout_s=number(
-                env, key("DATABASE_COMMAND_TIMEOUT_S"), 10.0, minimum=0.1, maximum=300.0
-            ),
+            database_command_timeout_s=number(env, key("DATABASE_COMMAND_TIMEOUT_S"), 10.0, minimum=0.1, maximum=300.0),
             migrate_on_start=boolean(env, key("MIGRATE_ON_START"), True),
             health_check_interval_s=number(env, key("HEALTH_CHECK_INTERVAL_S"), 5.0, minimum=0.1, maximum=300.0),
             # Below Kubernetes' default terminationGracePeriodSeconds of 30 s.

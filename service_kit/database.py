@@ -6,13 +6,14 @@ import asyncio
 import enum
 import random
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import asyncpg
 import structlog
 
 from service_kit import migrations as schema_migrations
 from service_kit.config import ServerSettings
+from service_kit.connection import Connection
 from service_kit.errors import Unavailable
 from service_kit.interceptor import DATABASE_UNAVAILABLE_ERRORS
 
@@ -26,6 +27,8 @@ MIGRATION_TIMEOUT_S = 120.0
 RETRYABLE_ERRORS = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
 TRANSACTION_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 0.01
+_CHECK_FAILURES: tuple[type[BaseException], ...] = (*DATABASE_UNAVAILABLE_ERRORS, TimeoutError, asyncpg.PostgresError)
+Isolation = Literal["read_committed", "repeatable_read", "serializable"]
 
 
 class DatabaseState(enum.Enum):
@@ -57,7 +60,7 @@ class Database:
         """One readiness step: connect, migrate once if allowed, compare the schema version."""
         try:
             state, detail = await self._check_once()
-        except DATABASE_UNAVAILABLE_ERRORS + (TimeoutError, asyncpg.PostgresError) as error:
+        except _CHECK_FAILURES as error:
             state, detail = DatabaseState.UNREACHABLE, repr(error)
         except schema_migrations.MigrationError as error:
             state, detail = DatabaseState.MIGRATION_FAILED, str(error)
@@ -73,7 +76,8 @@ class Database:
             try:
                 if self._settings.migrate_on_start and not self._migrated:
                     await asyncio.wait_for(
-                        schema_migrations.migrate(connection, self.schema, self._migrations), MIGRATION_TIMEOUT_S
+                        schema_migrations.migrate(connection, self.schema, self._migrations),
+                        MIGRATION_TIMEOUT_S,
                     )
                     self._migrated = True
                 version = await schema_migrations.applied_version(connection, self.schema)
@@ -83,8 +87,8 @@ class Database:
                 return self._behind(version)
             self._pool = await self._create_pool()
             return DatabaseState.READY, f"schema version {version}"
-        async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as connection:
-            version = await schema_migrations.applied_version(connection, self.schema)
+        async with self._pool.acquire(timeout=CONNECT_TIMEOUT_S) as pooled:
+            version = await schema_migrations.applied_version(pooled, self.schema)
         if version < self.expected_version:
             return self._behind(version)
         return DatabaseState.READY, f"schema version {version}"
@@ -120,9 +124,9 @@ class Database:
 
 async def in_transaction(
     pool: asyncpg.Pool,
-    work: Callable[[asyncpg.Connection], Awaitable[T]],
+    work: Callable[[Connection], Awaitable[T]],
     *,
-    isolation: str = "read_committed",
+    isolation: Isolation = "read_committed",
     attempts: int = TRANSACTION_ATTEMPTS,
 ) -> T:
     """Runs `work` in one transaction, retrying the whole of it on serialization failure or deadlock."""
@@ -134,7 +138,7 @@ async def in_transaction(
         except RETRYABLE_ERRORS as error:
             if attempt == attempts:
                 raise
-            delay_s = RETRY_BASE_DELAY_S * 2**attempt * random.uniform(0.5, 1.5)  # noqa: S311  # jitter, not crypto
+            delay_s = RETRY_BASE_DELAY_S * 2**attempt * random.uniform(0.5, 1.5)  # jitter, not crypto
             log.info("transaction_retried", attempt=attempt, error=type(error).__name__, delay_s=round(delay_s, 3))
             await asyncio.sleep(delay_s)
     raise AssertionError("unreachable")

@@ -114,9 +114,7 @@ def _code_number(code: grpc.StatusCode) -> int:
 
 def status_for(error: DomainError, code: grpc.StatusCode, *, domain: str) -> grpc.Status:
     violations = error.violations if isinstance(error, InvalidArgument) else ()
-    return rich_status(
-        code, error.reason, error.message, domain=domain, metadata=error.metadata, violations=violations
-    )
+    return rich_status(code, error.reason, error.message, domain=domain, metadata=error.metadata, violations=violations)
 
 
 @dataclass(frozen=True)

@@ -84,13 +84,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
         if handler is None or handler.unary_unary is None:
             return handler
-        method: str = handler_call_details.method  # type: ignore[attr-defined]  # aio details carry it
+        method: str = handler_call_details.method
         return grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary),
             request_deserializer=handler.request_deserializer,
@@ -112,7 +112,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async with asyncio.timeout(budget_s):
                     return await behaviour(request, context)
-            except Exception as error:  # noqa: BLE001  # every failure becomes a status below
+            except Exception as error:  # every failure becomes a status below
                 outcome = self._outcome(error, context)
                 if outcome.status is None:
                     raise  # the handler aborted on its own; its status stands
@@ -142,7 +142,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if isinstance(error, DATABASE_UNAVAILABLE_ERRORS):
             log.warning("database_unavailable", error=repr(error))
             return self._render(
-                grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database is unavailable; retry later"
+                grpc.StatusCode.UNAVAILABLE,
+                "DATABASE_UNAVAILABLE",
+                "the database is unavailable; retry later",
             )
         log.exception("rpc_internal_error")
         return self._render(grpc.StatusCode.INTERNAL, "INTERNAL", "internal error")
@@ -152,7 +154,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
     def _code_for(self, error: DomainError) -> grpc.StatusCode:
         for kind in type(error).__mro__:
-            code = self._error_codes.get(kind)  # type: ignore[call-overload]  # the MRO holds classes
+            code = self._error_codes.get(kind)
             if code is not None:
                 return code
         if isinstance(error, Unavailable):

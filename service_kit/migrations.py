@@ -13,8 +13,9 @@ import re
 from dataclasses import dataclass
 from importlib import resources
 
-import asyncpg
 import structlog
+
+from service_kit.connection import Connection
 
 log = structlog.get_logger()
 
@@ -54,7 +55,7 @@ def latest_version(migrations: tuple[Migration, ...]) -> int:
     return migrations[-1].version if migrations else 0
 
 
-async def applied_version(connection: asyncpg.Connection, schema: str) -> int:
+async def applied_version(connection: Connection, schema: str) -> int:
     """The highest applied version, 0 for a database never migrated."""
     _check_schema_name(schema)
     exists = await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", f"{schema}.schema_migrations")
@@ -65,7 +66,7 @@ async def applied_version(connection: asyncpg.Connection, schema: str) -> int:
     return version
 
 
-async def migrate(connection: asyncpg.Connection, schema: str, migrations: tuple[Migration, ...]) -> int:
+async def migrate(connection: Connection, schema: str, migrations: tuple[Migration, ...]) -> int:
     """Applies what is missing, each file in its own transaction; returns the version reached."""
     _check_schema_name(schema)
     lock_key = f"migrations:{schema}"

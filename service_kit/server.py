@@ -11,21 +11,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import Awaitable, Callable, Sequence
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import grpc
 import structlog
+import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service_kit.config import ServerSettings
+from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
 
 log = structlog.get_logger()
 
-Worker = Callable[[], Awaitable[None]]
+Worker = Callable[[], Coroutine[Any, Any, None]]
 
 
 @dataclass
@@ -114,7 +117,9 @@ class Runtime:
                 log.info("health_changed", serving=ready, reason=state.value)
             if ready and not self._workers_started:
                 self._start_workers()
-            await asyncio.sleep(self.settings.health_check_interval_s if ready else min(1.0, self.settings.health_check_interval_s))
+            await asyncio.sleep(
+                self.settings.health_check_interval_s if ready else min(1.0, self.settings.health_check_interval_s)
+            )
 
     def _start_workers(self) -> None:
         assert self._parts is not None
@@ -151,14 +156,8 @@ class Runtime:
         await self.stop()
 
 
-def run_main(main: Callable[[], Awaitable[None]]) -> None:
+def run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> None:
     """The process entry point of a service: uvloop, and clean exits for start-up failures."""
-    import sys
-
-    import uvloop
-
-    from service_kit.config import ConfigError
-
     try:
         uvloop.run(main())
     except ConfigError as error:

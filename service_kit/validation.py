@@ -10,9 +10,10 @@ Values returned before `done()` are placeholders when their field is bad; use th
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from typing import TypeVar, cast
+from uuid import UUID
 
 from google.protobuf import timestamp_pb2
 
@@ -22,7 +23,9 @@ MAX_REQUEST_ID_LENGTH = 128
 # Timestamps outside this window are refused: they are typos, not appointments or history.
 EARLIEST_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_INSTANT = datetime(2100, 1, 1, tzinfo=UTC)
-_PLACEHOLDER_UUID = uuid.UUID(int=0)
+_PLACEHOLDER_UUID = UUID(int=0)
+# Generated enums type their numbers as NewTypes of int.
+EnumNumber = TypeVar("EnumNumber", bound=int)
 
 
 class Checks:
@@ -32,12 +35,12 @@ class Checks:
     def fail(self, field: str, description: str) -> None:
         self.violations.append(FieldViolation(field, description))
 
-    def uuid(self, field: str, value: str) -> uuid.UUID:
+    def uuid(self, field: str, value: str) -> UUID:
         if not value:
             self.fail(field, "is required (a UUID)")
             return _PLACEHOLDER_UUID
         try:
-            parsed = uuid.UUID(value)
+            parsed = UUID(value)
         except ValueError:
             self.fail(field, "must be a UUID, e.g. 3f2b8c1e-7d4a-4b7e-9a55-0c1d2e3f4a5b")
             return _PLACEHOLDER_UUID
@@ -45,7 +48,7 @@ class Checks:
             self.fail(field, "must not be the nil UUID")
         return parsed
 
-    def optional_uuid(self, field: str, value: str) -> uuid.UUID | None:
+    def optional_uuid(self, field: str, value: str) -> UUID | None:
         return self.uuid(field, value) if value else None
 
     def request_id(self, field: str, value: str) -> str:
@@ -71,13 +74,15 @@ class Checks:
             self.fail(field, "must not contain NUL characters")
         return value
 
-    def enum(self, field: str, value: int, names: Callable[[int], str], *, allow_unspecified: bool = False) -> int:
+    def enum(
+        self, field: str, value: EnumNumber, names: Callable[[EnumNumber], str], *, allow_unspecified: bool = False
+    ) -> EnumNumber:
         """`names` is the generated enum's Name(): it raises ValueError for unknown numbers."""
         try:
             name = names(value)
         except ValueError:
             self.fail(field, f"unknown value {value}")
-            return 0
+            return cast(EnumNumber, 0)
         if value == 0 and not allow_unspecified:
             self.fail(field, f"is required (not {name})")
         return value

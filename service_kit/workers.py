@@ -25,7 +25,7 @@ def periodic(name: str, interval_s: float, step: Callable[[], Awaitable[bool]]) 
                 more_waiting = await step()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001  # a worker outlives a failed pass; the next one retries
+            except Exception:  # a worker outlives a failed pass; the next one retries
                 log.exception("worker_pass_failed", worker=name)
             await asyncio.sleep(0 if more_waiting else interval_s)
 

@@ -135,6 +135,8 @@ class _CancellationActorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Can
     CANCELLATION_ACTOR_CLIENT: _CancellationActor.ValueType  # 1
     CANCELLATION_ACTOR_THERAPIST: _CancellationActor.ValueType  # 2
     CANCELLATION_ACTOR_ADMIN: _CancellationActor.ValueType  # 3
+    CANCELLATION_ACTOR_SYSTEM: _CancellationActor.ValueType  # 4
+    """The platform itself, e.g. when the payment could not be completed."""
 
 class CancellationActor(_CancellationActor, metaclass=_CancellationActorEnumTypeWrapper):
     """Who cancelled."""
@@ -143,6 +145,8 @@ CANCELLATION_ACTOR_UNSPECIFIED: CancellationActor.ValueType  # 0
 CANCELLATION_ACTOR_CLIENT: CancellationActor.ValueType  # 1
 CANCELLATION_ACTOR_THERAPIST: CancellationActor.ValueType  # 2
 CANCELLATION_ACTOR_ADMIN: CancellationActor.ValueType  # 3
+CANCELLATION_ACTOR_SYSTEM: CancellationActor.ValueType  # 4
+"""The platform itself, e.g. when the payment could not be completed."""
 Global___CancellationActor: _TypeAlias = CancellationActor  # noqa: Y015
 
 class _CancellationReason:
@@ -158,6 +162,8 @@ class _CancellationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Ca
     CANCELLATION_REASON_THERAPIST_UNAVAILABLE: _CancellationReason.ValueType  # 4
     CANCELLATION_REASON_ADMINISTRATIVE: _CancellationReason.ValueType  # 5
     CANCELLATION_REASON_OTHER: _CancellationReason.ValueType  # 6
+    CANCELLATION_REASON_PAYMENT_FAILED: _CancellationReason.ValueType  # 7
+    """The credits could not be committed (the hold had expired); set by the system only."""
 
 class CancellationReason(_CancellationReason, metaclass=_CancellationReasonEnumTypeWrapper):
     """Why, from a fixed list."""
@@ -169,6 +175,8 @@ CANCELLATION_REASON_NO_LONGER_NEEDED: CancellationReason.ValueType  # 3
 CANCELLATION_REASON_THERAPIST_UNAVAILABLE: CancellationReason.ValueType  # 4
 CANCELLATION_REASON_ADMINISTRATIVE: CancellationReason.ValueType  # 5
 CANCELLATION_REASON_OTHER: CancellationReason.ValueType  # 6
+CANCELLATION_REASON_PAYMENT_FAILED: CancellationReason.ValueType  # 7
+"""The credits could not be committed (the hold had expired); set by the system only."""
 Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
 
 @_typing.final

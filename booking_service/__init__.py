@@ -1,0 +1,1 @@
+"""The booking service: therapists' availability, sessions, and the two-phase credit protocol."""

@@ -1,0 +1,266 @@
+"""The booking domain: therapists, session types, bookings, the cancellation policy, errors.
+
+No I/O here. Time rules live in `availability`; this module turns their errors into the
+service's domain errors so the servicer's one table can map them.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime, time, timedelta
+
+from booking_service import availability
+from service_kit.errors import DomainError, FieldViolation, InvalidArgument
+
+MAX_WEEKLY_WINDOWS = 50
+MAX_OVERRIDE_WINDOWS = 10
+MAX_SLOT_RANGE = timedelta(days=31)
+MINUTES_PER_DAY = 1440
+
+
+class BookingStatus(enum.Enum):
+    CONFIRMED = "confirmed"
+    CANCELLED = "cancelled"
+
+
+class PaymentStatus(enum.Enum):
+    COMMITTING = "committing"
+    PAID = "paid"
+    REFUNDING = "refunding"
+    REFUNDED = "refunded"
+
+
+class Actor(enum.Enum):
+    CLIENT = "client"
+    THERAPIST = "therapist"
+    ADMIN = "admin"
+    SYSTEM = "system"
+
+
+class CancelReason(enum.Enum):
+    SCHEDULE_CONFLICT = "schedule_conflict"
+    ILLNESS = "illness"
+    NO_LONGER_NEEDED = "no_longer_needed"
+    THERAPIST_UNAVAILABLE = "therapist_unavailable"
+    ADMINISTRATIVE = "administrative"
+    OTHER = "other"
+    PAYMENT_FAILED = "payment_failed"
+
+
+@dataclass(frozen=True)
+class Therapist:
+    therapist_id: uuid.UUID
+    display_name: str
+    time_zone: str
+    buffer_before_minutes: int
+    buffer_after_minutes: int
+    minimum_notice_minutes: int
+    booking_horizon_days: int
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class SessionType:
+    session_type_id: uuid.UUID
+    therapist_id: uuid.UUID
+    name: str
+    duration_minutes: int
+    credit_cost: int
+
+    @property
+    def duration(self) -> timedelta:
+        return timedelta(minutes=self.duration_minutes)
+
+
+@dataclass(frozen=True)
+class WeeklyWindowMinutes:
+    """A weekly window as stored: ISO weekday 1..7, minutes after local midnight."""
+
+    weekday: int
+    start_minute: int
+    end_minute: int
+
+
+@dataclass(frozen=True)
+class DateOverride:
+    local_date: str  # YYYY-MM-DD
+    windows: tuple[tuple[int, int], ...]  # (start_minute, end_minute)
+
+
+@dataclass(frozen=True)
+class Booking:
+    booking_id: uuid.UUID
+    request_id: str
+    client_id: uuid.UUID
+    therapist_id: uuid.UUID
+    session_type_id: uuid.UUID
+    starts_at: datetime
+    ends_at: datetime
+    time_zone: str
+    credit_cost: int
+    status: BookingStatus
+    payment_status: PaymentStatus
+    cancelled_by: Actor | None
+    cancel_reason: CancelReason | None
+    refunded_credits: int
+    cancelled_at: datetime | None
+    reschedule_count: int
+    created_at: datetime
+    updated_at: datetime
+
+
+def minute_to_time(minute: int) -> time:
+    """Minutes after midnight as a wall-clock time; 1440 (24:00) is the last instant of the day."""
+    assert 0 <= minute <= MINUTES_PER_DAY
+    if minute == MINUTES_PER_DAY:
+        return time.max
+    return time(minute // 60, minute % 60)
+
+
+def schedule_of(
+    therapist: Therapist, weekly: list[WeeklyWindowMinutes], overrides: list[DateOverride]
+) -> availability.Schedule:
+    return availability.Schedule(
+        time_zone=therapist.time_zone,
+        weekly=tuple(
+            availability.WeeklyWindow(w.weekday - 1, minute_to_time(w.start_minute), minute_to_time(w.end_minute))
+            for w in weekly
+        ),
+        overrides={
+            date.fromisoformat(o.local_date): tuple(
+                availability.LocalWindow(minute_to_time(start), minute_to_time(end)) for start, end in o.windows
+            )
+            for o in overrides
+        },
+        buffer_before=timedelta(minutes=therapist.buffer_before_minutes),
+        buffer_after=timedelta(minutes=therapist.buffer_after_minutes),
+        minimum_notice=timedelta(minutes=therapist.minimum_notice_minutes),
+        booking_horizon=timedelta(days=therapist.booking_horizon_days),
+    )
+
+
+def refund_for(booking: Booking, actor: Actor, now: datetime, free_cancellation: timedelta) -> int:
+    """The cancellation policy: a therapist, an admin or the system cancelling refunds in full;
+    a client refunds in full when at least `free_cancellation` ahead of the start, else nothing."""
+    if actor is not Actor.CLIENT:
+        return booking.credit_cost
+    return booking.credit_cost if booking.starts_at - now >= free_cancellation else 0
+
+
+def fingerprint(*parts: object) -> str:
+    """What an idempotent request asked for, to refuse a reused key with other values."""
+    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
+
+
+# --- Domain errors. The servicer's table maps each to a status code. ---
+
+
+class NotFound(DomainError):
+    def __init__(self, kind: str, identifier: uuid.UUID) -> None:
+        super().__init__(f"no {kind} {identifier}", metadata={f"{kind.replace(' ', '_')}_id": str(identifier)})
+
+
+class TherapistNotFound(NotFound):
+    reason = "THERAPIST_NOT_FOUND"
+
+    def __init__(self, therapist_id: uuid.UUID) -> None:
+        super().__init__("therapist", therapist_id)
+
+
+class SessionTypeNotFound(NotFound):
+    reason = "SESSION_TYPE_NOT_FOUND"
+
+    def __init__(self, session_type_id: uuid.UUID) -> None:
+        super().__init__("session type", session_type_id)
+
+
+class BookingNotFound(NotFound):
+    reason = "BOOKING_NOT_FOUND"
+
+    def __init__(self, booking_id: uuid.UUID) -> None:
+        super().__init__("booking", booking_id)
+
+
+class RequestIdReused(DomainError):
+    reason = "REQUEST_ID_REUSED"
+
+    def __init__(self, request_id: str) -> None:
+        super().__init__(
+            f"request_id {request_id!r} was already used with other values; use a new request_id",
+            metadata={"request_id": request_id},
+        )
+
+
+class Refused(DomainError):
+    """The request is well-formed but the system's state refuses it (FAILED_PRECONDITION)."""
+
+
+class SlotUnavailable(Refused):
+    reason = "SLOT_UNAVAILABLE"
+
+    def __init__(self, start: datetime) -> None:
+        super().__init__(
+            f"the therapist is already booked at {start.isoformat()} (including buffers)",
+            metadata={"start_time": start.isoformat()},
+        )
+
+
+class OutsideSchedule(Refused):
+    """OUTSIDE_AVAILABILITY, INSUFFICIENT_NOTICE or BEYOND_BOOKING_HORIZON, from availability."""
+
+    def __init__(self, error: availability.AvailabilityError) -> None:
+        super().__init__(str(error), metadata=error.metadata)
+        self.reason = error.reason  # type: ignore[misc]  # the finer reason of this instance
+
+
+class InsufficientCredits(Refused):
+    reason = "INSUFFICIENT_CREDITS"
+
+
+class NoCreditAccount(Refused):
+    reason = "ACCOUNT_NOT_FOUND"
+
+
+class BookingNotActive(Refused):
+    reason = "BOOKING_CANCELLED"
+
+    def __init__(self, booking_id: uuid.UUID) -> None:
+        super().__init__(f"booking {booking_id} is cancelled", metadata={"booking_id": str(booking_id)})
+
+
+class SessionAlreadyStarted(Refused):
+    reason = "SESSION_ALREADY_STARTED"
+
+    def __init__(self, booking_id: uuid.UUID, starts_at: datetime) -> None:
+        super().__init__(
+            f"booking {booking_id} started at {starts_at.isoformat()}; it can no longer change",
+            metadata={"booking_id": str(booking_id)},
+        )
+
+
+class BookingAborted(DomainError):
+    """The booking lost a race it cannot win by waiting (lock timeout, aborted by the
+    reconciler); the hold was released. ABORTED: retry with a new request_id."""
+
+    reason = "BOOKING_ABORTED"
+
+
+class CreditServiceUnavailable(DomainError):
+    reason = "CREDIT_SERVICE_UNAVAILABLE"
+
+
+class CreditServiceTimeout(DomainError):
+    reason = "CREDIT_SERVICE_TIMEOUT"
+
+
+def domain_error(error: availability.AvailabilityError) -> DomainError:
+    """Availability errors as domain errors: bad input names its field; the rest are refusals."""
+    if isinstance(error, availability.OutsideAvailability | availability.TooSoon | availability.TooFarAhead):
+        return OutsideSchedule(error)
+    invalid = InvalidArgument([FieldViolation(error.field or "request", str(error))], reason=error.reason)
+    invalid.metadata.update(error.metadata)
+    return invalid

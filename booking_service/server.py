@@ -1,0 +1,39 @@
+"""Wiring of the booking service: database, credit client, servicer, reconciler, outbox worker."""
+
+from __future__ import annotations
+
+from booking.v1 import booking_pb2_grpc
+from booking_service.config import BookingSettings
+from booking_service.credits import CreditClient
+from booking_service.service import BookingService
+from booking_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, BookingServicer
+from booking_service.store import SCHEMA
+from service_kit import migrations
+from service_kit.database import Database
+from service_kit.server import Runtime, ServiceDefinition, ServiceParts
+from service_kit.workers import periodic
+
+DEFINITION = ServiceDefinition(service_name=SERVICE_NAME, error_domain=ERROR_DOMAIN, error_codes=ERROR_CODES)
+
+
+async def start(settings: BookingSettings) -> Runtime:
+    """Starts serving; returns the runtime (its `port`, its `stop()`)."""
+    database = Database(settings.server, SCHEMA, migrations.load("booking_service"))
+    credits = CreditClient(settings.credit_target, call_timeout_s=settings.credit_call_timeout_s)
+    service = BookingService(database, credits, settings)
+    runtime = Runtime(settings.server, DEFINITION, database)
+
+    def parts(_: Database) -> ServiceParts:
+        return ServiceParts(
+            register=lambda server: booking_pb2_grpc.add_BookingServiceServicer_to_server(
+                BookingServicer(service), server
+            ),
+            workers=[
+                periodic("reconciler", settings.reconcile_interval_s, service.reconcile_once),
+                periodic("outbox", settings.outbox_interval_s, service.deliver_outbox_once),
+            ],
+            on_shutdown=[credits.close],
+        )
+
+    await runtime.start(parts)
+    return runtime

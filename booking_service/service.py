@@ -1,0 +1,619 @@
+"""Use cases of the booking service, the coordinator of the two-phase credit reservation.
+
+CreateBooking, following DESIGN.md:
+  1. the request_id is bound to a booking id (durably, before any credit moves), so a repeat or a
+     retry after a crash reuses the same booking id and therefore the same, idempotent, hold;
+  2. a cheap pre-check (availability, notice, horizon, the conflict predicate) so that obviously
+     bad requests hold no credits;
+  3. ReserveCredits with the booking id as reservation id;
+  4. one READ COMMITTED transaction: the therapist's advisory lock, the conflict predicate again,
+     the decision `commit` (the commit point of the whole booking), the session, an outbox row;
+  5. CommitReservation inline; if it fails, the outbox row retries it;
+  6. on a refusal in 4: the decision `abort`, then CancelReservation.
+The reconciler resolves every PENDING hold older than a bound from the decision log.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
+from typing import Any, Generic, Protocol, TypeVar
+
+import asyncpg
+import structlog
+
+from booking_service import availability, store
+from booking_service.config import BookingSettings
+from booking_service.credits import HeldReservation, ReservationGone
+from booking_service.domain import (
+    Actor,
+    Booking,
+    BookingAborted,
+    BookingNotActive,
+    BookingNotFound,
+    BookingStatus,
+    CancelReason,
+    DateOverride,
+    InsufficientCredits,
+    NoCreditAccount,
+    PaymentStatus,
+    RequestIdReused,
+    SessionAlreadyStarted,
+    SessionType,
+    SessionTypeNotFound,
+    SlotUnavailable,
+    Therapist,
+    TherapistNotFound,
+    WeeklyWindowMinutes,
+    domain_error,
+    fingerprint,
+    refund_for,
+    schedule_of,
+)
+from service_kit.connection import Connection
+from service_kit.database import Database, in_transaction
+from service_kit.errors import DomainError
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+RESERVATION_REFERENCE_PREFIX = "booking:"
+# Exit code of a deliberate crash at a crash point (fault tests only), like SIGKILL's 128 + 9.
+CRASH_EXIT_CODE = 137
+OUTBOX_BASE_DELAY_S = 1.0
+OUTBOX_MAX_DELAY_S = 300.0
+
+
+class Credits(Protocol):
+    """What the coordinator needs of the credit service."""
+
+    async def reserve(self, reservation_id: uuid.UUID, owner_id: uuid.UUID, amount: int, reference: str) -> None: ...
+    async def commit(self, reservation_id: uuid.UUID) -> None: ...
+    async def cancel(self, reservation_id: uuid.UUID) -> None: ...
+    async def refund(self, reservation_id: uuid.UUID, amount: int) -> None: ...
+    async def stale_pending(self, created_before: datetime, limit: int) -> list[HeldReservation]: ...
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    items: list[T]
+    has_more: bool
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class BookingService:
+    def __init__(
+        self,
+        database: Database,
+        credits: Credits,
+        settings: BookingSettings,
+        *,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        self._database = database
+        self._credits = credits
+        self._settings = settings
+        self._clock = clock
+
+    @property
+    def _pool(self) -> asyncpg.Pool:
+        return self._database.pool
+
+    def _crash_if(self, point: str) -> None:
+        """A deliberate process death at a protocol step, for fault tests only."""
+        if point in self._settings.crash_points:
+            log.warning("crash_point_reached", point=point)
+            os._exit(CRASH_EXIT_CODE)
+
+    # --- therapists, schedules, session types (admin) ---
+
+    async def create_therapist(self, request_id: str, therapist: Therapist) -> Therapist:
+        _check(lambda: availability.zone(therapist.time_zone))
+        async with self._pool.acquire() as connection:
+            created = await store.insert_therapist(connection, request_id, therapist)
+            if created is not None:
+                log.info("therapist_created", therapist_id=str(created.therapist_id))
+                return created
+            existing = await store.therapist_by_request(connection, request_id)
+        assert existing is not None
+        if (
+            replace(
+                existing,
+                therapist_id=therapist.therapist_id,
+                created_at=therapist.created_at,
+                updated_at=therapist.updated_at,
+            )
+            != therapist
+        ):
+            raise RequestIdReused(request_id)
+        return existing
+
+    async def therapist(self, therapist_id: uuid.UUID) -> Therapist:
+        async with self._pool.acquire() as connection:
+            found = await store.fetch_therapist(connection, therapist_id)
+        if found is None:
+            raise TherapistNotFound(therapist_id)
+        return found
+
+    async def update_therapist(self, therapist_id: uuid.UUID, changes: dict[str, Any]) -> Therapist:
+        if "time_zone" in changes:
+            _check(lambda: availability.zone(changes["time_zone"]))
+
+        async def work(connection: Connection) -> Therapist:
+            current = await store.fetch_therapist(connection, therapist_id, for_update=True)
+            if current is None:
+                raise TherapistNotFound(therapist_id)
+            return await store.update_therapist(connection, replace(current, **changes))
+
+        return await in_transaction(self._pool, work)
+
+    async def set_weekly_schedule(
+        self, therapist_id: uuid.UUID, windows: list[WeeklyWindowMinutes]
+    ) -> list[WeeklyWindowMinutes]:
+        async def work(connection: Connection) -> list[WeeklyWindowMinutes]:
+            therapist = await store.fetch_therapist(connection, therapist_id, for_update=True)
+            if therapist is None:
+                raise TherapistNotFound(therapist_id)
+            _check(lambda: schedule_of(therapist, windows, []).validate())
+            await store.replace_weekly_windows(connection, therapist_id, windows)
+            return await store.weekly_windows(connection, therapist_id)
+
+        return await in_transaction(self._pool, work)
+
+    async def set_date_override(self, therapist_id: uuid.UUID, override: DateOverride) -> DateOverride:
+        async def work(connection: Connection) -> DateOverride:
+            therapist = await store.fetch_therapist(connection, therapist_id, for_update=True)
+            if therapist is None:
+                raise TherapistNotFound(therapist_id)
+            _check(lambda: schedule_of(therapist, [], [override]).validate())
+            await store.upsert_override(connection, therapist_id, override)
+            return override
+
+        return await in_transaction(self._pool, work)
+
+    async def delete_date_override(self, therapist_id: uuid.UUID, local_date: str) -> None:
+        async with self._pool.acquire() as connection:
+            if await store.fetch_therapist(connection, therapist_id) is None:
+                raise TherapistNotFound(therapist_id)
+            await store.delete_override(connection, therapist_id, local_date)
+
+    async def schedule(
+        self, therapist_id: uuid.UUID
+    ) -> tuple[Therapist, list[WeeklyWindowMinutes], list[DateOverride]]:
+        async with self._pool.acquire() as connection:
+            therapist = await store.fetch_therapist(connection, therapist_id)
+            if therapist is None:
+                raise TherapistNotFound(therapist_id)
+            today = self._clock().astimezone(availability.zone(therapist.time_zone)).date()
+            weekly = await store.weekly_windows(connection, therapist_id)
+            upcoming = await store.overrides(connection, therapist_id, from_date=today.isoformat())
+        return therapist, weekly, upcoming
+
+    async def create_session_type(self, request_id: str, session_type: SessionType) -> SessionType:
+        async with self._pool.acquire() as connection:
+            if await store.fetch_therapist(connection, session_type.therapist_id) is None:
+                raise TherapistNotFound(session_type.therapist_id)
+            created = await store.insert_session_type(connection, request_id, session_type)
+            if created is not None:
+                return created
+            existing = await store.session_type_by_request(connection, request_id)
+        assert existing is not None
+        if replace(existing, session_type_id=session_type.session_type_id) != session_type:
+            raise RequestIdReused(request_id)
+        return existing
+
+    async def session_types(self, therapist_id: uuid.UUID) -> list[SessionType]:
+        async with self._pool.acquire() as connection:
+            if await store.fetch_therapist(connection, therapist_id) is None:
+                raise TherapistNotFound(therapist_id)
+            return await store.session_types(connection, therapist_id)
+
+    async def _booking_context(
+        self, connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
+    ) -> tuple[Therapist, SessionType, availability.Schedule]:
+        therapist = await store.fetch_therapist(connection, therapist_id)
+        if therapist is None:
+            raise TherapistNotFound(therapist_id)
+        session_type = await store.fetch_session_type(connection, session_type_id)
+        if session_type is None or session_type.therapist_id != therapist_id:
+            raise SessionTypeNotFound(session_type_id)
+        weekly = await store.weekly_windows(connection, therapist_id)
+        overrides = await store.overrides(connection, therapist_id)
+        return therapist, session_type, schedule_of(therapist, weekly, overrides)
+
+    async def available_slots(
+        self, therapist_id: uuid.UUID, session_type_id: uuid.UUID, start: datetime, end: datetime
+    ) -> tuple[Therapist, list[availability.Interval]]:
+        async with self._pool.acquire() as connection:
+            therapist, session_type, schedule = await self._booking_context(connection, therapist_id, session_type_id)
+            # Busy ranges are the blocked ranges (with buffers) of confirmed sessions near the range.
+            margin = schedule.buffer_before + schedule.buffer_after + session_type.duration
+            busy = await store.busy_ranges(connection, therapist_id, start - margin, end + margin)
+        slots = _check(
+            lambda: availability.free_slots(
+                schedule,
+                session_type.duration,
+                start,
+                end,
+                self._clock(),
+                [availability.Interval(s, e) for s, e in busy],
+            )
+        )
+        return therapist, slots
+
+    # --- bookings ---
+
+    async def create_booking(
+        self,
+        request_id: str,
+        client_id: uuid.UUID,
+        therapist_id: uuid.UUID,
+        session_type_id: uuid.UUID,
+        start: datetime,
+    ) -> Booking:
+        request_fingerprint = fingerprint(client_id, therapist_id, session_type_id, start.isoformat())
+        async with self._pool.acquire() as connection:
+            therapist, session_type, schedule = await self._booking_context(connection, therapist_id, session_type_id)
+            booking_id = await self._claim_attempt(connection, request_id, request_fingerprint)
+            finished = await store.fetch_booking(connection, booking_id)
+            if finished is not None:
+                return finished  # a repeat of a request that already made its booking
+            blocked = _check(lambda: availability.session_blocked_interval(schedule, start, session_type.duration))
+            try:
+                _check(lambda: availability.check_bookable(schedule, start, session_type.duration, self._clock()))
+                if await store.slot_conflicts(connection, therapist_id, (blocked.start, blocked.end), None):
+                    raise SlotUnavailable(start)
+            except DomainError:
+                await store.forget_attempt(connection, request_id, booking_id)
+                raise
+        draft = Booking(
+            booking_id=booking_id,
+            request_id=request_id,
+            client_id=client_id,
+            therapist_id=therapist_id,
+            session_type_id=session_type_id,
+            starts_at=start,
+            ends_at=start + session_type.duration,
+            time_zone=therapist.time_zone,
+            credit_cost=session_type.credit_cost,
+            status=BookingStatus.CONFIRMED,
+            payment_status=PaymentStatus.COMMITTING,
+            cancelled_by=None,
+            cancel_reason=None,
+            refunded_credits=0,
+            cancelled_at=None,
+            reschedule_count=0,
+            created_at=self._clock(),
+            updated_at=self._clock(),
+        )
+        await self._reserve(draft)
+        self._crash_if("after_reserve")
+        booking = await self._decide(draft, (blocked.start, blocked.end))
+        self._crash_if("after_booking_commit")
+        return await self._commit_payment_or_defer(booking)
+
+    async def _claim_attempt(self, connection: Connection, request_id: str, request_fingerprint: str) -> uuid.UUID:
+        booking_id, recorded = await store.claim_attempt(connection, request_id, uuid.uuid4(), request_fingerprint)
+        if recorded != request_fingerprint:
+            raise RequestIdReused(request_id)
+        if await store.fetch_decision(connection, booking_id) == "abort":
+            # An earlier try of this request was aborted (by the reconciler, after a crash or a
+            # long outage): its booking id can never commit, so this try starts over with a new one.
+            fresh = uuid.uuid4()
+            if await store.replace_attempt(connection, request_id, booking_id, fresh):
+                return fresh
+            booking_id, _ = await store.claim_attempt(connection, request_id, fresh, request_fingerprint)
+        return booking_id
+
+    async def _reserve(self, draft: Booking) -> None:
+        reference = f"{RESERVATION_REFERENCE_PREFIX}{draft.booking_id}"
+        try:
+            await self._credits.reserve(draft.booking_id, draft.client_id, draft.credit_cost, reference)
+        except (InsufficientCredits, NoCreditAccount):
+            # Nothing is held: forget the attempt so that a retry (after a top-up) starts afresh.
+            async with self._pool.acquire() as connection:
+                await store.forget_attempt(connection, draft.request_id, draft.booking_id)
+            raise
+        # Unavailable or timed out: the hold may or may not exist. The attempt stays, so a retry
+        # continues with the same id; if nobody retries, the reconciler releases the hold.
+
+    async def _decide(self, draft: Booking, blocked: tuple[datetime, datetime]) -> Booking:
+        async def work(connection: Connection) -> Booking:
+            await store.set_lock_timeout(connection, self._settings.lock_timeout_ms)
+            await store.lock_therapist_calendar(connection, draft.therapist_id)
+            existing = await store.fetch_booking(connection, draft.booking_id)
+            if existing is not None:
+                return existing  # a concurrent repeat of this request got here first
+            if await store.slot_conflicts(connection, draft.therapist_id, blocked, None):
+                raise SlotUnavailable(draft.starts_at)
+            if await store.record_decision(connection, draft.booking_id, "commit") != "commit":
+                raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
+            booking = await store.insert_booking(connection, draft, blocked)
+            await store.enqueue(connection, "commit_reservation", draft.booking_id)
+            return booking
+
+        try:
+            booking = await in_transaction(self._pool, work)
+        except (SlotUnavailable, BookingAborted):
+            await self._abort(draft)
+            raise
+        except asyncpg.ExclusionViolationError as error:
+            if error.constraint_name != "sessions_no_overlap":
+                raise
+            await self._abort(draft)
+            raise SlotUnavailable(draft.starts_at) from None
+        except asyncpg.LockNotAvailableError:
+            await self._abort(draft)
+            raise BookingAborted("the therapist's calendar is busy; retry with a new request_id") from None
+        log.info("booking_confirmed", booking_id=str(booking.booking_id), therapist_id=str(booking.therapist_id))
+        return booking
+
+    async def _abort(self, draft: Booking) -> None:
+        """Records `abort` and releases the hold; what fails here the reconciler finishes."""
+        try:
+            async with self._pool.acquire() as connection:
+                decision = await store.record_decision(connection, draft.booking_id, "abort")
+                await store.forget_attempt(connection, draft.request_id, draft.booking_id)
+            if decision == "abort":
+                await self._credits.cancel(draft.booking_id)
+        except Exception as error:  # noqa: BLE001  # the refusal stands; recovery is the reconciler's
+            log.warning("booking_abort_deferred", booking_id=str(draft.booking_id), error=repr(error))
+
+    async def _commit_payment_or_defer(self, booking: Booking) -> Booking:
+        try:
+            return await self._commit_payment(booking.booking_id)
+        except DomainError as error:
+            log.warning("reservation_commit_deferred", booking_id=str(booking.booking_id), reason=error.reason)
+            return booking
+
+    async def _commit_payment(self, booking_id: uuid.UUID) -> Booking:
+        """Commits the hold of a decided booking and marks it paid; idempotent. A hold that can
+        no longer be committed (it expired) cancels the booking: no session stays unpaid."""
+        self._crash_if("before_commit_reservation")
+        try:
+            await self._credits.commit(booking_id)
+        except ReservationGone as gone:
+            log.error("reservation_lost_before_commit", booking_id=str(booking_id), reason=gone.reason)
+            return await self._cancel_unpaid(booking_id)
+        async with self._pool.acquire() as connection, connection.transaction():
+            await store.mark_payment(connection, booking_id, expected=PaymentStatus.COMMITTING, new=PaymentStatus.PAID)
+            await store.outbox_delivered(connection, booking_id, "commit_reservation")
+            booking = await store.fetch_booking(connection, booking_id)
+        assert booking is not None
+        return booking
+
+    async def _cancel_unpaid(self, booking_id: uuid.UUID) -> Booking:
+        async def work(connection: Connection) -> Booking:
+            booking = await store.fetch_booking(connection, booking_id, for_update=True)
+            if booking is None:
+                raise BookingNotFound(booking_id)
+            await store.outbox_delivered(connection, booking_id, "commit_reservation")
+            if booking.status is BookingStatus.CANCELLED:
+                return await store.cancel_booking(
+                    connection,
+                    booking_id,
+                    actor=booking.cancelled_by or Actor.SYSTEM,
+                    reason=booking.cancel_reason or CancelReason.PAYMENT_FAILED,
+                    refunded_credits=booking.refunded_credits,
+                    payment_status=PaymentStatus.REFUNDED,
+                )
+            return await store.cancel_booking(
+                connection,
+                booking_id,
+                actor=Actor.SYSTEM,
+                reason=CancelReason.PAYMENT_FAILED,
+                refunded_credits=0,
+                payment_status=PaymentStatus.REFUNDED,
+            )
+
+        return await in_transaction(self._pool, work)
+
+    async def booking(self, booking_id: uuid.UUID) -> Booking:
+        async with self._pool.acquire() as connection:
+            found = await store.fetch_booking(connection, booking_id)
+        if found is None:
+            raise BookingNotFound(booking_id)
+        return found
+
+    async def list_bookings(
+        self,
+        *,
+        client_id: uuid.UUID | None,
+        therapist_id: uuid.UUID | None,
+        start_after: datetime | None,
+        start_before: datetime | None,
+        status: BookingStatus | None,
+        after: tuple[datetime, uuid.UUID] | None,
+        page_size: int,
+    ) -> Page[Booking]:
+        async with self._pool.acquire() as connection:
+            rows = await store.list_bookings(
+                connection,
+                client_id=client_id,
+                therapist_id=therapist_id,
+                start_after=start_after,
+                start_before=start_before,
+                status=status,
+                after=after,
+                limit=page_size + 1,
+            )
+        return Page(rows[:page_size], len(rows) > page_size)
+
+    async def cancel_booking(self, booking_id: uuid.UUID, actor: Actor, reason: CancelReason) -> Booking:
+        now = self._clock()
+        free_cancellation = timedelta(hours=self._settings.free_cancellation_hours)
+
+        async def work(connection: Connection) -> tuple[Booking, int]:
+            booking = await store.fetch_booking(connection, booking_id, for_update=True)
+            if booking is None:
+                raise BookingNotFound(booking_id)
+            if booking.status is BookingStatus.CANCELLED:
+                return booking, 0  # cancelling twice returns the first cancellation
+            if booking.starts_at <= now and actor is not Actor.ADMIN:
+                raise SessionAlreadyStarted(booking_id, booking.starts_at)
+            refund = refund_for(booking, actor, now, free_cancellation)
+            payment = PaymentStatus.REFUNDING if refund > 0 else booking.payment_status
+            cancelled = await store.cancel_booking(
+                connection,
+                booking_id,
+                actor=actor,
+                reason=reason,
+                refunded_credits=refund,
+                payment_status=payment,
+            )
+            if refund > 0:
+                await store.enqueue(connection, "refund_reservation", booking_id, {"amount": refund})
+            log.info("booking_cancelled", booking_id=str(booking_id), actor=actor.value, refund=refund)
+            return cancelled, refund
+
+        cancelled, refund = await in_transaction(self._pool, work)
+        if refund == 0:
+            return cancelled
+        try:
+            return await self._refund_payment(booking_id, refund)
+        except DomainError as error:
+            log.warning("refund_deferred", booking_id=str(booking_id), reason=error.reason)
+            return cancelled
+
+    async def _refund_payment(self, booking_id: uuid.UUID, amount: int) -> Booking:
+        """Commits (idempotent) then refunds the booking's credits; marks it refunded."""
+        try:
+            await self._credits.commit(booking_id)
+            await self._credits.refund(booking_id, amount)
+        except ReservationGone as gone:
+            if gone.reason not in ("RESERVATION_EXPIRED", "RESERVATION_ALREADY_REFUNDED"):
+                raise
+            # Expired: the hold already went back to available; refunded: done before.
+        async with self._pool.acquire() as connection, connection.transaction():
+            await store.mark_payment(
+                connection, booking_id, expected=PaymentStatus.REFUNDING, new=PaymentStatus.REFUNDED
+            )
+            await store.outbox_delivered(connection, booking_id, "refund_reservation")
+            await store.outbox_delivered(connection, booking_id, "commit_reservation")
+            booking = await store.fetch_booking(connection, booking_id)
+        assert booking is not None
+        return booking
+
+    async def reschedule_booking(self, booking_id: uuid.UUID, request_id: str, start: datetime) -> Booking:
+        request_fingerprint = fingerprint(booking_id, start.isoformat())
+        now = self._clock()
+        async with self._pool.acquire() as connection:
+            current = await store.fetch_booking(connection, booking_id)
+            if current is None:
+                raise BookingNotFound(booking_id)
+            _, session_type, schedule = await self._booking_context(
+                connection, current.therapist_id, current.session_type_id
+            )
+        blocked = _check(lambda: availability.session_blocked_interval(schedule, start, session_type.duration))
+
+        async def work(connection: Connection) -> Booking:
+            recorded = await store.claim_reschedule(connection, request_id, booking_id, request_fingerprint)
+            if recorded is not None:
+                if recorded != request_fingerprint:
+                    raise RequestIdReused(request_id)
+                repeated = await store.fetch_booking(connection, booking_id)
+                assert repeated is not None
+                return repeated
+            await store.set_lock_timeout(connection, self._settings.lock_timeout_ms)
+            await store.lock_therapist_calendar(connection, current.therapist_id)
+            booking = await store.fetch_booking(connection, booking_id, for_update=True)
+            assert booking is not None
+            if booking.status is BookingStatus.CANCELLED:
+                raise BookingNotActive(booking_id)
+            if booking.starts_at <= now:
+                raise SessionAlreadyStarted(booking_id, booking.starts_at)
+            _check(lambda: availability.check_bookable(schedule, start, session_type.duration, now))
+            if await store.slot_conflicts(connection, booking.therapist_id, (blocked.start, blocked.end), booking_id):
+                raise SlotUnavailable(start)
+            moved = await store.move_booking(
+                connection, booking_id, start, start + session_type.duration, (blocked.start, blocked.end)
+            )
+            log.info("booking_rescheduled", booking_id=str(booking_id), start=start.isoformat())
+            return moved
+
+        try:
+            return await in_transaction(self._pool, work)
+        except asyncpg.ExclusionViolationError as error:
+            if error.constraint_name != "sessions_no_overlap":
+                raise
+            raise SlotUnavailable(start) from None
+        except asyncpg.LockNotAvailableError:
+            raise BookingAborted("the therapist's calendar is busy; retry") from None
+
+    # --- recovery ---
+
+    async def reconcile_once(self) -> bool:
+        """Resolves up to one batch of stale PENDING holds; True when more may be waiting."""
+        cutoff = self._clock() - timedelta(seconds=self._settings.reconcile_after_s)
+        held = await self._credits.stale_pending(cutoff, self._settings.reconcile_batch_size)
+        for reservation in held:
+            if not reservation.reference.startswith(RESERVATION_REFERENCE_PREFIX):
+                continue  # not a booking's hold
+            try:
+                await self._resolve(reservation.reservation_id)
+            except DomainError as error:
+                log.warning("reconcile_deferred", reservation_id=str(reservation.reservation_id), reason=error.reason)
+        return len(held) == self._settings.reconcile_batch_size
+
+    async def _resolve(self, reservation_id: uuid.UUID) -> None:
+        async with self._pool.acquire() as connection:
+            # No decision yet means the booking transaction never committed (or is still running
+            # and will now fail to insert its `commit`: the decision row is unique).
+            decision = await store.record_decision(connection, reservation_id, "abort")
+        if decision == "commit":
+            await self._commit_payment(reservation_id)
+            log.info("reconciler_committed", reservation_id=str(reservation_id))
+        else:
+            await self._credits.cancel(reservation_id)
+            log.info("reconciler_released", reservation_id=str(reservation_id))
+
+    async def deliver_outbox_once(self) -> bool:
+        """Delivers up to one batch of due outbox events; True when the batch was full."""
+        async with self._pool.acquire() as connection:
+            events = await store.lease_due_events(
+                connection, self._settings.outbox_batch_size, self._settings.outbox_lease_s
+            )
+        for event in events:
+            await self._deliver(event)
+        return len(events) == self._settings.outbox_batch_size
+
+    async def _deliver(self, event: store.OutboxEvent) -> None:
+        try:
+            if event.kind == "commit_reservation":
+                await self._commit_payment(event.booking_id)
+            elif event.kind == "refund_reservation":
+                await self._refund_payment(event.booking_id, int(str(event.payload["amount"])))
+            else:
+                raise AssertionError(f"unknown outbox event kind {event.kind}")
+        except (DomainError, asyncpg.PostgresError, OSError) as error:
+            attempts = event.attempts + 1
+            dead = attempts >= self._settings.outbox_max_attempts
+            delay_s = min(OUTBOX_MAX_DELAY_S, OUTBOX_BASE_DELAY_S * 2**event.attempts) * random.uniform(0.5, 1.0)
+            async with self._pool.acquire() as connection:
+                await store.retry_event(connection, event.event_id, delay_s, repr(error), dead=dead)
+            level = log.error if dead else log.warning
+            level(
+                "outbox_delivery_failed",
+                event_id=str(event.event_id),
+                kind=event.kind,
+                attempts=attempts,
+                dead=dead,
+            )
+            return
+        async with self._pool.acquire() as connection:
+            await store.finish_event(connection, event.event_id)
+
+
+def _check(action: Callable[[], T]) -> T:
+    """Runs an availability rule, turning its errors into domain errors."""
+    try:
+        return action()
+    except availability.AvailabilityError as error:
+        raise domain_error(error) from None

@@ -1,0 +1,553 @@
+"""SQL of the booking service, one function per statement. Tables live in the `booking` schema."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import date, datetime
+
+import asyncpg
+from asyncpg import Range
+
+from booking_service.domain import (
+    Actor,
+    Booking,
+    BookingStatus,
+    CancelReason,
+    DateOverride,
+    PaymentStatus,
+    SessionType,
+    Therapist,
+    WeeklyWindowMinutes,
+)
+from service_kit.connection import Connection
+
+SCHEMA = "booking"
+
+_THERAPIST_COLUMNS = (
+    "therapist_id, display_name, time_zone, buffer_before_minutes, buffer_after_minutes,"
+    " minimum_notice_minutes, booking_horizon_days, created_at, updated_at"
+)
+_SESSION_TYPE_COLUMNS = "session_type_id, therapist_id, name, duration_minutes, credit_cost"
+_BOOKING_COLUMNS = (
+    "booking_id, request_id, client_id, therapist_id, session_type_id, starts_at, ends_at, time_zone,"
+    " credit_cost, status, payment_status, cancelled_by, cancel_reason, refunded_credits, cancelled_at,"
+    " reschedule_count, created_at, updated_at"
+)
+
+
+def _therapist(row: asyncpg.Record) -> Therapist:
+    return Therapist(**dict(row))
+
+
+def _session_type(row: asyncpg.Record) -> SessionType:
+    return SessionType(**dict(row))
+
+
+def _booking(row: asyncpg.Record) -> Booking:
+    values = dict(row)
+    values["status"] = BookingStatus(values["status"])
+    values["payment_status"] = PaymentStatus(values["payment_status"])
+    values["cancelled_by"] = Actor(values["cancelled_by"]) if values["cancelled_by"] else None
+    values["cancel_reason"] = CancelReason(values["cancel_reason"]) if values["cancel_reason"] else None
+    return Booking(**values)
+
+
+# --- therapists and schedules ---
+
+
+async def insert_therapist(connection: Connection, request_id: str, therapist: Therapist) -> Therapist | None:
+    """The new therapist, or None when request_id was used before."""
+    row = await connection.fetchrow(
+        f"""INSERT INTO booking.therapists
+               (therapist_id, request_id, display_name, time_zone, buffer_before_minutes,
+                buffer_after_minutes, minimum_notice_minutes, booking_horizon_days)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            ON CONFLICT (request_id) DO NOTHING
+            RETURNING {_THERAPIST_COLUMNS}""",
+        therapist.therapist_id,
+        request_id,
+        therapist.display_name,
+        therapist.time_zone,
+        therapist.buffer_before_minutes,
+        therapist.buffer_after_minutes,
+        therapist.minimum_notice_minutes,
+        therapist.booking_horizon_days,
+    )
+    return None if row is None else _therapist(row)
+
+
+async def therapist_by_request(connection: Connection, request_id: str) -> Therapist | None:
+    row = await connection.fetchrow(
+        f"SELECT {_THERAPIST_COLUMNS} FROM booking.therapists WHERE request_id = $1", request_id
+    )
+    return None if row is None else _therapist(row)
+
+
+async def fetch_therapist(
+    connection: Connection, therapist_id: uuid.UUID, *, for_update: bool = False
+) -> Therapist | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await connection.fetchrow(
+        f"SELECT {_THERAPIST_COLUMNS} FROM booking.therapists WHERE therapist_id = $1{lock}", therapist_id
+    )
+    return None if row is None else _therapist(row)
+
+
+async def update_therapist(connection: Connection, therapist: Therapist) -> Therapist:
+    row = await connection.fetchrow(
+        f"""UPDATE booking.therapists
+               SET display_name = $2, time_zone = $3, buffer_before_minutes = $4, buffer_after_minutes = $5,
+                   minimum_notice_minutes = $6, booking_horizon_days = $7, updated_at = now()
+             WHERE therapist_id = $1
+         RETURNING {_THERAPIST_COLUMNS}""",
+        therapist.therapist_id,
+        therapist.display_name,
+        therapist.time_zone,
+        therapist.buffer_before_minutes,
+        therapist.buffer_after_minutes,
+        therapist.minimum_notice_minutes,
+        therapist.booking_horizon_days,
+    )
+    assert row is not None
+    return _therapist(row)
+
+
+async def replace_weekly_windows(
+    connection: Connection, therapist_id: uuid.UUID, windows: list[WeeklyWindowMinutes]
+) -> None:
+    await connection.execute("DELETE FROM booking.weekly_windows WHERE therapist_id = $1", therapist_id)
+    await connection.executemany(
+        "INSERT INTO booking.weekly_windows (therapist_id, weekday, start_minute, end_minute) VALUES ($1, $2, $3, $4)",
+        [(therapist_id, w.weekday, w.start_minute, w.end_minute) for w in windows],
+    )
+
+
+async def weekly_windows(connection: Connection, therapist_id: uuid.UUID) -> list[WeeklyWindowMinutes]:
+    rows = await connection.fetch(
+        """SELECT weekday, start_minute, end_minute FROM booking.weekly_windows
+            WHERE therapist_id = $1 ORDER BY weekday, start_minute""",
+        therapist_id,
+    )
+    return [WeeklyWindowMinutes(**dict(row)) for row in rows]
+
+
+async def upsert_override(connection: Connection, therapist_id: uuid.UUID, override: DateOverride) -> None:
+    await connection.execute(
+        """INSERT INTO booking.date_overrides (therapist_id, local_date, windows) VALUES ($1, $2, $3)
+           ON CONFLICT (therapist_id, local_date) DO UPDATE SET windows = excluded.windows""",
+        therapist_id,
+        date.fromisoformat(override.local_date),
+        [Range(start, end) for start, end in override.windows],
+    )
+
+
+async def delete_override(connection: Connection, therapist_id: uuid.UUID, local_date: str) -> bool:
+    result = await connection.execute(
+        "DELETE FROM booking.date_overrides WHERE therapist_id = $1 AND local_date = $2",
+        therapist_id,
+        date.fromisoformat(local_date),
+    )
+    return bool(result != "DELETE 0")
+
+
+async def overrides(
+    connection: Connection, therapist_id: uuid.UUID, *, from_date: str | None = None
+) -> list[DateOverride]:
+    rows = await connection.fetch(
+        """SELECT local_date, windows FROM booking.date_overrides
+            WHERE therapist_id = $1 AND ($2::date IS NULL OR local_date >= $2)
+            ORDER BY local_date""",
+        therapist_id,
+        date.fromisoformat(from_date) if from_date else None,
+    )
+    return [
+        DateOverride(row["local_date"].isoformat(), tuple((r.lower, r.upper) for r in row["windows"])) for row in rows
+    ]
+
+
+# --- session types ---
+
+
+async def insert_session_type(connection: Connection, request_id: str, session_type: SessionType) -> SessionType | None:
+    row = await connection.fetchrow(
+        f"""INSERT INTO booking.session_types
+               (session_type_id, therapist_id, request_id, name, duration_minutes, credit_cost)
+            VALUES ($1, $2, $3, $4, $5, $6)
+            ON CONFLICT (request_id) DO NOTHING
+            RETURNING {_SESSION_TYPE_COLUMNS}""",
+        session_type.session_type_id,
+        session_type.therapist_id,
+        request_id,
+        session_type.name,
+        session_type.duration_minutes,
+        session_type.credit_cost,
+    )
+    return None if row is None else _session_type(row)
+
+
+async def session_type_by_request(connection: Connection, request_id: str) -> SessionType | None:
+    row = await connection.fetchrow(
+        f"SELECT {_SESSION_TYPE_COLUMNS} FROM booking.session_types WHERE request_id = $1", request_id
+    )
+    return None if row is None else _session_type(row)
+
+
+async def fetch_session_type(connection: Connection, session_type_id: uuid.UUID) -> SessionType | None:
+    row = await connection.fetchrow(
+        f"SELECT {_SESSION_TYPE_COLUMNS} FROM booking.session_types WHERE session_type_id = $1",
+        session_type_id,
+    )
+    return None if row is None else _session_type(row)
+
+
+async def session_types(connection: Connection, therapist_id: uuid.UUID) -> list[SessionType]:
+    rows = await connection.fetch(
+        f"""SELECT {_SESSION_TYPE_COLUMNS} FROM booking.session_types
+             WHERE therapist_id = $1 ORDER BY created_at, session_type_id""",
+        therapist_id,
+    )
+    return [_session_type(row) for row in rows]
+
+
+# --- bookings ---
+
+
+async def busy_ranges(
+    connection: Connection, therapist_id: uuid.UUID, start: datetime, end: datetime
+) -> list[tuple[datetime, datetime]]:
+    rows = await connection.fetch(
+        """SELECT lower(blocked) AS start, upper(blocked) AS end FROM booking.sessions
+            WHERE therapist_id = $1 AND status = 'confirmed' AND blocked && tstzrange($2, $3, '[)')
+            ORDER BY lower(blocked)""",
+        therapist_id,
+        start,
+        end,
+    )
+    return [(row["start"], row["end"]) for row in rows]
+
+
+async def slot_conflicts(
+    connection: Connection,
+    therapist_id: uuid.UUID,
+    blocked: tuple[datetime, datetime],
+    ignore_booking_id: uuid.UUID | None,
+) -> bool:
+    """The one conflict predicate (booking.slot_conflicts), for the pre-check and the locked check."""
+    conflict = await connection.fetchval(
+        "SELECT booking.slot_conflicts($1, tstzrange($2, $3, '[)'), $4)",
+        therapist_id,
+        blocked[0],
+        blocked[1],
+        ignore_booking_id,
+    )
+    return bool(conflict)
+
+
+async def lock_therapist_calendar(connection: Connection, therapist_id: uuid.UUID) -> None:
+    """A 64-bit, namespaced, transaction-scoped advisory lock per therapist (CONVENTIONS.md)."""
+    await connection.execute(
+        "SELECT pg_advisory_xact_lock(hashtextextended('therapist:' || $1::text, 0))", therapist_id
+    )
+
+
+async def set_lock_timeout(connection: Connection, lock_timeout_ms: int) -> None:
+    await connection.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
+
+
+async def claim_attempt(
+    connection: Connection, request_id: str, booking_id: uuid.UUID, fingerprint: str
+) -> tuple[uuid.UUID, str]:
+    """The (booking_id, fingerprint) for request_id: ours if new, else the first caller's."""
+    row = await connection.fetchrow(
+        """WITH inserted AS (
+               INSERT INTO booking.booking_attempts (request_id, booking_id, fingerprint)
+               VALUES ($1, $2, $3) ON CONFLICT (request_id) DO NOTHING
+               RETURNING booking_id, fingerprint)
+           SELECT booking_id, fingerprint FROM inserted
+           UNION ALL
+           SELECT booking_id, fingerprint FROM booking.booking_attempts WHERE request_id = $1
+           LIMIT 1""",
+        request_id,
+        booking_id,
+        fingerprint,
+    )
+    if row is None:  # inserted by a concurrent transaction not yet visible to the CTE's snapshot
+        row = await connection.fetchrow(
+            "SELECT booking_id, fingerprint FROM booking.booking_attempts WHERE request_id = $1", request_id
+        )
+    assert row is not None
+    return row["booking_id"], row["fingerprint"]
+
+
+async def replace_attempt(connection: Connection, request_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
+    result = await connection.execute(
+        """UPDATE booking.booking_attempts SET booking_id = $3, created_at = now()
+            WHERE request_id = $1 AND booking_id = $2""",
+        request_id,
+        old,
+        new,
+    )
+    return bool(result == "UPDATE 1")
+
+
+async def forget_attempt(connection: Connection, request_id: str, booking_id: uuid.UUID) -> None:
+    await connection.execute(
+        "DELETE FROM booking.booking_attempts WHERE request_id = $1 AND booking_id = $2",
+        request_id,
+        booking_id,
+    )
+
+
+async def record_decision(connection: Connection, reservation_id: uuid.UUID, decision: str) -> str:
+    """Records `decision` unless one exists; returns the decision that stands."""
+    row = await connection.fetchrow(
+        """WITH inserted AS (
+               INSERT INTO booking.decisions (reservation_id, decision) VALUES ($1, $2)
+               ON CONFLICT (reservation_id) DO NOTHING RETURNING decision)
+           SELECT decision FROM inserted
+           UNION ALL
+           SELECT decision FROM booking.decisions WHERE reservation_id = $1
+           LIMIT 1""",
+        reservation_id,
+        decision,
+    )
+    if row is None:
+        row = await connection.fetchrow(
+            "SELECT decision FROM booking.decisions WHERE reservation_id = $1", reservation_id
+        )
+    assert row is not None
+    value: str = row["decision"]
+    return value
+
+
+async def fetch_decision(connection: Connection, reservation_id: uuid.UUID) -> str | None:
+    value = await connection.fetchval(
+        "SELECT decision FROM booking.decisions WHERE reservation_id = $1", reservation_id
+    )
+    return None if value is None else str(value)
+
+
+async def insert_booking(connection: Connection, booking: Booking, blocked: tuple[datetime, datetime]) -> Booking:
+    row = await connection.fetchrow(
+        f"""INSERT INTO booking.sessions
+               (booking_id, request_id, client_id, therapist_id, session_type_id, starts_at, ends_at,
+                blocked, time_zone, credit_cost)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11)
+            RETURNING {_BOOKING_COLUMNS}""",
+        booking.booking_id,
+        booking.request_id,
+        booking.client_id,
+        booking.therapist_id,
+        booking.session_type_id,
+        booking.starts_at,
+        booking.ends_at,
+        blocked[0],
+        blocked[1],
+        booking.time_zone,
+        booking.credit_cost,
+    )
+    assert row is not None
+    return _booking(row)
+
+
+async def fetch_booking(connection: Connection, booking_id: uuid.UUID, *, for_update: bool = False) -> Booking | None:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await connection.fetchrow(
+        f"SELECT {_BOOKING_COLUMNS} FROM booking.sessions WHERE booking_id = $1{lock}", booking_id
+    )
+    return None if row is None else _booking(row)
+
+
+async def mark_payment(
+    connection: Connection, booking_id: uuid.UUID, *, expected: PaymentStatus, new: PaymentStatus
+) -> bool:
+    result = await connection.execute(
+        """UPDATE booking.sessions SET payment_status = $3, updated_at = now()
+            WHERE booking_id = $1 AND payment_status = $2""",
+        booking_id,
+        expected.value,
+        new.value,
+    )
+    return bool(result == "UPDATE 1")
+
+
+async def cancel_booking(
+    connection: Connection,
+    booking_id: uuid.UUID,
+    *,
+    actor: Actor,
+    reason: CancelReason,
+    refunded_credits: int,
+    payment_status: PaymentStatus,
+) -> Booking:
+    row = await connection.fetchrow(
+        f"""UPDATE booking.sessions
+               SET status = 'cancelled', cancelled_by = $2, cancel_reason = $3, refunded_credits = $4,
+                   payment_status = $5, cancelled_at = now(), updated_at = now()
+             WHERE booking_id = $1
+         RETURNING {_BOOKING_COLUMNS}""",
+        booking_id,
+        actor.value,
+        reason.value,
+        refunded_credits,
+        payment_status.value,
+    )
+    assert row is not None
+    return _booking(row)
+
+
+async def move_booking(
+    connection: Connection,
+    booking_id: uuid.UUID,
+    starts_at: datetime,
+    ends_at: datetime,
+    blocked: tuple[datetime, datetime],
+) -> Booking:
+    row = await connection.fetchrow(
+        f"""UPDATE booking.sessions
+               SET starts_at = $2, ends_at = $3, blocked = tstzrange($4, $5, '[)'),
+                   reschedule_count = reschedule_count + 1, updated_at = now()
+             WHERE booking_id = $1
+         RETURNING {_BOOKING_COLUMNS}""",
+        booking_id,
+        starts_at,
+        ends_at,
+        blocked[0],
+        blocked[1],
+    )
+    assert row is not None
+    return _booking(row)
+
+
+async def claim_reschedule(
+    connection: Connection, request_id: str, booking_id: uuid.UUID, fingerprint: str
+) -> str | None:
+    """None if this reschedule request is new (and now recorded), else the recorded fingerprint."""
+    row = await connection.fetchrow(
+        """INSERT INTO booking.reschedules (request_id, booking_id, fingerprint) VALUES ($1, $2, $3)
+           ON CONFLICT (request_id) DO NOTHING RETURNING request_id""",
+        request_id,
+        booking_id,
+        fingerprint,
+    )
+    if row is not None:
+        return None
+    value = await connection.fetchval("SELECT fingerprint FROM booking.reschedules WHERE request_id = $1", request_id)
+    return str(value)
+
+
+async def list_bookings(
+    connection: Connection,
+    *,
+    client_id: uuid.UUID | None,
+    therapist_id: uuid.UUID | None,
+    start_after: datetime | None,
+    start_before: datetime | None,
+    status: BookingStatus | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    limit: int,
+) -> list[Booking]:
+    rows = await connection.fetch(
+        f"""SELECT {_BOOKING_COLUMNS} FROM booking.sessions
+             WHERE ($1::uuid IS NULL OR client_id = $1)
+               AND ($2::uuid IS NULL OR therapist_id = $2)
+               AND ($3::timestamptz IS NULL OR starts_at >= $3)
+               AND ($4::timestamptz IS NULL OR starts_at < $4)
+               AND ($5::text IS NULL OR status = $5)
+               AND ($6::timestamptz IS NULL OR (starts_at, booking_id) > ($6, $7::uuid))
+             ORDER BY starts_at, booking_id
+             LIMIT $8""",
+        client_id,
+        therapist_id,
+        start_after,
+        start_before,
+        status.value if status else None,
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [_booking(row) for row in rows]
+
+
+# --- outbox ---
+
+
+async def enqueue(
+    connection: Connection, kind: str, booking_id: uuid.UUID, payload: dict[str, object] | None = None
+) -> uuid.UUID:
+    event_id = uuid.uuid4()
+    await connection.execute(
+        "INSERT INTO booking.outbox (event_id, kind, booking_id, payload) VALUES ($1, $2, $3, $4::jsonb)",
+        event_id,
+        kind,
+        booking_id,
+        json.dumps(payload or {}),
+    )
+    return event_id
+
+
+async def outbox_delivered(connection: Connection, booking_id: uuid.UUID, kind: str) -> None:
+    """Marks pending rows of a kind delivered, when the work was done inline."""
+    await connection.execute(
+        """UPDATE booking.outbox SET status = 'delivered', updated_at = now()
+            WHERE booking_id = $1 AND kind = $2 AND status = 'pending'""",
+        booking_id,
+        kind,
+    )
+
+
+@dataclass(frozen=True)
+class OutboxEvent:
+    event_id: uuid.UUID
+    kind: str
+    booking_id: uuid.UUID
+    payload: dict[str, object]
+    attempts: int
+
+
+async def lease_due_events(connection: Connection, limit: int, lease_s: float) -> list[OutboxEvent]:
+    """Takes a lease on up to `limit` due events: their next attempt moves `lease_s` ahead, so no
+    other worker takes them meanwhile, and no transaction stays open while they are delivered.
+    A worker that dies mid-delivery leaves the event to be taken again when its lease runs out
+    (at-least-once). SKIP LOCKED keeps concurrent workers off each other's rows."""
+    rows = await connection.fetch(
+        """UPDATE booking.outbox o
+              SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
+             FROM (SELECT event_id FROM booking.outbox
+                    WHERE status = 'pending' AND next_attempt_at <= now()
+                    ORDER BY next_attempt_at
+                    LIMIT $1
+                    FOR UPDATE SKIP LOCKED) due
+            WHERE o.event_id = due.event_id
+        RETURNING o.event_id, o.kind, o.booking_id, o.payload, o.attempts""",
+        limit,
+        lease_s,
+    )
+    return [
+        OutboxEvent(row["event_id"], row["kind"], row["booking_id"], json.loads(row["payload"]), row["attempts"])
+        for row in rows
+    ]
+
+
+async def finish_event(connection: Connection, event_id: uuid.UUID) -> None:
+    await connection.execute(
+        """UPDATE booking.outbox SET status = 'delivered', attempts = attempts + 1, updated_at = now()
+            WHERE event_id = $1""",
+        event_id,
+    )
+
+
+async def retry_event(connection: Connection, event_id: uuid.UUID, delay_s: float, error: str, *, dead: bool) -> None:
+    await connection.execute(
+        """UPDATE booking.outbox
+              SET attempts = attempts + 1, last_error = $3, updated_at = now(),
+                  next_attempt_at = now() + make_interval(secs => $2),
+                  status = CASE WHEN $4 THEN 'dead' ELSE 'pending' END
+            WHERE event_id = $1""",
+        event_id,
+        delay_s,
+        error[:1000],
+        dead,
+    )
