@@ -33,9 +33,3 @@ def postgres_server_url() -> Iterator[str]:
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
-
-
-@pytest.fixture(scope="session")
-def embedded_postgres_factory() -> Iterator[type[EmbeddedPostgres]]:
-    """For tests that restart or stop a server of their own (fault tests)."""
-    yield EmbeddedPostgres

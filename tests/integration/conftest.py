@@ -8,12 +8,17 @@ import asyncpg
 import grpc
 import pytest
 
+from booking.v1 import booking_pb2_grpc
+from booking_service.config import BookingSettings
+from booking_service.server import start as start_booking
+from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2_grpc
 from credit_service.config import CreditSettings
 from credit_service.server import start as start_credit
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from service_kit.server import Runtime
 from tests.support.stack import fresh_database, server_environment, wait_serving
+from tests.support.world import World
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +55,55 @@ async def credit_db(credit_database_url: str, credit_server: Runtime) -> AsyncIt
     assert pool is not None
     yield pool
     await pool.close()
+
+
+@pytest.fixture(scope="session")
+async def booking_database_url(postgres_server_url: str) -> str:
+    return await fresh_database(postgres_server_url, "booking_test")
+
+
+@pytest.fixture(scope="session")
+async def booking_server(booking_database_url: str, credit_address: str) -> AsyncIterator[Runtime]:
+    settings = BookingSettings.from_environment(
+        server_environment(
+            "BOOKING",
+            booking_database_url,
+            BOOKING_CREDIT_TARGET=credit_address,
+            # The shared server's reconciler leaves holds alone for a minute: tests that exercise
+            # recovery start servers of their own with short bounds.
+            BOOKING_RECONCILE_INTERVAL_S="0.5",
+            BOOKING_OUTBOX_INTERVAL_S="0.2",
+        )
+    )
+    runtime = await start_booking(settings)
+    await wait_serving(f"127.0.0.1:{runtime.port}", BOOKING_SERVICE_NAME)
+    yield runtime
+    await runtime.stop()
+
+
+@pytest.fixture(scope="session")
+def booking_address(booking_server: Runtime) -> str:
+    return f"127.0.0.1:{booking_server.port}"
+
+
+@pytest.fixture(scope="session")
+async def booking_stub(booking_address: str) -> AsyncIterator[booking_pb2_grpc.BookingServiceStub]:
+    async with grpc.aio.insecure_channel(booking_address) as channel:
+        yield booking_pb2_grpc.BookingServiceStub(channel)
+
+
+@pytest.fixture(scope="session")
+async def booking_db(booking_database_url: str, booking_server: Runtime) -> AsyncIterator[asyncpg.Pool]:
+    """Direct access to the booking database, for checking invariants from outside."""
+    pool = await asyncpg.create_pool(booking_database_url, min_size=1, max_size=4)
+    assert pool is not None
+    yield pool
+    await pool.close()
+
+
+@pytest.fixture
+async def world(
+    booking_stub: booking_pb2_grpc.BookingServiceStub, credit_stub: credit_pb2_grpc.CreditServiceStub
+) -> World:
+    """A fresh therapist (open around the clock, UTC, no notice) and a client with 100 credits."""
+    return await World.create(booking_stub, credit_stub)

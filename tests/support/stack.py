@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from devstack.postgres import database_url, ensure_database
+from devstack.postgres import ensure_database
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,7 +47,8 @@ async def wait_serving(address: str, service: str, *, timeout_s: float = 30.0) -
     deadline = asyncio.get_running_loop().time() + timeout_s
     last = "no answer"
     async with grpc.aio.insecure_channel(address) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
+        # The typing stubs of grpcio-health-checking declare no methods on HealthStub.
+        stub: Any = health_pb2_grpc.HealthStub(channel)
         while asyncio.get_running_loop().time() < deadline:
             try:
                 response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=1)
@@ -60,9 +63,8 @@ async def wait_serving(address: str, service: str, *, timeout_s: float = 30.0) -
 
 async def health_status(address: str, service: str) -> str:
     async with grpc.aio.insecure_channel(address) as channel:
-        response = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service=service), timeout=2
-        )
+        stub: Any = health_pb2_grpc.HealthStub(channel)
+        response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -85,7 +87,7 @@ class ServiceProcess:
         assert self.process is None or self.process.poll() is not None
         environment = {**os.environ, **self.env}
         log_file = self.log_path.open("ab")
-        self.process = subprocess.Popen(  # noqa: S603  # our own interpreter and module
+        self.process = subprocess.Popen(  # our own interpreter and module
             [sys.executable, "-m", self.module],
             env=environment,
             stdout=log_file,
@@ -122,8 +124,6 @@ class ServiceProcess:
 
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]
@@ -131,13 +131,10 @@ def free_port() -> int:
 
 
 def run_grpcurl(*args: str, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603  # the real grpcurl binary from the venv
+    return subprocess.run(  # the real grpcurl binary from the venv
         [str(GRPCURL), "-plaintext", "-max-time", "10", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,
         check=False,
     )
-
-
-__all__ = ["ROOT", "ServiceProcess", "database_url", "fresh_database", "free_port", "run_grpcurl"]
