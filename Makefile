@@ -41,6 +41,7 @@ lint: $(STAMP)
 	$(BIN)/mypy .
 	$(BIN)/buf lint
 	$(BIN)/python scripts/generate_protos.py --check
+	$(BIN)/python -m devstack render-envoy --check
 	$(BIN)/python scripts/buf_breaking.py
 
 format: $(STAMP)

@@ -234,9 +234,7 @@ def test_window_ending_at_time_max_runs_to_midnight_and_merges_with_next_day() -
         ("America/Santiago", datetime(2026, 9, 6, 0, 0), "2026-09-06T00:00:00", "2026-09-06T01:00:00"),
     ],
 )
-def test_resolve_local_rejects_time_in_gap(
-    time_zone: str, local: datetime, gap_start: str, gap_end: str
-) -> None:
+def test_resolve_local_rejects_time_in_gap(time_zone: str, local: datetime, gap_start: str, gap_end: str) -> None:
     for disambiguation in Disambiguation:
         with pytest.raises(NonexistentLocalTime) as caught:
             resolve_local(local, time_zone, disambiguation)
@@ -579,9 +577,7 @@ def test_free_slots_respect_range_notice_and_horizon() -> None:
 
 def test_free_slot_grid_is_anchored_at_the_start_of_availability() -> None:
     # Monday 20:00-24:00 and Tuesday 00:00-02:00 London (BST) form one interval, 19:00Z-01:00Z.
-    schedule = make_schedule(
-        LONDON, weekly=(WeeklyWindow(0, time(20), time.max), WeeklyWindow(1, time(0), time(2)))
-    )
+    schedule = make_schedule(LONDON, weekly=(WeeklyWindow(0, time(20), time.max), WeeklyWindow(1, time(0), time(2))))
     now = utc(2026, 5, 1)
     step = 90 * MINUTE
 
@@ -852,9 +848,7 @@ def minutes_to_time(minutes: int) -> time:
 @st.composite
 def day_windows(draw: st.DrawFn, min_windows: int = 0) -> list[tuple[time, time]]:
     """Non-overlapping windows on a 5-minute grid; 24:00 becomes ``time.max``."""
-    cuts = sorted(
-        draw(st.lists(st.integers(0, DAY_MINUTES // 5), unique=True, min_size=2 * min_windows, max_size=6))
-    )
+    cuts = sorted(draw(st.lists(st.integers(0, DAY_MINUTES // 5), unique=True, min_size=2 * min_windows, max_size=6)))
     return [
         (minutes_to_time(start * 5), minutes_to_time(end * 5))
         for start, end in zip(cuts[::2], cuts[1::2], strict=False)
@@ -873,9 +867,7 @@ def scenarios(
     draw: st.DrawFn,
 ) -> tuple[Schedule, datetime, datetime, datetime, list[Interval], timedelta, timedelta]:
     time_zone, transition = draw(zone_and_transition())
-    weekly = tuple(
-        WeeklyWindow(weekday, start, end) for weekday in range(7) for start, end in draw(day_windows(1))
-    )
+    weekly = tuple(WeeklyWindow(weekday, start, end) for weekday in range(7) for start, end in draw(day_windows(1)))
     override_days = draw(st.lists(st.integers(-3, 3), unique=True, max_size=3))
     overrides = {
         transition.date() + timedelta(days=offset): tuple(LocalWindow(s, e) for s, e in draw(day_windows()))
@@ -897,8 +889,7 @@ def scenarios(
     busy = [
         Interval(start, start + draw(st.integers(1, 36)) * STEP)
         for start in (
-            range_start + draw(st.integers(-60, length_minutes)) * MINUTE
-            for _ in range(draw(st.integers(0, 6)))
+            range_start + draw(st.integers(-60, length_minutes)) * MINUTE for _ in range(draw(st.integers(0, 6)))
         )
     ]
     duration = draw(st.integers(1, 36)) * STEP
