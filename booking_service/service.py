@@ -268,7 +268,11 @@ class BookingService:
             blocked = _check(lambda: availability.session_blocked_interval(schedule, start, session_type.duration))
             try:
                 _check(lambda: availability.check_bookable(schedule, start, session_type.duration, self._clock()))
-                if await store.slot_conflicts(connection, therapist_id, (blocked.start, blocked.end), None):
+                # This booking's own session is no conflict: a concurrent repeat of this request may
+                # have inserted it since the look-up above; going on is safe (the hold is idempotent
+                # by booking id and the locked step returns the existing session), whereas refusing
+                # would forget the attempt and break every later repeat of a confirmed booking.
+                if await store.slot_conflicts(connection, therapist_id, (blocked.start, blocked.end), booking_id):
                     raise SlotUnavailable(start)
             except DomainError:
                 await store.forget_attempt(connection, request_id, booking_id)
@@ -592,7 +596,7 @@ class BookingService:
                 await self._refund_payment(event.booking_id, int(str(event.payload["amount"])))
             else:
                 raise AssertionError(f"unknown outbox event kind {event.kind}")
-        except (DomainError, asyncpg.PostgresError, OSError) as error:
+        except Exception as error:  # noqa: BLE001  # any failure counts as an attempt, so a poison event dead-letters
             attempts = event.attempts + 1
             dead = attempts >= self._settings.outbox_max_attempts
             delay_s = min(OUTBOX_MAX_DELAY_S, OUTBOX_BASE_DELAY_S * 2**event.attempts) * random.uniform(0.5, 1.0)

@@ -243,6 +243,9 @@ def _start(checks: Checks, request: Any) -> datetime:
     except ValueError:
         checks.fail("local_start.date_time", "is not a valid date and time")
     except availability.AvailabilityError as error:
+        if isinstance(error, availability.UnknownTimeZone):
+            # availability names its own parameter; the request's field is local_start.time_zone.
+            error.field = "local_start.time_zone"
         raise domain.domain_error(error) from None
     return datetime(2000, 1, 1, tzinfo=UTC)
 

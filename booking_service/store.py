@@ -248,7 +248,7 @@ async def slot_conflicts(
 async def lock_therapist_calendar(connection: Connection, therapist_id: uuid.UUID) -> None:
     """A 64-bit, namespaced, transaction-scoped advisory lock per therapist (CONVENTIONS.md)."""
     await connection.execute(
-        "SELECT pg_advisory_xact_lock(hashtextextended('therapist:' || $1::text, 0))", therapist_id
+        "SELECT pg_advisory_xact_lock(hashtextextended('therapist:' || $1::uuid::text, 0))", therapist_id
     )
 
 

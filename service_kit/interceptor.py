@@ -112,6 +112,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             try:
                 async with asyncio.timeout(budget_s):
                     return await behaviour(request, context)
+            except asyncio.CancelledError:
+                # The caller went away (cancelled, or its deadline passed) or the server is
+                # stopping: gRPC cancels the handler and no status can be sent, but the canonical
+                # line and the metrics must not count the call as OK (CancelledError is not an
+                # Exception, so without this the initial OK outcome stood).
+                remaining_s = remaining_budget_s()
+                expired = remaining_s is not None and remaining_s <= TIMEOUT_SLACK_S
+                outcome = Outcome(grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED)
+                raise
             except Exception as error:  # every failure becomes a status below
                 outcome = self._outcome(error, context)
                 if outcome.status is None:

@@ -92,7 +92,11 @@ class Runtime:
                 (self.definition.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         await self._set_serving(False)
-        self.port = server.add_insecure_port(self.settings.grpc_address)
+        try:
+            self.port = server.add_insecure_port(self.settings.grpc_address)
+        except RuntimeError:
+            # grpcio raises (rather than returning 0, as older versions did) when it cannot bind.
+            self.port = 0
         if self.port == 0:
             raise OSError(f"cannot listen on {self.settings.grpc_address}: address in use or invalid")
         await server.start()
@@ -109,7 +113,11 @@ class Runtime:
     async def _readiness_loop(self) -> None:
         serving = False
         while True:
-            state = await self.database.check()
+            try:
+                state = await self.database.check()
+            except Exception:  # a bug in a check must not stop readiness checking for good
+                log.exception("readiness_check_failed")
+                state = DatabaseState.UNREACHABLE
             ready = state is DatabaseState.READY
             if ready != serving:
                 await self._set_serving(ready)
