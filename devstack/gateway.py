@@ -12,6 +12,11 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from google.api import annotations_pb2
+
+from booking.v1 import booking_pb2
+from credit.v1 import credit_pb2
+
 BOOKING_SERVICE = "booking.v1.BookingService"
 CREDIT_SERVICE = "credit.v1.CreditService"
 DEFAULT_DESCRIPTOR_PATH = "gen/descriptor.binpb"
@@ -184,21 +189,35 @@ def _route_config(settings: GatewaySettings) -> dict[str, object]:
             {
                 "name": "gateway",
                 "domains": ["*"],
+                # One exact route per public method: the transcoder rewrites a JSON call's path to
+                # the gRPC path, so these match transcoded and native gRPC calls alike. Methods
+                # without an HTTP annotation (the credit service's reservation RPCs) are internal:
+                # no route, so not even a native gRPC call reaches them through the gateway.
                 "routes": [
-                    # The gRPC path prefix matches both transcoded JSON calls and native gRPC.
                     {
-                        "match": {"prefix": f"/{BOOKING_SERVICE}/"},
-                        "route": {"cluster": "booking", "timeout": timeout},
-                    },
-                    {
-                        "match": {"prefix": f"/{CREDIT_SERVICE}/"},
-                        "route": {"cluster": "credit", "timeout": timeout},
-                    },
-                    _not_found_route(),
-                ],
+                        "match": {"path": path},
+                        "route": {"cluster": cluster, "timeout": timeout},
+                    }
+                    for cluster, path in public_method_paths()
+                ]
+                + [_not_found_route()],
             }
         ],
     }
+
+
+def public_method_paths() -> list[tuple[str, str]]:
+    """(cluster, gRPC path) of every method with a google.api.http annotation, from gen/."""
+    paths = []
+    for cluster, file_descriptor, name in (
+        ("booking", booking_pb2.DESCRIPTOR, BOOKING_SERVICE),
+        ("credit", credit_pb2.DESCRIPTOR, CREDIT_SERVICE),
+    ):
+        service = file_descriptor.services_by_name[name.rsplit(".", 1)[1]]
+        for method in service.methods:
+            if method.GetOptions().HasExtension(annotations_pb2.http):
+                paths.append((cluster, f"/{name}/{method.name}"))
+    return paths
 
 
 def _not_found_route() -> dict[str, object]:

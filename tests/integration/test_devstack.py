@@ -276,13 +276,16 @@ def test_gateway_listens_and_administers_on_loopback_only() -> None:
     assert {str(address["address"]) for address in addresses} == {"127.0.0.1"}
 
 
-def test_gateway_routes_each_service_by_its_grpc_path() -> None:
+def test_gateway_routes_public_methods_only_by_their_grpc_paths() -> None:
     config = gateway.build_envoy_config(gateway.GatewaySettings())
 
     text = gateway.to_yaml(config)
 
-    assert "prefix: /booking.v1.BookingService/\n" in text
-    assert "prefix: /credit.v1.CreditService/\n" in text
+    assert "path: /booking.v1.BookingService/CreateBooking\n" in text
+    assert "path: /credit.v1.CreditService/GetBalance\n" in text
+    for internal in ("ReserveCredits", "CommitReservation", "CancelReservation", "RefundReservation"):
+        assert f"/credit.v1.CreditService/{internal}" not in text
+    assert "prefix: /credit.v1.CreditService/" not in text
     assert text.count("http2_protocol_options: {}") == 2
 
 
