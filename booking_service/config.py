@@ -9,6 +9,8 @@ from service_kit import config
 from service_kit.config import ServerSettings
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
+# The metrics side port (deploy/k8s names it `metrics`); BOOKING_METRICS_ADDRESS=off turns it off.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1:9465"
 DEFAULT_CREDIT_TARGET = "127.0.0.1:50052"
 # Crash points exist for fault-injection tests only (`BOOKING_CRASH_POINTS`); production never sets them.
 CRASH_POINTS = ("after_reserve", "after_booking_commit", "before_commit_reservation")
@@ -26,6 +28,9 @@ class BookingSettings:
     # A PENDING reservation younger than this may still be in a live booking call: leave it alone.
     reconcile_after_s: float
     reconcile_batch_size: int
+    # Off only to prove that the fault-injection harness catches a build without recovery
+    # (`python -m tests.chaos --no-reconciler`); production never turns it off.
+    reconciler_enabled: bool
     outbox_interval_s: float
     outbox_batch_size: int
     outbox_max_attempts: int
@@ -41,7 +46,7 @@ class BookingSettings:
                 f"BOOKING_CRASH_POINTS has unknown points {sorted(unknown)}; known: {CRASH_POINTS}"
             )
         return cls(
-            server=ServerSettings.from_environment(env, "BOOKING", DEFAULT_GRPC_ADDRESS),
+            server=ServerSettings.from_environment(env, "BOOKING", DEFAULT_GRPC_ADDRESS, DEFAULT_METRICS_ADDRESS),
             credit_target=config.text(env, "BOOKING_CREDIT_TARGET", DEFAULT_CREDIT_TARGET),
             credit_call_timeout_s=config.number(env, "BOOKING_CREDIT_CALL_TIMEOUT_S", 3.0, minimum=0.05, maximum=60.0),
             lock_timeout_ms=config.integer(env, "BOOKING_LOCK_TIMEOUT_MS", 3000, minimum=10, maximum=60_000),
@@ -51,6 +56,7 @@ class BookingSettings:
             reconcile_interval_s=config.number(env, "BOOKING_RECONCILE_INTERVAL_S", 10.0, minimum=0.05, maximum=3600.0),
             reconcile_after_s=config.number(env, "BOOKING_RECONCILE_AFTER_S", 60.0, minimum=0.0, maximum=86400.0),
             reconcile_batch_size=config.integer(env, "BOOKING_RECONCILE_BATCH_SIZE", 100, minimum=1, maximum=500),
+            reconciler_enabled=config.boolean(env, "BOOKING_RECONCILER_ENABLED", True),
             outbox_interval_s=config.number(env, "BOOKING_OUTBOX_INTERVAL_S", 1.0, minimum=0.01, maximum=600.0),
             outbox_batch_size=config.integer(env, "BOOKING_OUTBOX_BATCH_SIZE", 50, minimum=1, maximum=1000),
             outbox_max_attempts=config.integer(env, "BOOKING_OUTBOX_MAX_ATTEMPTS", 12, minimum=1, maximum=100),

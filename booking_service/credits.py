@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
@@ -89,7 +89,15 @@ _RELEASE_NAMES = {
 
 
 class CreditClient:
-    def __init__(self, target: str, *, call_timeout_s: float) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        call_timeout_s: float,
+        interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+    ) -> None:
+        """`interceptors` see every call (the client metrics); each call carries the request id
+        and the trace of the RPC being served (`outgoing_metadata`)."""
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -97,6 +105,7 @@ class CreditClient:
                 ("grpc.enable_retries", 1),
                 ("grpc.lb_policy_name", "round_robin"),
             ],
+            interceptors=interceptors,
         )
         self._stub = credit_pb2_grpc.CreditServiceStub(self._channel)
         self._call_timeout_s = call_timeout_s

@@ -1,17 +1,22 @@
-"""Wiring of the booking service: database, credit client, servicer, reconciler, outbox worker."""
+"""Wiring of the booking service: database, credit client, servicer, reconciler, outbox worker, metrics."""
 
 from __future__ import annotations
+
+import structlog
 
 from booking.v1 import booking_pb2_grpc
 from booking_service.config import BookingSettings
 from booking_service.credits import CreditClient
+from booking_service.metrics import BookingMetrics
 from booking_service.service import BookingService
 from booking_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, BookingServicer
 from booking_service.store import SCHEMA
 from service_kit import migrations
 from service_kit.database import Database
-from service_kit.server import Runtime, ServiceDefinition, ServiceParts
+from service_kit.server import Runtime, ServiceDefinition, ServiceParts, Worker
 from service_kit.workers import periodic
+
+log = structlog.get_logger()
 
 DEFINITION = ServiceDefinition(service_name=SERVICE_NAME, error_domain=ERROR_DOMAIN, error_codes=ERROR_CODES)
 
@@ -19,19 +24,30 @@ DEFINITION = ServiceDefinition(service_name=SERVICE_NAME, error_domain=ERROR_DOM
 async def start(settings: BookingSettings) -> Runtime:
     """Starts serving; returns the runtime (its `port`, its `stop()`)."""
     database = Database(settings.server, SCHEMA, migrations.load("booking_service"))
-    credits = CreditClient(settings.credit_target, call_timeout_s=settings.credit_call_timeout_s)
-    service = BookingService(database, credits, settings)
     runtime = Runtime(settings.server, DEFINITION, database)
+    metrics = BookingMetrics(runtime.registry)
+    credits = CreditClient(
+        settings.credit_target,
+        call_timeout_s=settings.credit_call_timeout_s,
+        interceptors=[runtime.grpc_metrics.client_interceptor()],
+    )
+    service = BookingService(database, credits, settings, metrics=metrics)
+
+    workers: list[Worker] = []
+    if settings.reconciler_enabled:
+        workers.append(periodic("reconciler", settings.reconcile_interval_s, service.reconcile_once))
+    else:
+        log.warning("reconciler_disabled", detail="stale credit holds will not be resolved")
+    workers.append(periodic("outbox", settings.outbox_interval_s, service.deliver_outbox_once))
+    workers.append(metrics.refresher(database, settings.server))
 
     def parts(_: Database) -> ServiceParts:
         return ServiceParts(
             register=lambda server: booking_pb2_grpc.add_BookingServiceServicer_to_server(
                 BookingServicer(service), server
             ),
-            workers=[
-                periodic("reconciler", settings.reconcile_interval_s, service.reconcile_once),
-                periodic("outbox", settings.outbox_interval_s, service.deliver_outbox_once),
-            ],
+            workers=workers,
+            observers=(metrics.rpc_finished,),
             on_shutdown=[credits.close],
         )
 

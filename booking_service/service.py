@@ -54,6 +54,7 @@ from booking_service.domain import (
     refund_for,
     schedule_of,
 )
+from booking_service.metrics import BookingMetrics
 from service_kit.connection import Connection
 from service_kit.database import Database, in_transaction
 from service_kit.errors import DomainError
@@ -96,11 +97,13 @@ class BookingService:
         settings: BookingSettings,
         *,
         clock: Callable[[], datetime] = utc_now,
+        metrics: BookingMetrics | None = None,
     ) -> None:
         self._database = database
         self._credits = credits
         self._settings = settings
         self._clock = clock
+        self._metrics = metrics if metrics is not None else BookingMetrics()
 
     @property
     def _pool(self) -> asyncpg.Pool:
@@ -564,6 +567,7 @@ class BookingService:
                 await self._resolve(reservation.reservation_id)
             except DomainError as error:
                 log.warning("reconcile_deferred", reservation_id=str(reservation.reservation_id), reason=error.reason)
+                self._metrics.reconciler_action("deferred")
         return len(held) == self._settings.reconcile_batch_size
 
     async def _resolve(self, reservation_id: uuid.UUID) -> None:
@@ -574,9 +578,11 @@ class BookingService:
         if decision == "commit":
             await self._commit_payment(reservation_id)
             log.info("reconciler_committed", reservation_id=str(reservation_id))
+            self._metrics.reconciler_action("committed")
         else:
             await self._credits.cancel(reservation_id)
             log.info("reconciler_released", reservation_id=str(reservation_id))
+            self._metrics.reconciler_action("released")
 
     async def deliver_outbox_once(self) -> bool:
         """Delivers up to one batch of due outbox events; True when the batch was full."""

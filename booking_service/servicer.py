@@ -25,14 +25,16 @@ from booking_service.domain import (
 )
 from booking_service.service import BookingService
 from service_kit import pagination
-from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
-from service_kit.validation import Checks
+from service_kit.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, Unavailable
+from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
 SERVICE_NAME = booking_pb2.DESCRIPTOR.services_by_name["BookingService"].full_name
 ERROR_DOMAIN = SERVICE_NAME
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_NAME_LENGTH = 200
+MAX_SHOWN_NAMES = 5
+MAX_SHOWN_NAME_LENGTH = 64
 
 # The one table from domain errors to status codes (subclasses inherit their parent's code).
 ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
@@ -50,6 +52,8 @@ ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
 }
 
 _HOUR_MINUTE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
+# How availability's schedule rules name a window (see booking_service.availability.Schedule).
+_SCHEDULE_PATH = re.compile(r"\b(?:weekly|overrides\[[^\]]*\])\[(\d+)\]")
 _LOCAL_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$")
 _UPDATABLE_FIELDS = (
     "display_name",
@@ -218,6 +222,18 @@ def _therapist_fields(
     return values
 
 
+def _check_therapist_zone(values: dict[str, Any]) -> None:
+    """The zone, checked here so the refusal names the request's field, therapist.time_zone
+    (the service checks again and names its own parameter, time_zone, which is no request field)."""
+    if "time_zone" not in values:
+        return
+    try:
+        availability.zone(values["time_zone"])
+    except availability.UnknownTimeZone as error:
+        error.field = "therapist.time_zone"
+        raise domain.domain_error(error) from None
+
+
 def _start(checks: Checks, request: Any) -> datetime:
     """The `start` oneof: an instant, or a local time in a named zone, resolved here at the edge."""
     which = request.WhichOneof("start")
@@ -261,6 +277,7 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         request_id = checks.request_id("request_id", request.request_id)
         values = _therapist_fields(checks, "therapist", request.therapist, _UPDATABLE_FIELDS)
         checks.done()
+        _check_therapist_zone(values)
         now = datetime.now(UTC)
         therapist = Therapist(therapist_id=uuid.uuid4(), created_at=now, updated_at=now, **values)
         created = await self._service.create_therapist(request_id, therapist)
@@ -288,10 +305,11 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         elif unknown:
             checks.fail(
                 "update_mask",
-                f"cannot change {', '.join(unknown)}; changeable: {', '.join(_UPDATABLE_FIELDS)}",
+                f"cannot change {_shown(unknown)}; changeable: {', '.join(_UPDATABLE_FIELDS)}",
             )
         values = _therapist_fields(checks, "therapist", request.therapist, tuple(p for p in paths if p not in unknown))
         checks.done()
+        _check_therapist_zone(values)
         updated = await self._service.update_therapist(therapist_id, values)
         return booking_pb2.UpdateTherapistResponse(therapist=therapist_message(updated))
 
@@ -309,7 +327,10 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
             start, end = _parse_window(checks, f"{field}.window", window.window)
             windows.append(WeeklyWindowMinutes(weekday, start, end))
         checks.done()
-        stored = await self._service.set_weekly_schedule(therapist_id, windows)
+        try:
+            stored = await self._service.set_weekly_schedule(therapist_id, windows)
+        except InvalidArgument as error:
+            raise _in_request_terms(error) from None
         return booking_pb2.SetWeeklyScheduleResponse(windows=[_weekly_message(w) for w in stored])
 
     async def SetDateOverride(
@@ -324,7 +345,10 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
             _parse_window(checks, f"windows[{i}]", w) for i, w in enumerate(request.windows[:MAX_OVERRIDE_WINDOWS])
         )
         checks.done()
-        stored = await self._service.set_date_override(therapist_id, DateOverride(local_date, windows))
+        try:
+            stored = await self._service.set_date_override(therapist_id, DateOverride(local_date, windows))
+        except InvalidArgument as error:
+            raise _in_request_terms(error) from None
         return booking_pb2.SetDateOverrideResponse(date_override=_override_message(stored))
 
     async def DeleteDateOverride(
@@ -494,6 +518,27 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         return booking_pb2.RescheduleBookingResponse(booking=booking_message(booking))
 
 
+def _in_request_terms(error: InvalidArgument) -> InvalidArgument:
+    """A schedule rule's refusal with its paths (weekly[1], overrides[2030-01-02][1]) renamed to
+    the request's field, windows[1]: the service receives the request's windows in order."""
+
+    def rename(text: str) -> str:
+        return _SCHEDULE_PATH.sub(r"windows[\1]", text)
+
+    renamed = InvalidArgument(
+        [FieldViolation(rename(v.field), rename(v.description)) for v in error.violations], reason=error.reason
+    )
+    renamed.metadata.update({key: rename(value) for key, value in error.metadata.items() if key != "field"})
+    return renamed
+
+
+def _shown(names: list[str]) -> str:
+    """Names from a request, cut short: echoing them whole let a huge update_mask path blow the
+    status past the client's metadata limit (a bare RESOURCE_EXHAUSTED instead of the refusal)."""
+    shown = ", ".join(repr(name[:MAX_SHOWN_NAME_LENGTH]) for name in names[:MAX_SHOWN_NAMES])
+    return shown + (", ..." if len(names) > MAX_SHOWN_NAMES else "")
+
+
 def _weekly_message(window: WeeklyWindowMinutes) -> booking_pb2.WeeklyWindow:
     return booking_pb2.WeeklyWindow(
         day_of_week=window.weekday,  # type: ignore[arg-type]  # ISO weekday == DayOfWeek number
@@ -515,6 +560,8 @@ def _booking_cursor(cursor: pagination.Cursor | None) -> tuple[datetime, uuid.UU
         booking_id = uuid.UUID(str(cursor[1]))
     except ValueError:
         raise InvalidArgument.of("page_token", "is not a page token from this API") from None
-    if starts_at.tzinfo is None:
+    # A forged instant outside what the database can hold would fail deep in the driver (INTERNAL);
+    # a real cursor is a booking's start, which is always inside this window.
+    if starts_at.tzinfo is None or not EARLIEST_INSTANT <= starts_at < LATEST_INSTANT:
         raise InvalidArgument.of("page_token", "is not a page token from this API")
     return starts_at, booking_id

@@ -1,9 +1,10 @@
-"""Wiring of the credit service: database, servicer, sweeper, server lifecycle."""
+"""Wiring of the credit service: database, servicer, sweeper, metrics, server lifecycle."""
 
 from __future__ import annotations
 
 from credit.v1 import credit_pb2_grpc
 from credit_service.config import CreditSettings
+from credit_service.metrics import CreditMetrics
 from credit_service.service import CreditService
 from credit_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, CreditServicer
 from credit_service.store import SCHEMA
@@ -24,6 +25,7 @@ def build_runtime(settings: CreditSettings) -> tuple[Runtime, CreditService]:
 async def start(settings: CreditSettings) -> Runtime:
     """Starts serving; returns the runtime (its `port`, its `stop()`)."""
     runtime, service = build_runtime(settings)
+    metrics = CreditMetrics(runtime.registry)
 
     async def sweep() -> bool:
         released = await service.release_expired(settings.sweep_batch_size)
@@ -34,7 +36,10 @@ async def start(settings: CreditSettings) -> Runtime:
             register=lambda server: credit_pb2_grpc.add_CreditServiceServicer_to_server(
                 CreditServicer(service), server
             ),
-            workers=[periodic("reservation_sweeper", settings.sweep_interval_s, sweep)],
+            workers=[
+                periodic("reservation_sweeper", settings.sweep_interval_s, sweep),
+                metrics.refresher(runtime.database, settings.server),
+            ],
         )
 
     await runtime.start(parts)

@@ -55,6 +55,17 @@ def boolean(env: Mapping[str, str], name: str, default: bool) -> bool:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+def listen_address(env: Mapping[str, str], name: str, default: str) -> str | None:
+    """A `host:port` to listen on, or None when the value is `off` (or set but empty)."""
+    raw = env.get(name, default).strip()
+    if raw in ("", "off"):
+        return None
+    host, separator, port = raw.rpartition(":")
+    if not separator or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be host:port (or off), got {raw!r}")
+    return raw
+
+
 def choice(env: Mapping[str, str], name: str, default: str, allowed: tuple[str, ...]) -> str:
     value = env.get(name) or default
     if value not in allowed:
@@ -78,11 +89,20 @@ class ServerSettings:
     max_message_bytes: int
     max_concurrent_rpcs: int
     reflection_enabled: bool
+    # Where /metrics is served (Prometheus text format); None: not served.
+    metrics_address: str | None
+    # How often the gauges read from the database through an index (pending outbox rows and
+    # reservations) are refreshed, and how often those that read a whole table (dead letters,
+    # reservations by every state) are.
+    metrics_refresh_interval_s: float
+    metrics_scan_interval_s: float
     log_format: str
     log_level: str
 
     @classmethod
-    def from_environment(cls, env: Mapping[str, str], prefix: str, default_address: str) -> ServerSettings:
+    def from_environment(
+        cls, env: Mapping[str, str], prefix: str, default_address: str, default_metrics_address: str = "off"
+    ) -> ServerSettings:
         """Reads `<PREFIX>_*` variables; DATABASE_URL is the fallback for the database."""
 
         def key(name: str) -> str:
@@ -109,6 +129,11 @@ class ServerSettings:
             ),
             max_concurrent_rpcs=integer(env, key("MAX_CONCURRENT_RPCS"), 1000, minimum=1, maximum=100_000),
             reflection_enabled=boolean(env, key("REFLECTION_ENABLED"), True),
+            metrics_address=listen_address(env, key("METRICS_ADDRESS"), default_metrics_address),
+            metrics_refresh_interval_s=number(
+                env, key("METRICS_REFRESH_INTERVAL_S"), 5.0, minimum=0.05, maximum=3600.0
+            ),
+            metrics_scan_interval_s=number(env, key("METRICS_SCAN_INTERVAL_S"), 60.0, minimum=0.05, maximum=86400.0),
             log_format=choice(env, "LOG_FORMAT", "auto", ("auto", "json", "console")),
             log_level=choice(env, "LOG_LEVEL", "info", ("debug", "info", "warning", "error")),
         )

@@ -16,6 +16,7 @@ from service_kit.config import ServerSettings
 from service_kit.connection import Connection
 from service_kit.errors import Unavailable
 from service_kit.interceptor import DATABASE_UNAVAILABLE_ERRORS
+from service_kit.metrics import PoolUsage
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -55,6 +56,14 @@ class Database:
         if self._pool is None:
             raise Unavailable("the database is not ready yet; retry later", reason="DATABASE_UNAVAILABLE")
         return self._pool
+
+    def pool_usage(self) -> PoolUsage:
+        """The pool's connections now, for the metrics (all zero before the pool exists)."""
+        pool = self._pool
+        if pool is None:
+            return PoolUsage(in_use=0, idle=0, max_size=self._settings.database_pool_max_size)
+        size, idle = pool.get_size(), pool.get_idle_size()
+        return PoolUsage(in_use=size - idle, idle=idle, max_size=pool.get_max_size())
 
     async def check(self) -> DatabaseState:
         """One readiness step: connect, migrate once if allowed, compare the schema version."""

@@ -1,10 +1,12 @@
 """The server interceptor every RPC goes through.
 
-For each call it binds the request context to the log (contextvars, cleared per call), gives
-the call a time budget (the caller's deadline, or a default for calls that come without one,
-such as HTTP transcoded by Envoy), renders domain errors with the service's one table of codes,
-turns infrastructure failures into UNAVAILABLE, hides unexpected exceptions behind INTERNAL
-(traceback logged here, never sent), and writes one canonical line per RPC.
+For each call it binds the request context to the log (contextvars, cleared per call): the
+request id and the W3C trace (the caller's continued, or a new one); gives the call a time budget
+(the caller's deadline, or a default for calls that come without one, such as HTTP transcoded by
+Envoy), renders domain errors with the service's one table of codes, turns infrastructure
+failures into UNAVAILABLE, hides unexpected exceptions behind INTERNAL
+(traceback logged here, never sent), writes one canonical line per RPC, and tells its observers
+(the metrics) that a call started and how it finished.
 
 An aio interceptor only resolves the handler, so the work happens in a wrapper around
 `handler.unary_unary` (CONVENTIONS.md).
@@ -25,6 +27,7 @@ import grpc
 import structlog
 
 from service_kit.errors import DomainError, Unavailable, rich_status, status_for
+from service_kit.tracecontext import TRACEPARENT_HEADER, TRACESTATE_HEADER, SpanContext, server_span
 
 log = structlog.get_logger()
 
@@ -34,9 +37,14 @@ MAX_REQUEST_ID_HEADER_LENGTH = 128
 TIMEOUT_SLACK_S = 0.05
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_deadline", default=None)
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpc_request_id", default=None)
+_span: contextvars.ContextVar[SpanContext | None] = contextvars.ContextVar("rpc_span", default=None)
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
-RpcObserver = Callable[[str, str, grpc.StatusCode, float], None]
+# Told when a call starts: (service, rpc), e.g. ("booking.v1.BookingService", "CreateBooking").
+RpcStartObserver = Callable[[str, str], None]
+# Told when a call finishes: (service, rpc, code, reason, duration_s); reason is the ErrorInfo
+# reason of a refusal or failure rendered here, None for OK and for a status the handler set itself.
+RpcObserver = Callable[[str, str, grpc.StatusCode, str | None, float], None]
 
 
 def remaining_budget_s() -> float | None:
@@ -54,6 +62,11 @@ DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
+    # A pooled connection that the server terminated while it sat idle (pg_terminate_backend, a
+    # restart): asyncpg has read the server's FATAL but not yet the closed socket, and refuses the
+    # next statement with "cannot switch to state N; another operation (2) is in progress". The
+    # pool discards the connection when that happens, so a retry gets a fresh one.
+    asyncpg.InternalClientError,
     asyncpg.exceptions.CannotConnectNowError,
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
@@ -76,11 +89,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         error_codes: ErrorTable,
         default_deadline_s: float,
         observers: tuple[RpcObserver, ...] = (),
+        start_observers: tuple[RpcStartObserver, ...] = (),
     ) -> None:
         self._domain = domain
         self._error_codes = error_codes
         self._default_deadline_s = default_deadline_s
         self._observers = observers
+        self._start_observers = start_observers
 
     async def intercept_service(
         self,
@@ -102,12 +117,20 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
 
         async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             structlog.contextvars.clear_contextvars()
+            for start_observer in self._start_observers:
+                start_observer(service, rpc)
             request_id = _incoming_request_id(context)
-            structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
+            span = _incoming_span(context)
+            structlog.contextvars.bind_contextvars(
+                rpc=rpc, request_id=request_id, trace_id=span.trace_id, span_id=span.span_id
+            )
+            if span.parent_id is not None:
+                structlog.contextvars.bind_contextvars(parent_span_id=span.parent_id)
             started = time.perf_counter()
             budget_s = _budget_s(context, self._default_deadline_s)
             deadline_token = _deadline.set(asyncio.get_running_loop().time() + budget_s)
             request_id_token = _request_id.set(request_id)
+            span_token = _span.set(span)
             outcome = Outcome(grpc.StatusCode.OK)
             try:
                 async with asyncio.timeout(budget_s):
@@ -130,6 +153,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 duration_s = time.perf_counter() - started
                 _deadline.reset(deadline_token)
                 _request_id.reset(request_id_token)
+                _span.reset(span_token)
                 self._finish(service, rpc, outcome, duration_s)
 
         return wrapped
@@ -181,7 +205,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         else:
             log.info("rpc_finished", grpc_code=code_name, reason=outcome.reason, duration_ms=duration_ms)
         for observer in self._observers:
-            observer(service, rpc, outcome.code, duration_s)
+            observer(service, rpc, outcome.code, outcome.reason, duration_s)
         structlog.contextvars.clear_contextvars()
 
 
@@ -194,12 +218,35 @@ def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
+def _incoming_span(context: grpc.aio.ServicerContext[Any, Any]) -> SpanContext:
+    traceparents: list[str] = []
+    tracestates: list[str] = []
+    for key, value in context.invocation_metadata() or ():
+        if key == TRACEPARENT_HEADER and isinstance(value, str):
+            traceparents.append(value)
+        elif key == TRACESTATE_HEADER and isinstance(value, str):
+            tracestates.append(value)
+    # Two traceparents cannot both be the caller's: neither is trusted, a new trace starts.
+    # Several tracestate headers are one list, as HTTP combines repeated headers.
+    traceparent = traceparents[0] if len(traceparents) == 1 else None
+    return server_span(traceparent, ",".join(tracestates) if tracestates else None)
+
+
 def _budget_s(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> float:
     remaining = context.time_remaining()
     return default_s if remaining is None else max(0.0, remaining)
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata for a downstream call made while serving an RPC: carries the request id."""
+    """Metadata for a downstream call made while serving an RPC: the request id, and the trace
+    (`traceparent` naming this call's span as the parent, and the caller's `tracestate`)."""
+    metadata: list[tuple[str, str]] = []
     request_id = _request_id.get()
-    return () if request_id is None else ((REQUEST_ID_HEADER, request_id),)
+    if request_id is not None:
+        metadata.append((REQUEST_ID_HEADER, request_id))
+    span = _span.get()
+    if span is not None:
+        metadata.append((TRACEPARENT_HEADER, span.traceparent()))
+        if span.tracestate is not None:
+            metadata.append((TRACESTATE_HEADER, span.tracestate))
+    return tuple(metadata)

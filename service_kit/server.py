@@ -4,6 +4,7 @@ Health starts NOT_SERVING and turns SERVING only while the database is reachable
 is at the version this build needs; a readiness loop keeps checking. On SIGTERM or SIGINT the
 server enters graceful shutdown (health NOT_SERVING so balancers drain it), stops accepting
 calls, lets running ones finish within the grace period, stops its workers, closes the pool.
+Metrics (service_kit/metrics.py) are served on a side port from start to the end of shutdown.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
+from service_kit.metrics import GrpcMetrics, MetricsServer, PoolCollector, new_registry
 
 log = structlog.get_logger()
 
@@ -39,6 +41,7 @@ class ServiceParts:
     # Long-running loops (sweepers, reconcilers); started once the database is first ready,
     # cancelled on shutdown. Each must handle its own errors and bound its own work.
     workers: Sequence[Worker] = ()
+    # Told of every finished call, after the runtime's own gRPC metrics.
     observers: tuple[RpcObserver, ...] = ()
     on_shutdown: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -59,6 +62,12 @@ class Runtime:
         self.database = database
         self.health = health.aio.HealthServicer()
         self.port = 0
+        # This runtime's metrics; the service registers its own here too.
+        self.registry = new_registry()
+        self.grpc_metrics = GrpcMetrics(self.registry)
+        self.registry.register(PoolCollector(database.schema, database.pool_usage))
+        self.metrics_port = 0
+        self._metrics_server: MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: ServiceParts | None = None
@@ -74,7 +83,8 @@ class Runtime:
                     domain=self.definition.error_domain,
                     error_codes=self.definition.error_codes,
                     default_deadline_s=self.settings.default_rpc_deadline_s,
-                    observers=parts.observers,
+                    observers=(self.grpc_metrics.server_call_finished, *parts.observers),
+                    start_observers=(self.grpc_metrics.server_call_started,),
                 )
             ],
             options=[
@@ -103,7 +113,27 @@ class Runtime:
         self._server = server
         host = self.settings.grpc_address.rsplit(":", 1)[0]
         log.info("grpc_server_started", service=self.definition.service_name, address=f"{host}:{self.port}")
+        self.grpc_metrics.initialize_service(self.definition.service_name)
+        await self._start_metrics_server()
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
+
+    async def _start_metrics_server(self) -> None:
+        address = self.settings.metrics_address
+        if address is None:
+            log.info("metrics_server_disabled")
+            return
+        metrics_server = MetricsServer(self.registry, address)
+        try:
+            await metrics_server.start()
+        except OSError as error:
+            # Metrics are not worth refusing calls for: the service runs on, loudly, and
+            # Prometheus sees the target down. (In a pod the port is the pod's own.)
+            log.error("metrics_server_failed", address=address, error=repr(error))
+            return
+        self._metrics_server = metrics_server
+        self.metrics_port = metrics_server.port
+        host = address.rpartition(":")[0]
+        log.info("metrics_server_started", address=f"{host}:{self.metrics_port}", path="/metrics")
 
     async def _set_serving(self, serving: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
@@ -152,6 +182,9 @@ class Runtime:
             for hook in self._parts.on_shutdown:
                 await hook()
         await self.database.close()
+        if self._metrics_server is not None:
+            await self._metrics_server.stop()
+            self._metrics_server = None
         log.info("shutdown_finished")
         self._stopped.set()
 

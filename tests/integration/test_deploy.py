@@ -307,6 +307,7 @@ def test_configuration_and_database_secret(overlay: str, spec: ServiceSpec) -> N
     # the container port and the Service point.
     settings = spec.settings({**env, f"{spec.env_prefix}_DATABASE_URL": "postgresql://user@db/name"})
     assert settings.grpc_address == f"0.0.0.0:{spec.grpc_port}"
+    assert settings.metrics_address == f"0.0.0.0:{spec.metrics_port}"
     assert env["LOG_FORMAT"] == "json"
 
 

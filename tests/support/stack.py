@@ -34,6 +34,8 @@ def server_environment(prefix: str, database: str, **extra: str) -> dict[str, st
     env = {
         f"{prefix}_DATABASE_URL": database,
         f"{prefix}_GRPC_ADDRESS": "127.0.0.1:0",
+        # Not the fixed default port: test servers and processes run side by side.
+        f"{prefix}_METRICS_ADDRESS": "127.0.0.1:0",
         f"{prefix}_HEALTH_CHECK_INTERVAL_S": "0.2",
         f"{prefix}_SHUTDOWN_GRACE_S": "1",
         "LOG_FORMAT": "json",

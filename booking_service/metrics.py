@@ -1,0 +1,131 @@
+"""The booking service's own metrics (docs/operations.md, "Metrics").
+
+`booking_bookings_total{outcome}` counts CreateBooking calls by how they ended, read from the
+server interceptor's canonical outcome (code and reason), so every path counts, validation and
+timeouts included. `booking_reconciler_actions_total{action}` is counted by the reconciler. The
+outbox gauges are read from the database by a periodic worker (a scrape cannot wait for SQL).
+Every replica reads the same database, so every replica reports the same gauge values: aggregate
+them with max(), not sum().
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from booking.v1 import booking_pb2
+from booking_service import store
+from service_kit.config import ServerSettings
+from service_kit.database import Database
+from service_kit.server import Worker
+from service_kit.workers import periodic
+
+SERVICE_NAME = booking_pb2.DESCRIPTOR.services_by_name["BookingService"].full_name
+CREATE_BOOKING = "CreateBooking"
+
+# Bounded: every code and reason falls into one of these.
+OUTCOMES = (
+    "confirmed",
+    "slot_unavailable",
+    "insufficient_credits",
+    "outside_availability",
+    "aborted",
+    "unavailable",
+    "invalid",
+    "other",
+)
+RECONCILER_ACTIONS = ("committed", "released", "deferred")
+
+_REFUSAL_OUTCOMES = {
+    "SLOT_UNAVAILABLE": "slot_unavailable",
+    "INSUFFICIENT_CREDITS": "insufficient_credits",
+    # No account is no credits: the client cannot pay either way.
+    "ACCOUNT_NOT_FOUND": "insufficient_credits",
+    "OUTSIDE_AVAILABILITY": "outside_availability",
+    "INSUFFICIENT_NOTICE": "outside_availability",
+    "BEYOND_BOOKING_HORIZON": "outside_availability",
+}
+_CODE_OUTCOMES = {
+    grpc.StatusCode.OK: "confirmed",
+    grpc.StatusCode.ABORTED: "aborted",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "unavailable",
+    # The caller's mistakes: a malformed request, an unknown therapist or session type, a
+    # request_id reused for a different booking.
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.NOT_FOUND: "invalid",
+    grpc.StatusCode.ALREADY_EXISTS: "invalid",
+}
+
+
+def booking_outcome(code: grpc.StatusCode, reason: str | None) -> str:
+    """The `outcome` label of one CreateBooking call."""
+    if code == grpc.StatusCode.FAILED_PRECONDITION:
+        return _REFUSAL_OUTCOMES.get(reason or "", "other")
+    return _CODE_OUTCOMES.get(code, "other")  # INTERNAL, UNKNOWN, CANCELLED, ...
+
+
+class BookingMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        # Without a registry (unit tests, tools) the metrics count but nobody serves them.
+        registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.bookings = Counter(
+            "booking_bookings_total",
+            "CreateBooking calls by outcome (a repeated request_id counts again).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.reconciler_actions = Counter(
+            "booking_reconciler_actions_total",
+            "What the reconciler did with a stale PENDING hold: committed, released, or deferred.",
+            ("action",),
+            registry=registry,
+        )
+        self.outbox_depth = Gauge(
+            "booking_outbox_depth", "Outbox rows still pending (commits and refunds to deliver).", registry=registry
+        )
+        self.outbox_dead_letters = Gauge(
+            "booking_outbox_dead_letters",
+            "Outbox rows that failed BOOKING_OUTBOX_MAX_ATTEMPTS times and are no longer retried.",
+            registry=registry,
+        )
+        # Every label value exists from the start, at zero, so that rate() sees the first one.
+        for outcome in OUTCOMES:
+            self.bookings.labels(outcome)
+        for action in RECONCILER_ACTIONS:
+            self.reconciler_actions.labels(action)
+
+    def rpc_finished(
+        self, service: str, rpc: str, code: grpc.StatusCode, reason: str | None, duration_s: float
+    ) -> None:
+        """A server interceptor observer (service_kit.interceptor.RpcObserver)."""
+        del duration_s
+        if service == SERVICE_NAME and rpc == CREATE_BOOKING:
+            self.bookings.labels(booking_outcome(code, reason)).inc()
+
+    def reconciler_action(self, action: str) -> None:
+        assert action in RECONCILER_ACTIONS, action
+        self.reconciler_actions.labels(action).inc()
+
+    def refresher(self, database: Database, settings: ServerSettings) -> Worker:
+        """A worker that reads the outbox gauges from the database: the depth (an index-only
+        count) every `metrics_refresh_interval_s`, the dead letters (a whole-table scan) every
+        `metrics_scan_interval_s`."""
+        next_scan_at = -math.inf
+
+        async def refresh() -> bool:
+            nonlocal next_scan_at
+            now = asyncio.get_running_loop().time()
+            async with database.pool.acquire() as connection:
+                pending = await store.outbox_pending_count(connection)
+                dead = await store.outbox_dead_count(connection) if now >= next_scan_at else None
+            self.outbox_depth.set(pending)
+            if dead is not None:
+                self.outbox_dead_letters.set(dead)
+                next_scan_at = now + settings.metrics_scan_interval_s
+            return False
+
+        return periodic("metrics_refresh", settings.metrics_refresh_interval_s, refresh)
