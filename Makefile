@@ -15,6 +15,7 @@ help:
 	@echo "make test   run the whole test suite against a real PostgreSQL"
 	@echo "make gen    regenerate gen/ from protos/"
 	@echo "make lint   ruff, mypy --strict, buf lint, buf breaking, generated-code freshness"
+	@echo "make chaos  5 minutes of faults against real processes, then every invariant"
 	@echo "make clean  remove the virtual environment and the local database"
 
 venv: $(STAMP)
@@ -43,6 +44,10 @@ lint: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py --check
 	$(BIN)/python -m devstack render-envoy --check
 	$(BIN)/python scripts/buf_breaking.py
+
+# Five minutes of faults against real processes, then every invariant. CHAOS_ARGS="--quick --seed N".
+chaos: $(STAMP)
+	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

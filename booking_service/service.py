@@ -559,7 +559,12 @@ class BookingService:
     async def reconcile_once(self) -> bool:
         """Resolves up to one batch of stale PENDING holds; True when more may be waiting."""
         cutoff = self._clock() - timedelta(seconds=self._settings.reconcile_after_s)
-        held = await self._credits.stale_pending(cutoff, self._settings.reconcile_batch_size)
+        try:
+            held = await self._credits.stale_pending(cutoff, self._settings.reconcile_batch_size)
+        except DomainError as error:
+            # The credit service is down or slow: expected during an outage; the next pass retries.
+            log.warning("reconcile_pass_skipped", reason=error.reason)
+            return False
         for reservation in held:
             if not reservation.reference.startswith(RESERVATION_REFERENCE_PREFIX):
                 continue  # not a booking's hold
