@@ -341,10 +341,12 @@ async def test_outbox_gauges_count_pending_and_dead_rows(services: Services) -> 
     it after BOOKING_OUTBOX_INTERVAL_S anyway) and one dead letter. The module's earlier bookings
     left their side effects (notifications) pending, as this server's worker rarely looks: the
     gauges are compared with the rows already there."""
-    pending, dead = await services.booking_db.fetchrow(
+    counts = await services.booking_db.fetchrow(
         """SELECT count(*) FILTER (WHERE status = 'pending'), count(*) FILTER (WHERE status = 'dead')
              FROM booking.outbox"""
     )
+    assert counts is not None
+    pending, dead = counts
     await scraped_until(
         services.booking, {key("booking_outbox_depth"): float(pending), key("booking_outbox_dead_letters"): float(dead)}
     )

@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import grpc
@@ -64,7 +64,7 @@ async def booking_server(database_url: str, credit_address: str, **env: str) -> 
         address = f"127.0.0.1:{runtime.port}"
         await wait_serving(address, SERVICE_NAME)
         async with grpc.aio.insecure_channel(address) as channel:
-            stub = cast("BookingServiceAsyncStub", booking_pb2_grpc.BookingServiceStub(channel))
+            stub: BookingServiceAsyncStub = booking_pb2_grpc.BookingServiceStub(channel)
             yield Server(runtime, stub, database_url)
     finally:
         await runtime.stop()
