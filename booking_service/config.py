@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from service_kit import config
 from service_kit.config import ServerSettings
@@ -14,6 +15,19 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1:9465"
 DEFAULT_CREDIT_TARGET = "127.0.0.1:50052"
 # Crash points exist for fault-injection tests only (`BOOKING_CRASH_POINTS`); production never sets them.
 CRASH_POINTS = ("after_reserve", "after_booking_commit", "before_commit_reservation")
+NOTIFICATION_SINKS = ("log", "webhook")
+# `local` needs no network (`make run` works offline); production sets `daily`.
+VIDEO_PROVIDERS = ("local", "daily", "none")
+DEFAULT_DAILY_API_URL = "https://api.daily.co/v1"
+
+
+class Secret(str):
+    """A string that never shows itself in a repr (settings, tracebacks, log lines)."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "Secret('***')" if self else "Secret('')"
 
 
 @dataclass(frozen=True)
@@ -35,7 +49,22 @@ class BookingSettings:
     outbox_batch_size: int
     outbox_max_attempts: int
     outbox_lease_s: float
+    # Delays of the outbox: backoff with jitter from the base up to the max, which also bounds
+    # a provider's Retry-After.
+    outbox_base_delay_s: float
+    outbox_max_delay_s: float
     crash_points: frozenset[str]
+    notification_sink: str
+    webhook_url: str
+    webhook_secret: Secret
+    video_provider: str
+    daily_api_url: str
+    daily_api_key: Secret
+    # A room opens this long before its session starts and expires this long after it ends.
+    video_opens_before_s: int
+    video_expires_after_s: int
+    # Bound on one HTTP call of a side effect (connect, read, write, pool wait each).
+    side_effect_http_timeout_s: float
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> BookingSettings:
@@ -61,5 +90,45 @@ class BookingSettings:
             outbox_batch_size=config.integer(env, "BOOKING_OUTBOX_BATCH_SIZE", 50, minimum=1, maximum=1000),
             outbox_max_attempts=config.integer(env, "BOOKING_OUTBOX_MAX_ATTEMPTS", 12, minimum=1, maximum=100),
             outbox_lease_s=config.number(env, "BOOKING_OUTBOX_LEASE_S", 30.0, minimum=1.0, maximum=3600.0),
+            outbox_base_delay_s=config.number(env, "BOOKING_OUTBOX_BASE_DELAY_S", 1.0, minimum=0.01, maximum=600.0),
+            outbox_max_delay_s=config.number(env, "BOOKING_OUTBOX_MAX_DELAY_S", 300.0, minimum=0.1, maximum=86400.0),
             crash_points=crash_points,
+            **_side_effects(env),
         )
+
+
+def _side_effects(env: Mapping[str, str]) -> dict[str, Any]:
+    sink = config.choice(env, "BOOKING_NOTIFICATION_SINK", "log", NOTIFICATION_SINKS)
+    provider = config.choice(env, "BOOKING_VIDEO_PROVIDER", "local", VIDEO_PROVIDERS)
+    webhook_url = env.get("BOOKING_WEBHOOK_URL", "")
+    webhook_secret = Secret(env.get("BOOKING_WEBHOOK_SECRET", ""))
+    if sink == "webhook":
+        _require_http_url("BOOKING_WEBHOOK_URL", webhook_url)
+        if not webhook_secret:
+            raise config.ConfigError("BOOKING_WEBHOOK_SECRET is required when BOOKING_NOTIFICATION_SINK=webhook")
+    daily_api_url = env.get("BOOKING_DAILY_API_URL") or DEFAULT_DAILY_API_URL
+    daily_api_key = Secret(env.get("BOOKING_DAILY_API_KEY", ""))
+    if provider == "daily":
+        _require_http_url("BOOKING_DAILY_API_URL", daily_api_url)
+        if not daily_api_key:
+            raise config.ConfigError("BOOKING_DAILY_API_KEY is required when BOOKING_VIDEO_PROVIDER=daily")
+    return {
+        "notification_sink": sink,
+        "webhook_url": webhook_url,
+        "webhook_secret": webhook_secret,
+        "video_provider": provider,
+        "daily_api_url": daily_api_url.rstrip("/"),
+        "daily_api_key": daily_api_key,
+        "video_opens_before_s": config.integer(env, "BOOKING_VIDEO_OPENS_BEFORE_S", 600, minimum=0, maximum=86400),
+        "video_expires_after_s": config.integer(
+            env, "BOOKING_VIDEO_EXPIRES_AFTER_S", 3600, minimum=60, maximum=7 * 86400
+        ),
+        "side_effect_http_timeout_s": config.number(
+            env, "BOOKING_SIDE_EFFECT_HTTP_TIMEOUT_S", 5.0, minimum=0.1, maximum=60.0
+        ),
+    }
+
+
+def _require_http_url(name: str, value: str) -> None:
+    if not value.startswith(("http://", "https://")):
+        raise config.ConfigError(f"{name} must be an http:// or https:// URL")

@@ -111,6 +111,55 @@ class Booking:
     reschedule_count: int
     created_at: datetime
     updated_at: datetime
+    # None: no room is kept for this booking (no provider, or booked before rooms existed).
+    video_room: VideoRoom | None = None
+
+
+class VideoRoomState(enum.Enum):
+    PENDING = "pending"
+    READY = "ready"
+    FAILED = "failed"
+    DELETED = "deleted"
+
+
+@dataclass(frozen=True)
+class VideoRoom:
+    state: VideoRoomState
+    url: str | None
+    failure_reason: str | None
+
+
+def video_room_name(booking_id: uuid.UUID) -> str:
+    """Deterministic, so a repeated create finds the room it made (idempotent)."""
+    return f"booking-{booking_id.hex}"
+
+
+def video_room_window(booking: Booking, opens_before_s: int, expires_after_s: int) -> tuple[datetime, datetime]:
+    return (
+        booking.starts_at - timedelta(seconds=opens_before_s),
+        booking.ends_at + timedelta(seconds=expires_after_s),
+    )
+
+
+def notification(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:
+    """The payload of a notification event (docs/notifications.md), fixed when the change commits."""
+    data: dict[str, object] = {
+        "booking_id": str(booking.booking_id),
+        "client_id": str(booking.client_id),
+        "therapist_id": str(booking.therapist_id),
+        "session_type_id": str(booking.session_type_id),
+        "start_time": booking.starts_at.isoformat(),
+        "end_time": booking.ends_at.isoformat(),
+        "time_zone": booking.time_zone,
+        "status": booking.status.value,
+        "credit_cost": booking.credit_cost,
+    }
+    if booking.status is BookingStatus.CANCELLED:
+        data["cancelled_by"] = booking.cancelled_by.value if booking.cancelled_by else None
+        data["cancel_reason"] = booking.cancel_reason.value if booking.cancel_reason else None
+        data["refunded_credits"] = booking.refunded_credits
+    data.update(extra)
+    return {"type": event_type, "occurred_at": occurred_at.isoformat(), "data": data}
 
 
 def minute_to_time(minute: int) -> time:
@@ -176,6 +225,13 @@ class SessionTypeNotFound(NotFound):
 
     def __init__(self, session_type_id: uuid.UUID) -> None:
         super().__init__("session type", session_type_id)
+
+
+class DeadLetterNotFound(NotFound):
+    reason = "DEAD_LETTER_NOT_FOUND"
+
+    def __init__(self, event_id: uuid.UUID) -> None:
+        super().__init__("dead letter", event_id)
 
 
 class BookingNotFound(NotFound):

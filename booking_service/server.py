@@ -5,6 +5,7 @@ from __future__ import annotations
 import structlog
 
 from booking.v1 import booking_pb2_grpc
+from booking_service import side_effects
 from booking_service.config import BookingSettings
 from booking_service.credits import CreditClient
 from booking_service.metrics import BookingMetrics
@@ -31,7 +32,9 @@ async def start(settings: BookingSettings) -> Runtime:
         call_timeout_s=settings.credit_call_timeout_s,
         interceptors=[runtime.grpc_metrics.client_interceptor()],
     )
-    service = BookingService(database, credits, settings, metrics=metrics)
+    notifier = side_effects.notifier_from(settings)
+    video = side_effects.video_provider_from(settings)
+    service = BookingService(database, credits, settings, metrics=metrics, notifier=notifier, video=video)
 
     workers: list[Worker] = []
     if settings.reconciler_enabled:
@@ -48,7 +51,7 @@ async def start(settings: BookingSettings) -> Runtime:
             ),
             workers=workers,
             observers=(metrics.rpc_finished,),
-            on_shutdown=[credits.close],
+            on_shutdown=[credits.close, notifier.close, *([video.close] if video is not None else [])],
         )
 
     await runtime.start(parts)

@@ -15,6 +15,8 @@ The reconciler resolves every PENDING hold older than a bound from the decision 
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import random
 import uuid
@@ -29,6 +31,7 @@ import structlog
 from booking_service import availability, store
 from booking_service.config import BookingSettings
 from booking_service.credits import HeldReservation, ReservationGone
+from booking_service.delivery import PermanentFailure, RetryLater
 from booking_service.domain import (
     Actor,
     Booking,
@@ -38,6 +41,7 @@ from booking_service.domain import (
     BookingStatus,
     CancelReason,
     DateOverride,
+    DeadLetterNotFound,
     InsufficientCredits,
     NoCreditAccount,
     PaymentStatus,
@@ -48,13 +52,19 @@ from booking_service.domain import (
     SlotUnavailable,
     Therapist,
     TherapistNotFound,
+    VideoRoom,
+    VideoRoomState,
     WeeklyWindowMinutes,
     domain_error,
     fingerprint,
+    notification,
     refund_for,
     schedule_of,
+    video_room_name,
+    video_room_window,
 )
 from booking_service.metrics import BookingMetrics
+from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from service_kit.connection import Connection
 from service_kit.database import Database, in_transaction
 from service_kit.errors import DomainError
@@ -65,8 +75,12 @@ T = TypeVar("T")
 RESERVATION_REFERENCE_PREFIX = "booking:"
 # Exit code of a deliberate crash at a crash point (fault tests only), like SIGKILL's 128 + 9.
 CRASH_EXIT_CODE = 137
-OUTBOX_BASE_DELAY_S = 1.0
-OUTBOX_MAX_DELAY_S = 300.0
+# Outbox kinds of the side effects (docs/notifications.md); the payment kinds are above them.
+NOTIFICATION = "notification"
+CREATE_VIDEO_ROOM = "create_video_room"
+MOVE_VIDEO_ROOM = "move_video_room"
+DELETE_VIDEO_ROOM = "delete_video_room"
+VIDEO_ROOM_KINDS = (CREATE_VIDEO_ROOM, MOVE_VIDEO_ROOM, DELETE_VIDEO_ROOM)
 
 
 class Credits(Protocol):
@@ -98,12 +112,17 @@ class BookingService:
         *,
         clock: Callable[[], datetime] = utc_now,
         metrics: BookingMetrics | None = None,
+        notifier: Notifier | None = None,
+        video: VideoProvider | None = None,
     ) -> None:
         self._database = database
         self._credits = credits
         self._settings = settings
         self._clock = clock
         self._metrics = metrics if metrics is not None else BookingMetrics()
+        self._notifier = notifier if notifier is not None else LogNotifier()
+        # None: no video rooms at all (BOOKING_VIDEO_PROVIDER=none).
+        self._video = video
 
     @property
     def _pool(self) -> asyncpg.Pool:
@@ -344,6 +363,12 @@ class BookingService:
                 raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
             booking = await store.insert_booking(connection, draft, blocked)
             await store.enqueue(connection, "commit_reservation", draft.booking_id)
+            # The side effects commit with the booking, and nothing waits for them.
+            await self._enqueue_notification(connection, "booking.confirmed", booking)
+            if self._video is not None:
+                await store.insert_video_room(connection, booking.booking_id, video_room_name(booking.booking_id))
+                await store.enqueue(connection, CREATE_VIDEO_ROOM, booking.booking_id)
+                booking = replace(booking, video_room=VideoRoom(VideoRoomState.PENDING, None, None))
             return booking
 
         try:
@@ -411,7 +436,7 @@ class BookingService:
                     refunded_credits=booking.refunded_credits,
                     payment_status=PaymentStatus.REFUNDED,
                 )
-            return await store.cancel_booking(
+            cancelled = await store.cancel_booking(
                 connection,
                 booking_id,
                 actor=Actor.SYSTEM,
@@ -419,6 +444,7 @@ class BookingService:
                 refunded_credits=0,
                 payment_status=PaymentStatus.REFUNDED,
             )
+            return await self._enqueue_cancellation_effects(connection, cancelled, booking)
 
         return await in_transaction(self._pool, work)
 
@@ -477,6 +503,7 @@ class BookingService:
             )
             if refund > 0:
                 await store.enqueue(connection, "refund_reservation", booking_id, {"amount": refund})
+            cancelled = await self._enqueue_cancellation_effects(connection, cancelled, booking)
             log.info("booking_cancelled", booking_id=str(booking_id), actor=actor.value, refund=refund)
             return cancelled, refund
 
@@ -507,6 +534,23 @@ class BookingService:
             booking = await store.fetch_booking(connection, booking_id)
         assert booking is not None
         return booking
+
+    async def _enqueue_notification(
+        self, connection: Connection, event_type: str, booking: Booking, **extra: object
+    ) -> None:
+        await store.enqueue(
+            connection, NOTIFICATION, booking.booking_id, notification(event_type, booking, self._clock(), **extra)
+        )
+
+    async def _enqueue_cancellation_effects(
+        self, connection: Connection, cancelled: Booking, before: Booking
+    ) -> Booking:
+        """The notification and the room's deletion, in the cancelling transaction."""
+        await self._enqueue_notification(connection, "booking.cancelled", cancelled)
+        if before.video_room is None:
+            return cancelled
+        await store.enqueue(connection, DELETE_VIDEO_ROOM, cancelled.booking_id)
+        return replace(cancelled, video_room=before.video_room)
 
     async def reschedule_booking(self, booking_id: uuid.UUID, request_id: str, start: datetime) -> Booking:
         request_fingerprint = fingerprint(booking_id, start.isoformat())
@@ -542,6 +586,13 @@ class BookingService:
             moved = await store.move_booking(
                 connection, booking_id, start, start + session_type.duration, (blocked.start, blocked.end)
             )
+            await self._enqueue_notification(
+                connection, "booking.rescheduled", moved, previous_start_time=booking.starts_at.isoformat()
+            )
+            if booking.video_room is not None:
+                await store.enqueue(connection, MOVE_VIDEO_ROOM, booking_id)
+                await store.set_video_room(connection, booking_id, VideoRoomState.PENDING)
+                moved = replace(moved, video_room=VideoRoom(VideoRoomState.PENDING, None, None))
             log.info("booking_rescheduled", booking_id=str(booking_id), start=start.isoformat())
             return moved
 
@@ -590,14 +641,24 @@ class BookingService:
             self._metrics.reconciler_action("released")
 
     async def deliver_outbox_once(self) -> bool:
-        """Delivers up to one batch of due outbox events; True when the batch was full."""
+        """Delivers up to one batch of due outbox events; True when the batch was full.
+
+        Events of different bookings go out concurrently (the batch takes about one timeout, well
+        inside the lease); those of one booking in order, so a room is never moved or deleted by
+        two workers of this process at once."""
         async with self._pool.acquire() as connection:
             events = await store.lease_due_events(
                 connection, self._settings.outbox_batch_size, self._settings.outbox_lease_s
             )
+        by_booking: dict[uuid.UUID, list[store.OutboxEvent]] = {}
+        for event in events:
+            by_booking.setdefault(event.booking_id, []).append(event)
+        await asyncio.gather(*(self._deliver_in_order(group) for group in by_booking.values()))
+        return len(events) == self._settings.outbox_batch_size
+
+    async def _deliver_in_order(self, events: list[store.OutboxEvent]) -> None:
         for event in events:
             await self._deliver(event)
-        return len(events) == self._settings.outbox_batch_size
 
     async def _deliver(self, event: store.OutboxEvent) -> None:
         try:
@@ -605,25 +666,93 @@ class BookingService:
                 await self._commit_payment(event.booking_id)
             elif event.kind == "refund_reservation":
                 await self._refund_payment(event.booking_id, int(str(event.payload["amount"])))
+            elif event.kind == NOTIFICATION:
+                await self._notify(event)
+            elif event.kind in VIDEO_ROOM_KINDS:
+                await self._sync_video_room(event)
+                return  # finished together with the room's state
             else:
                 raise AssertionError(f"unknown outbox event kind {event.kind}")
+        except RetryLater as later:
+            backoff_s = later.delay_s if later.delay_s is not None else self._backoff_s(event.attempts)
+            await self._failed(event, later.reason, min(self._settings.outbox_max_delay_s, backoff_s))
+            return
+        except PermanentFailure as failure:
+            await self._failed(event, failure.reason, 0.0, permanent=True)
+            return
         except Exception as error:  # noqa: BLE001  # any failure counts as an attempt, so a poison event dead-letters
-            attempts = event.attempts + 1
-            dead = attempts >= self._settings.outbox_max_attempts
-            delay_s = min(OUTBOX_MAX_DELAY_S, OUTBOX_BASE_DELAY_S * 2**event.attempts) * random.uniform(0.5, 1.0)
-            async with self._pool.acquire() as connection:
-                await store.retry_event(connection, event.event_id, delay_s, repr(error), dead=dead)
-            level = log.error if dead else log.warning
-            level(
-                "outbox_delivery_failed",
-                event_id=str(event.event_id),
-                kind=event.kind,
-                attempts=attempts,
-                dead=dead,
-            )
+            await self._failed(event, repr(error), self._backoff_s(event.attempts))
             return
         async with self._pool.acquire() as connection:
             await store.finish_event(connection, event.event_id)
+
+    def _backoff_s(self, attempts: int) -> float:
+        """Exponential backoff with jitter (half to all of the doubled delay), bounded."""
+        base_s = self._settings.outbox_base_delay_s * float(2 ** min(attempts, 30))
+        return min(self._settings.outbox_max_delay_s, base_s) * random.uniform(0.5, 1.0)
+
+    async def _failed(self, event: store.OutboxEvent, error: str, delay_s: float, *, permanent: bool = False) -> None:
+        attempts = event.attempts + 1
+        dead = permanent or attempts >= self._settings.outbox_max_attempts
+        async with self._pool.acquire() as connection, connection.transaction():
+            await store.retry_event(connection, event.event_id, delay_s, error, dead=dead)
+            if dead and event.kind in VIDEO_ROOM_KINDS:
+                await store.set_video_room(connection, event.booking_id, VideoRoomState.FAILED, failure_reason=error)
+        level = log.error if dead else log.warning
+        level(
+            "outbox_delivery_failed",
+            event_id=str(event.event_id),
+            kind=event.kind,
+            attempts=attempts,
+            dead=dead,
+            retry_in_s=None if dead else round(delay_s, 3),
+            error=error,
+        )
+
+    async def _notify(self, event: store.OutboxEvent) -> None:
+        # Serialized the same way on every attempt, so a retry carries the same bytes.
+        body = json.dumps({"id": str(event.event_id), **event.payload}, sort_keys=True, separators=(",", ":"))
+        await self._notifier.send(str(event.event_id), str(event.payload.get("type")), body.encode())
+
+    async def _sync_video_room(self, event: store.OutboxEvent) -> None:
+        """Brings the room to the booking's current state, whatever the event's kind: events of
+        one booking may be delivered late or retried out of order, the booking row is the truth."""
+        async with self._pool.acquire() as connection:
+            booking = await store.fetch_booking(connection, event.booking_id)
+        state, url = VideoRoomState.DELETED, None
+        if booking is not None and booking.video_room is not None and self._video is not None:
+            name = video_room_name(booking.booking_id)
+            if booking.status is BookingStatus.CANCELLED:
+                await self._video.delete_room(name)
+            else:
+                opens_at, expires_at = video_room_window(
+                    booking, self._settings.video_opens_before_s, self._settings.video_expires_after_s
+                )
+                room = await self._video.ensure_room(name, opens_at, expires_at)
+                state, url = VideoRoomState.READY, room.url
+        async with self._pool.acquire() as connection, connection.transaction():
+            if booking is not None and booking.video_room is not None:
+                await store.set_video_room(connection, event.booking_id, state, url=url)
+            await store.finish_event(connection, event.event_id)
+        log.info("video_room_synced", booking_id=str(event.booking_id), kind=event.kind, state=state.value)
+
+    # --- dead letters (admin) ---
+
+    async def dead_letters(self, after: tuple[datetime, uuid.UUID] | None, page_size: int) -> Page[store.DeadLetter]:
+        async with self._pool.acquire() as connection:
+            rows = await store.dead_letters(connection, after, page_size + 1)
+        return Page(rows[:page_size], len(rows) > page_size)
+
+    async def retry_dead_letter(self, event_id: uuid.UUID) -> store.DeadLetter:
+        """Makes a dead event due again with fresh attempts (after the cause is fixed)."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            revived = await store.revive_dead_letter(connection, event_id)
+            if revived is None:
+                raise DeadLetterNotFound(event_id)
+            if revived.kind in VIDEO_ROOM_KINDS:
+                await store.set_video_room(connection, revived.booking_id, VideoRoomState.PENDING)
+        log.info("dead_letter_retried", event_id=str(event_id), kind=revived.kind)
+        return revived
 
 
 def _check(action: Callable[[], T]) -> T:

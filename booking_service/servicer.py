@@ -24,6 +24,7 @@ from booking_service.domain import (
     WeeklyWindowMinutes,
 )
 from booking_service.service import BookingService
+from booking_service.store import DeadLetter
 from service_kit import pagination
 from service_kit.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, Unavailable
 from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
@@ -93,6 +94,12 @@ _REASON_TO_PROTO = {
 _REASON_FROM_PROTO = {
     number: reason for reason, number in _REASON_TO_PROTO.items() if reason is not domain.CancelReason.PAYMENT_FAILED
 }
+_VIDEO_ROOM_TO_PROTO = {
+    domain.VideoRoomState.PENDING: booking_pb2.VIDEO_ROOM_STATE_PENDING,
+    domain.VideoRoomState.READY: booking_pb2.VIDEO_ROOM_STATE_READY,
+    domain.VideoRoomState.FAILED: booking_pb2.VIDEO_ROOM_STATE_FAILED,
+    domain.VideoRoomState.DELETED: booking_pb2.VIDEO_ROOM_STATE_DELETED,
+}
 _DISAMBIGUATION = {
     booking_pb2.DISAMBIGUATION_UNSPECIFIED: availability.Disambiguation.UNSPECIFIED,
     booking_pb2.DISAMBIGUATION_EARLIER: availability.Disambiguation.EARLIER,
@@ -149,6 +156,7 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
         create_time=timestamp(booking.created_at),
         update_time=timestamp(booking.updated_at),
         reschedule_count=booking.reschedule_count,
+        video_room=video_room_message(booking.video_room),
     )
     if booking.cancelled_at is not None:
         assert booking.cancelled_by is not None and booking.cancel_reason is not None
@@ -161,6 +169,26 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
             )
         )
     return message
+
+
+def video_room_message(room: domain.VideoRoom | None) -> booking_pb2.VideoRoom:
+    if room is None:
+        return booking_pb2.VideoRoom(state=booking_pb2.VIDEO_ROOM_STATE_DISABLED)
+    return booking_pb2.VideoRoom(
+        state=_VIDEO_ROOM_TO_PROTO[room.state], url=room.url or "", failure_reason=room.failure_reason or ""
+    )
+
+
+def dead_letter_message(letter: DeadLetter) -> booking_pb2.DeadLetter:
+    return booking_pb2.DeadLetter(
+        event_id=str(letter.event_id),
+        kind=letter.kind,
+        booking_id=str(letter.booking_id),
+        attempts=letter.attempts,
+        last_error=letter.last_error or "",
+        create_time=timestamp(letter.created_at),
+        update_time=timestamp(letter.updated_at),
+    )
 
 
 def _minute_text(minute: int) -> str:
@@ -517,6 +545,31 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         booking = await self._service.reschedule_booking(booking_id, request_id, start)
         return booking_pb2.RescheduleBookingResponse(booking=booking_message(booking))
 
+    async def ListDeadLetters(
+        self, request: booking_pb2.ListDeadLettersRequest, context: Context
+    ) -> booking_pb2.ListDeadLettersResponse:
+        checks = Checks()
+        page_size = checks.page_size("page_size", request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
+        checks.done()
+        cursor = pagination.decode(request.page_token, (), arity=2)
+        page = await self._service.dead_letters(_dead_letter_cursor(cursor), page_size)
+        next_token = ""
+        if page.has_more:
+            last = page.items[-1]
+            next_token = pagination.encode([last.updated_at.isoformat(), str(last.event_id)], ())
+        return booking_pb2.ListDeadLettersResponse(
+            dead_letters=[dead_letter_message(letter) for letter in page.items], next_page_token=next_token
+        )
+
+    async def RetryDeadLetter(
+        self, request: booking_pb2.RetryDeadLetterRequest, context: Context
+    ) -> booking_pb2.RetryDeadLetterResponse:
+        checks = Checks()
+        event_id = checks.uuid("event_id", request.event_id)
+        checks.done()
+        letter = await self._service.retry_dead_letter(event_id)
+        return booking_pb2.RetryDeadLetterResponse(dead_letter=dead_letter_message(letter))
+
 
 def _in_request_terms(error: InvalidArgument) -> InvalidArgument:
     """A schedule rule's refusal with its paths (weekly[1], overrides[2030-01-02][1]) renamed to
@@ -565,3 +618,16 @@ def _booking_cursor(cursor: pagination.Cursor | None) -> tuple[datetime, uuid.UU
     if starts_at.tzinfo is None or not EARLIEST_INSTANT <= starts_at < LATEST_INSTANT:
         raise InvalidArgument.of("page_token", "is not a page token from this API")
     return starts_at, booking_id
+
+
+def _dead_letter_cursor(cursor: pagination.Cursor | None) -> tuple[datetime, uuid.UUID] | None:
+    if cursor is None:
+        return None
+    try:
+        updated_at = datetime.fromisoformat(str(cursor[0]))
+        event_id = uuid.UUID(str(cursor[1]))
+    except ValueError:
+        raise InvalidArgument.of("page_token", "is not a page token from this API") from None
+    if updated_at.tzinfo is None or not EARLIEST_INSTANT <= updated_at < LATEST_INSTANT:
+        raise InvalidArgument.of("page_token", "is not a page token from this API")
+    return updated_at, event_id

@@ -19,6 +19,8 @@ from booking_service.domain import (
     PaymentStatus,
     SessionType,
     Therapist,
+    VideoRoom,
+    VideoRoomState,
     WeeklyWindowMinutes,
 )
 from service_kit.connection import Connection
@@ -45,8 +47,21 @@ def _session_type(row: asyncpg.Record) -> SessionType:
     return SessionType(**dict(row))
 
 
+# A booking with its video room: fetch_booking and list_bookings join it in.
+_BOOKING_WITH_ROOM = (
+    ", ".join(f"s.{column.strip()}" for column in _BOOKING_COLUMNS.split(","))
+    + ", v.state AS video_state, v.url AS video_url, v.failure_reason AS video_failure_reason"
+)
+_SESSIONS_WITH_ROOM = "booking.sessions s LEFT JOIN booking.video_rooms v USING (booking_id)"
+
+
 def _booking(row: asyncpg.Record) -> Booking:
     values = dict(row)
+    if "video_state" in values:
+        state = values.pop("video_state")
+        url = values.pop("video_url")
+        reason = values.pop("video_failure_reason")
+        values["video_room"] = None if state is None else VideoRoom(VideoRoomState(state), url, reason)
     values["status"] = BookingStatus(values["status"])
     values["payment_status"] = PaymentStatus(values["payment_status"])
     values["cancelled_by"] = Actor(values["cancelled_by"]) if values["cancelled_by"] else None
@@ -353,9 +368,9 @@ async def insert_booking(connection: Connection, booking: Booking, blocked: tupl
 
 
 async def fetch_booking(connection: Connection, booking_id: uuid.UUID, *, for_update: bool = False) -> Booking | None:
-    lock = " FOR UPDATE" if for_update else ""
+    lock = " FOR UPDATE OF s" if for_update else ""  # not the room: the nullable side of the join
     row = await connection.fetchrow(
-        f"SELECT {_BOOKING_COLUMNS} FROM booking.sessions WHERE booking_id = $1{lock}", booking_id
+        f"SELECT {_BOOKING_WITH_ROOM} FROM {_SESSIONS_WITH_ROOM} WHERE s.booking_id = $1{lock}", booking_id
     )
     return None if row is None else _booking(row)
 
@@ -450,14 +465,14 @@ async def list_bookings(
     limit: int,
 ) -> list[Booking]:
     rows = await connection.fetch(
-        f"""SELECT {_BOOKING_COLUMNS} FROM booking.sessions
-             WHERE ($1::uuid IS NULL OR client_id = $1)
-               AND ($2::uuid IS NULL OR therapist_id = $2)
-               AND ($3::timestamptz IS NULL OR starts_at >= $3)
-               AND ($4::timestamptz IS NULL OR starts_at < $4)
-               AND ($5::text IS NULL OR status = $5)
-               AND ($6::timestamptz IS NULL OR (starts_at, booking_id) > ($6, $7::uuid))
-             ORDER BY starts_at, booking_id
+        f"""SELECT {_BOOKING_WITH_ROOM} FROM {_SESSIONS_WITH_ROOM}
+             WHERE ($1::uuid IS NULL OR s.client_id = $1)
+               AND ($2::uuid IS NULL OR s.therapist_id = $2)
+               AND ($3::timestamptz IS NULL OR s.starts_at >= $3)
+               AND ($4::timestamptz IS NULL OR s.starts_at < $4)
+               AND ($5::text IS NULL OR s.status = $5)
+               AND ($6::timestamptz IS NULL OR (s.starts_at, s.booking_id) > ($6, $7::uuid))
+             ORDER BY s.starts_at, s.booking_id
              LIMIT $8""",
         client_id,
         therapist_id,
@@ -517,7 +532,7 @@ async def lease_due_events(connection: Connection, limit: int, lease_s: float) -
               SET next_attempt_at = now() + make_interval(secs => $2), updated_at = now()
              FROM (SELECT event_id FROM booking.outbox
                     WHERE status = 'pending' AND next_attempt_at <= now()
-                    ORDER BY next_attempt_at
+                    ORDER BY next_attempt_at, created_at
                     LIMIT $1
                     FOR UPDATE SKIP LOCKED) due
             WHERE o.event_id = due.event_id
@@ -561,7 +576,85 @@ async def outbox_pending_count(connection: Connection) -> int:
 
 
 async def outbox_dead_count(connection: Connection) -> int:
-    """Dead outbox rows, for the metrics. No index finds them: this reads the whole table (about
-    0.1 s per million rows), so the metrics run it rarely (*_METRICS_SCAN_INTERVAL_S)."""
+    """Dead outbox rows, for the metrics (through the outbox_dead_letters index since 0002; the
+    metrics still run it rarely, *_METRICS_SCAN_INTERVAL_S)."""
     count = await connection.fetchval("SELECT count(*) FROM booking.outbox WHERE status = 'dead'")
     return int(count)
+
+
+async def retry_event_at(connection: Connection, event_id: uuid.UUID, delay_s: float, error: str) -> None:
+    """A receiver asked for a later attempt (429 Retry-After): the attempt counts, no backoff."""
+    await retry_event(connection, event_id, delay_s, error, dead=False)
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    event_id: uuid.UUID
+    kind: str
+    booking_id: uuid.UUID
+    attempts: int
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+_DEAD_LETTER_COLUMNS = "event_id, kind, booking_id, attempts, last_error, created_at, updated_at"
+
+
+async def dead_letters(
+    connection: Connection, after: tuple[datetime, uuid.UUID] | None, limit: int
+) -> list[DeadLetter]:
+    """Newest first, through the outbox_dead_letters index."""
+    rows = await connection.fetch(
+        f"""SELECT {_DEAD_LETTER_COLUMNS} FROM booking.outbox
+             WHERE status = 'dead'
+               AND ($1::timestamptz IS NULL OR (updated_at, event_id) < ($1, $2::uuid))
+             ORDER BY updated_at DESC, event_id DESC
+             LIMIT $3""",
+        after[0] if after else None,
+        after[1] if after else None,
+        limit,
+    )
+    return [DeadLetter(**dict(row)) for row in rows]
+
+
+async def revive_dead_letter(connection: Connection, event_id: uuid.UUID) -> DeadLetter | None:
+    """Makes a dead event due now with fresh attempts; None if no dead event has this id."""
+    row = await connection.fetchrow(
+        f"""UPDATE booking.outbox
+               SET status = 'pending', attempts = 0, next_attempt_at = now(), updated_at = now()
+             WHERE event_id = $1 AND status = 'dead'
+         RETURNING {_DEAD_LETTER_COLUMNS}""",
+        event_id,
+    )
+    return None if row is None else DeadLetter(**dict(row))
+
+
+# --- video rooms ---
+
+
+async def insert_video_room(connection: Connection, booking_id: uuid.UUID, room_name: str) -> None:
+    await connection.execute(
+        """INSERT INTO booking.video_rooms (booking_id, room_name) VALUES ($1, $2)
+           ON CONFLICT (booking_id) DO NOTHING""",
+        booking_id,
+        room_name,
+    )
+
+
+async def set_video_room(
+    connection: Connection,
+    booking_id: uuid.UUID,
+    state: VideoRoomState,
+    *,
+    url: str | None = None,
+    failure_reason: str | None = None,
+) -> None:
+    await connection.execute(
+        """UPDATE booking.video_rooms SET state = $2, url = $3, failure_reason = $4, updated_at = now()
+            WHERE booking_id = $1""",
+        booking_id,
+        state.value,
+        url,
+        None if failure_reason is None else failure_reason[:1000],
+    )

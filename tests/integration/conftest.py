@@ -73,6 +73,9 @@ async def booking_server(booking_database_url: str, credit_address: str) -> Asyn
             # recovery start servers of their own with short bounds.
             BOOKING_RECONCILE_INTERVAL_S="0.5",
             BOOKING_OUTBOX_INTERVAL_S="0.2",
+            # No video rooms here: a room turns ready while a test compares two reads of a booking.
+            # test_side_effects.py starts servers of its own with each provider.
+            BOOKING_VIDEO_PROVIDER="none",
         )
     )
     runtime = await start_booking(settings)

@@ -179,6 +179,40 @@ CANCELLATION_REASON_PAYMENT_FAILED: CancellationReason.ValueType  # 7
 """The credits could not be committed (the hold had expired); set by the system only."""
 Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
 
+class _VideoRoomState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VideoRoomStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VideoRoomState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIDEO_ROOM_STATE_UNSPECIFIED: _VideoRoomState.ValueType  # 0
+    VIDEO_ROOM_STATE_PENDING: _VideoRoomState.ValueType  # 1
+    """Being made, moved or deleted by the outbox."""
+    VIDEO_ROOM_STATE_READY: _VideoRoomState.ValueType  # 2
+    """Made; url opens it."""
+    VIDEO_ROOM_STATE_FAILED: _VideoRoomState.ValueType  # 3
+    """The provider refused it for good, or kept failing; failure_reason says why."""
+    VIDEO_ROOM_STATE_DELETED: _VideoRoomState.ValueType  # 4
+    """Deleted after the booking was cancelled."""
+    VIDEO_ROOM_STATE_DISABLED: _VideoRoomState.ValueType  # 5
+    """No room is kept for this booking (no video provider is configured)."""
+
+class VideoRoomState(_VideoRoomState, metaclass=_VideoRoomStateEnumTypeWrapper):
+    """Where a booking's video room stands."""
+
+VIDEO_ROOM_STATE_UNSPECIFIED: VideoRoomState.ValueType  # 0
+VIDEO_ROOM_STATE_PENDING: VideoRoomState.ValueType  # 1
+"""Being made, moved or deleted by the outbox."""
+VIDEO_ROOM_STATE_READY: VideoRoomState.ValueType  # 2
+"""Made; url opens it."""
+VIDEO_ROOM_STATE_FAILED: VideoRoomState.ValueType  # 3
+"""The provider refused it for good, or kept failing; failure_reason says why."""
+VIDEO_ROOM_STATE_DELETED: VideoRoomState.ValueType  # 4
+"""Deleted after the booking was cancelled."""
+VIDEO_ROOM_STATE_DISABLED: VideoRoomState.ValueType  # 5
+"""No room is kept for this booking (no video provider is configured)."""
+Global___VideoRoomState: _TypeAlias = VideoRoomState  # noqa: Y015
+
 @_typing.final
 class Therapist(_message.Message):
     """A therapist and the rules that shape their calendar."""
@@ -976,6 +1010,7 @@ class Booking(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RESCHEDULE_COUNT_FIELD_NUMBER: _builtins.int
+    VIDEO_ROOM_FIELD_NUMBER: _builtins.int
     booking_id: _builtins.str
     """A UUID; also the id of its credit reservation."""
     request_id: _builtins.str
@@ -1018,6 +1053,10 @@ class Booking(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
 
+    @_builtins.property
+    def video_room(self) -> Global___VideoRoom:
+        """The session's video room, made after the booking commits (the booking never waits for it)."""
+
     def __init__(
         self,
         *,
@@ -1037,14 +1076,45 @@ class Booking(_message.Message):
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
         reschedule_count: _builtins.int = ...,
+        video_room: Global___VideoRoom | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Booking: _TypeAlias = Booking  # noqa: Y015
+
+@_typing.final
+class VideoRoom(_message.Message):
+    """A session's video room."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    FAILURE_REASON_FIELD_NUMBER: _builtins.int
+    state: Global___VideoRoomState.ValueType
+    """Its state."""
+    url: _builtins.str
+    """Set when ready."""
+    failure_reason: _builtins.str
+    """Set when failed: the provider's answer or the last error."""
+    def __init__(
+        self,
+        *,
+        state: Global___VideoRoomState.ValueType = ...,
+        url: _builtins.str = ...,
+        failure_reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failure_reason", b"failure_reason", "state", b"state", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VideoRoom: _TypeAlias = VideoRoom  # noqa: Y015
 
 @_typing.final
 class CreateBookingRequest(_message.Message):
@@ -1341,3 +1411,147 @@ class RescheduleBookingResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RescheduleBookingResponse: _TypeAlias = RescheduleBookingResponse  # noqa: Y015
+
+@_typing.final
+class DeadLetter(_message.Message):
+    """An outbox event that will not be delivered without an operator."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event's stable id (receivers deduplicate by it; a webhook's Webhook-Id)."""
+    kind: _builtins.str
+    """What it does: notification, create_video_room, move_video_room, delete_video_room,
+    commit_reservation, refund_reservation.
+    """
+    booking_id: _builtins.str
+    """The booking it belongs to (a UUID)."""
+    attempts: _builtins.int
+    """Delivery attempts made."""
+    last_error: _builtins.str
+    """The last failure."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the event was written."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was dead-lettered (or retried)."""
+
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        booking_id: _builtins.str = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "booking_id", b"booking_id", "create_time", b"create_time", "event_id", b"event_id", "kind", b"kind", "last_error", b"last_error", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, at most 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y015
+
+@_typing.final
+class ListDeadLettersResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTERS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def dead_letters(self) -> _containers.RepeatedCompositeFieldContainer[Global___DeadLetter]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        dead_letters: _abc.Iterable[Global___DeadLetter] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letters", b"dead_letters", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: Y015
+
+@_typing.final
+class RetryDeadLetterRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    event_id: _builtins.str
+    """The event's id (a UUID)."""
+    def __init__(
+        self,
+        *,
+        event_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event_id", b"event_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryDeadLetterRequest: _TypeAlias = RetryDeadLetterRequest  # noqa: Y015
+
+@_typing.final
+class RetryDeadLetterResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEAD_LETTER_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def dead_letter(self) -> Global___DeadLetter:
+        """The event, pending again with its attempts reset."""
+
+    def __init__(
+        self,
+        *,
+        dead_letter: Global___DeadLetter | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dead_letter", b"dead_letter"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryDeadLetterResponse: _TypeAlias = RetryDeadLetterResponse  # noqa: Y015

@@ -114,6 +114,16 @@ class BookingServiceStub:
                 request_serializer=booking_dot_v1_dot_booking__pb2.RescheduleBookingRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_booking__pb2.RescheduleBookingResponse.FromString,
                 _registered_method=True)
+        self.ListDeadLetters = channel.unary_unary(
+                '/booking.v1.BookingService/ListDeadLetters',
+                request_serializer=booking_dot_v1_dot_booking__pb2.ListDeadLettersRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.ListDeadLettersResponse.FromString,
+                _registered_method=True)
+        self.RetryDeadLetter = channel.unary_unary(
+                '/booking.v1.BookingService/RetryDeadLetter',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.FromString,
+                _registered_method=True)
 
 
 class BookingServiceServicer:
@@ -230,6 +240,20 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListDeadLetters(self, request, context):
+        """Lists outbox events that exhausted their attempts or failed for good, newest first (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryDeadLetter(self, request, context):
+        """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BookingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -307,6 +331,16 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.RescheduleBooking,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.RescheduleBookingRequest.FromString,
                     response_serializer=booking_dot_v1_dot_booking__pb2.RescheduleBookingResponse.SerializeToString,
+            ),
+            'ListDeadLetters': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDeadLetters,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.ListDeadLettersRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.ListDeadLettersResponse.SerializeToString,
+            ),
+            'RetryDeadLetter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryDeadLetter,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -719,6 +753,60 @@ class BookingService:
             '/booking.v1.BookingService/RescheduleBooking',
             booking_dot_v1_dot_booking__pb2.RescheduleBookingRequest.SerializeToString,
             booking_dot_v1_dot_booking__pb2.RescheduleBookingResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDeadLetters(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/ListDeadLetters',
+            booking_dot_v1_dot_booking__pb2.ListDeadLettersRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.ListDeadLettersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryDeadLetter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RetryDeadLetter',
+            booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -70,6 +70,10 @@ class BookingServiceStub:
     """Cancels a booking, refunding by the cancellation policy. Idempotent."""
     RescheduleBooking: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RescheduleBookingRequest, _booking_pb2.RescheduleBookingResponse]
     """Moves a booking to another start time, atomically; credits are untouched."""
+    ListDeadLetters: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ListDeadLettersRequest, _booking_pb2.ListDeadLettersResponse]
+    """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
+    RetryDeadLetter: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RetryDeadLetterRequest, _booking_pb2.RetryDeadLetterResponse]
+    """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
 
 @_typing.type_check_only
 class BookingServiceAsyncStub(BookingServiceStub):
@@ -113,6 +117,10 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Cancels a booking, refunding by the cancellation policy. Idempotent."""
     RescheduleBooking: _aio.UnaryUnaryMultiCallable[_booking_pb2.RescheduleBookingRequest, _booking_pb2.RescheduleBookingResponse]  # type: ignore[assignment]
     """Moves a booking to another start time, atomically; credits are untouched."""
+    ListDeadLetters: _aio.UnaryUnaryMultiCallable[_booking_pb2.ListDeadLettersRequest, _booking_pb2.ListDeadLettersResponse]  # type: ignore[assignment]
+    """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
+    RetryDeadLetter: _aio.UnaryUnaryMultiCallable[_booking_pb2.RetryDeadLetterRequest, _booking_pb2.RetryDeadLetterResponse]  # type: ignore[assignment]
+    """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
 
 class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
@@ -243,5 +251,21 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.RescheduleBookingResponse, _abc.Awaitable[_booking_pb2.RescheduleBookingResponse]]:
         """Moves a booking to another start time, atomically; credits are untouched."""
+
+    @_abc_1.abstractmethod
+    def ListDeadLetters(
+        self,
+        request: _booking_pb2.ListDeadLettersRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.ListDeadLettersResponse, _abc.Awaitable[_booking_pb2.ListDeadLettersResponse]]:
+        """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
+
+    @_abc_1.abstractmethod
+    def RetryDeadLetter(
+        self,
+        request: _booking_pb2.RetryDeadLetterRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RetryDeadLetterResponse, _abc.Awaitable[_booking_pb2.RetryDeadLetterResponse]]:
+        """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
 
 def add_BookingServiceServicer_to_server(servicer: BookingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
