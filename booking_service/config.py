@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service_kit import config
+from service_kit.auth import AuthSettings, load_private_key
 from service_kit.config import ServerSettings
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
@@ -19,6 +23,7 @@ CRASH_POINTS = ("after_reserve", "after_booking_commit", "before_commit_reservat
 @dataclass(frozen=True)
 class BookingSettings:
     server: ServerSettings
+    auth: AuthSettings
     credit_target: str
     credit_call_timeout_s: float
     # Holding the therapist's lock longer than this means something is wrong: refuse, don't queue.
@@ -36,6 +41,13 @@ class BookingSettings:
     outbox_max_attempts: int
     outbox_lease_s: float
     crash_points: frozenset[str]
+    # The booking service's own identity towards the credit service (role `service`): a token
+    # minted from this private key, or a pre-made one; neither: calls carry no token (only for a
+    # credit service with authentication disabled).
+    service_token_private_key: Ed25519PrivateKey | None
+    service_token: str | None
+    service_token_ttl_s: float
+    service_name: str
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> BookingSettings:
@@ -47,6 +59,7 @@ class BookingSettings:
             )
         return cls(
             server=ServerSettings.from_environment(env, "BOOKING", DEFAULT_GRPC_ADDRESS, DEFAULT_METRICS_ADDRESS),
+            auth=AuthSettings.from_environment(env),
             credit_target=config.text(env, "BOOKING_CREDIT_TARGET", DEFAULT_CREDIT_TARGET),
             credit_call_timeout_s=config.number(env, "BOOKING_CREDIT_CALL_TIMEOUT_S", 3.0, minimum=0.05, maximum=60.0),
             lock_timeout_ms=config.integer(env, "BOOKING_LOCK_TIMEOUT_MS", 3000, minimum=10, maximum=60_000),
@@ -62,4 +75,14 @@ class BookingSettings:
             outbox_max_attempts=config.integer(env, "BOOKING_OUTBOX_MAX_ATTEMPTS", 12, minimum=1, maximum=100),
             outbox_lease_s=config.number(env, "BOOKING_OUTBOX_LEASE_S", 30.0, minimum=1.0, maximum=3600.0),
             crash_points=crash_points,
+            service_token_private_key=(
+                load_private_key(
+                    Path(env["BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE"]), "BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE"
+                )
+                if env.get("BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE")
+                else None
+            ),
+            service_token=env.get("BOOKING_SERVICE_TOKEN") or None,
+            service_token_ttl_s=config.number(env, "BOOKING_SERVICE_TOKEN_TTL_S", 300.0, minimum=10.0, maximum=86400.0),
+            service_name=config.text(env, "BOOKING_SERVICE_NAME", "booking-service"),
         )

@@ -34,6 +34,7 @@ from booking_service.config import BookingSettings
 from booking_service.server import start as start_booking
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2, credit_pb2_grpc
+from tests.support.auth import authorized_channel, token
 from tests.support.gateway import Gateway, HttpResponse, request_json, running_gateway
 from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.world import World, eventually, future_hour
@@ -514,7 +515,7 @@ def _post_grpc_over_http1(url: str, message: bytes) -> tuple[int, str, bytes]:
         url,
         data=_grpc_frame(message),
         method="POST",
-        headers={"content-type": "application/grpc", "te": "trailers"},
+        headers={"content-type": "application/grpc", "te": "trailers", "authorization": f"Bearer {token()}"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310  # loopback http
         return response.status, response.headers.get("content-type", ""), response.read()
@@ -536,7 +537,7 @@ async def test_native_grpc_through_the_gateway_reaches_public_rpcs_only(
     )
     hold = str(uuid.uuid4())
 
-    async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+    async with authorized_channel(gateway.grpc_target) as channel:
         through_gateway = credit_pb2_grpc.CreditServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as internal:
             await through_gateway.ReserveCredits(
@@ -577,7 +578,7 @@ def _post_grpc_status(url: str, message: bytes) -> tuple[int, str]:
         url,
         data=struct.pack(">?I", False, len(message)) + message,
         method="POST",
-        headers={"content-type": "application/grpc", "te": "trailers"},
+        headers={"content-type": "application/grpc", "te": "trailers", "authorization": f"Bearer {token()}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310  # loopback http
