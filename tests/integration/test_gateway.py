@@ -34,6 +34,7 @@ from booking_service.config import BookingSettings
 from booking_service.server import start as start_booking
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2, credit_pb2_grpc
+from service_kit.auth import CLIENT
 from tests.support.auth import authorized_channel, token
 from tests.support.gateway import Gateway, HttpResponse, request_json, running_gateway
 from tests.support.stack import fresh_database, server_environment, wait_serving
@@ -373,6 +374,24 @@ async def test_unknown_account_is_404_never_a_zero_balance(api: Api) -> None:
 
     body = assert_rpc_error(response, 404, 5, "ACCOUNT_NOT_FOUND")
     assert error_info(body)["domain"] == "credit.v1.CreditService"
+
+
+async def test_no_token_is_401_and_a_forbidden_call_403_as_json(gateway: Gateway) -> None:
+    owner_id = str(uuid.uuid4())
+    url = f"{gateway.url}/v1/accounts/{owner_id}/balance"
+
+    missing = await request_json("GET", url, headers={"authorization": ""})
+    expired = await request_json(
+        "GET", url, headers={"authorization": f"Bearer {token(owner_id, [CLIENT], ttl_s=60, now_s=1_000_000)}"}
+    )
+    anothers = await request_json("GET", url, headers={"authorization": f"Bearer {token(uuid.uuid4(), [CLIENT])}"})
+    own = await request_json("GET", url, headers={"authorization": f"Bearer {token(owner_id, [CLIENT])}"})
+
+    assert_rpc_error(missing, 401, 16, "TOKEN_MISSING")
+    assert_rpc_error(expired, 401, 16, "TOKEN_EXPIRED")
+    assert_rpc_error(anothers, 403, 7, "PERMISSION_DENIED")
+    # The Authorization header reached the service: the client's own (missing) account.
+    assert_rpc_error(own, 404, 5, "ACCOUNT_NOT_FOUND")
 
 
 async def test_a_request_id_reused_with_other_values_is_409(api: Api) -> None:
