@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from service_kit import config
+from service_kit.auth import AuthSettings, load_private_key
 from service_kit.config import ServerSettings
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
@@ -33,6 +37,7 @@ class Secret(str):
 @dataclass(frozen=True)
 class BookingSettings:
     server: ServerSettings
+    auth: AuthSettings
     credit_target: str
     credit_call_timeout_s: float
     # Holding the therapist's lock longer than this means something is wrong: refuse, don't queue.
@@ -65,6 +70,13 @@ class BookingSettings:
     video_expires_after_s: int
     # Bound on one HTTP call of a side effect (connect, read, write, pool wait each).
     side_effect_http_timeout_s: float
+    # The booking service's own identity towards the credit service (role `service`): a token
+    # minted from this private key, or a pre-made one; neither: calls carry no token (only for a
+    # credit service with authentication disabled).
+    service_token_private_key: Ed25519PrivateKey | None
+    service_token: str | None
+    service_token_ttl_s: float
+    service_name: str
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> BookingSettings:
@@ -76,6 +88,7 @@ class BookingSettings:
             )
         return cls(
             server=ServerSettings.from_environment(env, "BOOKING", DEFAULT_GRPC_ADDRESS, DEFAULT_METRICS_ADDRESS),
+            auth=AuthSettings.from_environment(env),
             credit_target=config.text(env, "BOOKING_CREDIT_TARGET", DEFAULT_CREDIT_TARGET),
             credit_call_timeout_s=config.number(env, "BOOKING_CREDIT_CALL_TIMEOUT_S", 3.0, minimum=0.05, maximum=60.0),
             lock_timeout_ms=config.integer(env, "BOOKING_LOCK_TIMEOUT_MS", 3000, minimum=10, maximum=60_000),
@@ -94,6 +107,16 @@ class BookingSettings:
             outbox_max_delay_s=config.number(env, "BOOKING_OUTBOX_MAX_DELAY_S", 300.0, minimum=0.1, maximum=86400.0),
             crash_points=crash_points,
             **_side_effects(env),
+            service_token_private_key=(
+                load_private_key(
+                    Path(env["BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE"]), "BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE"
+                )
+                if env.get("BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE")
+                else None
+            ),
+            service_token=env.get("BOOKING_SERVICE_TOKEN") or None,
+            service_token_ttl_s=config.number(env, "BOOKING_SERVICE_TOKEN_TTL_S", 300.0, minimum=10.0, maximum=86400.0),
+            service_name=config.text(env, "BOOKING_SERVICE_NAME", "booking-service"),
         )
 
 

@@ -25,6 +25,7 @@ from booking_service.domain import (
     NoCreditAccount,
 )
 from credit.v1 import credit_pb2, credit_pb2_grpc
+from service_kit.auth import ServiceToken
 from service_kit.errors import DomainError, error_details
 from service_kit.interceptor import outgoing_metadata, remaining_budget_s
 
@@ -95,9 +96,12 @@ class CreditClient:
         *,
         call_timeout_s: float,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
+        token: ServiceToken | None = None,
     ) -> None:
         """`interceptors` see every call (the client metrics); each call carries the request id
-        and the trace of the RPC being served (`outgoing_metadata`)."""
+        and the trace of the RPC being served (`outgoing_metadata`), and this service's own token
+        (never the caller's: the credit service trusts the booking service, not its callers)."""
+        self._token = token
         self._channel = grpc.aio.insecure_channel(
             target,
             options=[
@@ -119,6 +123,11 @@ class CreditClient:
             return self._call_timeout_s
         return max(MINIMUM_CALL_TIMEOUT_S, min(self._call_timeout_s, remaining - DEADLINE_MARGIN_S))
 
+    def _metadata(self) -> tuple[tuple[str, str], ...]:
+        if self._token is None:
+            return outgoing_metadata()
+        return (*outgoing_metadata(), self._token.metadata())
+
     async def _call(self, call: Awaitable[T]) -> T:
         try:
             return await call
@@ -129,19 +138,19 @@ class CreditClient:
         request = credit_pb2.ReserveCreditsRequest(
             reservation_id=str(reservation_id), owner_id=str(owner_id), amount=amount, reference=reference
         )
-        await self._call(self._stub.ReserveCredits(request, timeout=self._timeout_s(), metadata=outgoing_metadata()))
+        await self._call(self._stub.ReserveCredits(request, timeout=self._timeout_s(), metadata=self._metadata()))
 
     async def commit(self, reservation_id: uuid.UUID) -> None:
         request = credit_pb2.CommitReservationRequest(reservation_id=str(reservation_id))
-        await self._call(self._stub.CommitReservation(request, timeout=self._timeout_s(), metadata=outgoing_metadata()))
+        await self._call(self._stub.CommitReservation(request, timeout=self._timeout_s(), metadata=self._metadata()))
 
     async def cancel(self, reservation_id: uuid.UUID) -> None:
         request = credit_pb2.CancelReservationRequest(reservation_id=str(reservation_id))
-        await self._call(self._stub.CancelReservation(request, timeout=self._timeout_s(), metadata=outgoing_metadata()))
+        await self._call(self._stub.CancelReservation(request, timeout=self._timeout_s(), metadata=self._metadata()))
 
     async def refund(self, reservation_id: uuid.UUID, amount: int) -> None:
         request = credit_pb2.RefundReservationRequest(reservation_id=str(reservation_id), amount=amount)
-        await self._call(self._stub.RefundReservation(request, timeout=self._timeout_s(), metadata=outgoing_metadata()))
+        await self._call(self._stub.RefundReservation(request, timeout=self._timeout_s(), metadata=self._metadata()))
 
     async def stale_pending(self, created_before: datetime, limit: int) -> list[HeldReservation]:
         """Pending reservations made before `created_before`, oldest pages first is not needed:
@@ -152,7 +161,7 @@ class CreditClient:
             status=credit_pb2.RESERVATION_STATUS_PENDING, created_before=before, page_size=limit
         )
         response = await self._call(
-            self._stub.ListReservations(request, timeout=self._call_timeout_s, metadata=outgoing_metadata())
+            self._stub.ListReservations(request, timeout=self._call_timeout_s, metadata=self._metadata())
         )
         return [
             HeldReservation(

@@ -10,27 +10,47 @@ from booking_service.config import BookingSettings
 from booking_service.credits import CreditClient
 from booking_service.metrics import BookingMetrics
 from booking_service.service import BookingService
-from booking_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, BookingServicer
+from booking_service.servicer import ACCESS_RULES, ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, BookingServicer
 from booking_service.store import SCHEMA
 from service_kit import migrations
+from service_kit.auth import ServiceToken
 from service_kit.database import Database
 from service_kit.server import Runtime, ServiceDefinition, ServiceParts, Worker
 from service_kit.workers import periodic
 
 log = structlog.get_logger()
 
-DEFINITION = ServiceDefinition(service_name=SERVICE_NAME, error_domain=ERROR_DOMAIN, error_codes=ERROR_CODES)
+DEFINITION = ServiceDefinition(
+    service_name=SERVICE_NAME, error_domain=ERROR_DOMAIN, error_codes=ERROR_CODES, access_rules=ACCESS_RULES
+)
+
+
+def service_token(settings: BookingSettings) -> ServiceToken | None:
+    """This service's own identity towards the credit service (a minted key wins over a fixed token)."""
+    key = settings.service_token_private_key
+    if key is None and settings.service_token is None:
+        log.warning("no_service_token", detail="calls to the credit service carry no token")
+        return None
+    return ServiceToken(
+        private_key=key,
+        fixed_token=settings.service_token if key is None else None,
+        subject=settings.service_name,
+        issuer=settings.auth.issuer,
+        audience=settings.auth.audience,
+        ttl_s=settings.service_token_ttl_s,
+    )
 
 
 async def start(settings: BookingSettings) -> Runtime:
     """Starts serving; returns the runtime (its `port`, its `stop()`)."""
     database = Database(settings.server, SCHEMA, migrations.load("booking_service"))
-    runtime = Runtime(settings.server, DEFINITION, database)
+    runtime = Runtime(settings.server, DEFINITION, database, settings.auth)
     metrics = BookingMetrics(runtime.registry)
     credits = CreditClient(
         settings.credit_target,
         call_timeout_s=settings.credit_call_timeout_s,
         interceptors=[runtime.grpc_metrics.client_interceptor()],
+        token=service_token(settings),
     )
     notifier = side_effects.notifier_from(settings)
     video = side_effects.video_provider_from(settings)

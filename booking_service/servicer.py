@@ -26,6 +26,18 @@ from booking_service.domain import (
 from booking_service.service import BookingService
 from booking_service.store import DeadLetter
 from service_kit import pagination
+from service_kit.auth import (
+    ADMIN,
+    CLIENT,
+    THERAPIST,
+    AccessRules,
+    PermissionDenied,
+    Principal,
+    anyone_with,
+    current_principal,
+    either,
+    own,
+)
 from service_kit.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, Unavailable
 from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
@@ -36,6 +48,47 @@ MAX_PAGE_SIZE = 500
 MAX_NAME_LENGTH = 200
 MAX_SHOWN_NAMES = 5
 MAX_SHOWN_NAME_LENGTH = 64
+
+# Who may call what (docs/security.md). The catalogue (therapists, schedules, session types,
+# slots) is readable by every signed-in caller; a therapist changes only its own; a client books
+# only for itself. Get, cancel and reschedule need the booking to know whose it is: the rule lets
+# the roles in, the servicer checks the owner (NOT_FOUND for another's, so it looks missing).
+_READERS = anyone_with(CLIENT, THERAPIST, ADMIN)
+_THERAPIST_SELF = either(anyone_with(ADMIN), own(THERAPIST, "therapist_id"))
+ACCESS_RULES: AccessRules = {
+    "CreateTherapist": anyone_with(ADMIN),
+    "GetTherapist": _READERS,
+    "UpdateTherapist": either(anyone_with(ADMIN), own(THERAPIST, "therapist.therapist_id")),
+    "SetWeeklySchedule": _THERAPIST_SELF,
+    "SetDateOverride": _THERAPIST_SELF,
+    "DeleteDateOverride": _THERAPIST_SELF,
+    "GetSchedule": _READERS,
+    "CreateSessionType": _THERAPIST_SELF,
+    "ListSessionTypes": _READERS,
+    "ListAvailableSlots": _READERS,
+    "CreateBooking": either(anyone_with(ADMIN), own(CLIENT, "client_id")),
+    "GetBooking": _READERS,
+    "ListBookings": either(
+        anyone_with(ADMIN),
+        lambda principal, request: not request.therapist_id and own(CLIENT, "client_id")(principal, request),
+        lambda principal, request: not request.client_id and own(THERAPIST, "therapist_id")(principal, request),
+    ),
+    "CancelBooking": _READERS,
+    "RescheduleBooking": _READERS,
+    # Operators only: dead letters carry other people's bookings.
+    "ListDeadLetters": anyone_with(ADMIN),
+    "RetryDeadLetter": anyone_with(ADMIN),
+}
+# Which cancellation actor each role may speak as (an admin may act for anyone).
+_ACTORS_OF_ROLE = {
+    CLIENT: {booking_pb2.CANCELLATION_ACTOR_CLIENT},
+    THERAPIST: {booking_pb2.CANCELLATION_ACTOR_THERAPIST},
+    ADMIN: {
+        booking_pb2.CANCELLATION_ACTOR_CLIENT,
+        booking_pb2.CANCELLATION_ACTOR_THERAPIST,
+        booking_pb2.CANCELLATION_ACTOR_ADMIN,
+    },
+}
 
 # The one table from domain errors to status codes (subclasses inherit their parent's code).
 ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
@@ -478,7 +531,7 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         checks = Checks()
         booking_id = checks.uuid("booking_id", request.booking_id)
         checks.done()
-        return booking_pb2.GetBookingResponse(booking=booking_message(await self._service.booking(booking_id)))
+        return booking_pb2.GetBookingResponse(booking=booking_message(await self._owned_booking(booking_id)))
 
     async def ListBookings(
         self, request: booking_pb2.ListBookingsRequest, context: Context
@@ -527,6 +580,10 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         if reason and reason not in _REASON_FROM_PROTO:
             checks.fail("reason", "is set by the system only")
         checks.done()
+        await self._owned_booking(booking_id)
+        principal = current_principal()
+        if not any(actor in _ACTORS_OF_ROLE.get(role, ()) for role in principal.roles):
+            raise PermissionDenied("the caller may not cancel as this actor", metadata={"field": "actor"})
         booking = await self._service.cancel_booking(
             booking_id,
             _ACTOR_FROM_PROTO[actor],
@@ -542,6 +599,7 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         request_id = checks.request_id("request_id", request.request_id)
         start = _start(checks, request)
         checks.done()
+        await self._owned_booking(booking_id)
         booking = await self._service.reschedule_booking(booking_id, request_id, start)
         return booking_pb2.RescheduleBookingResponse(booking=booking_message(booking))
 
@@ -569,6 +627,22 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         checks.done()
         letter = await self._service.retry_dead_letter(event_id)
         return booking_pb2.RetryDeadLetterResponse(dead_letter=dead_letter_message(letter))
+
+    async def _owned_booking(self, booking_id: uuid.UUID) -> domain.Booking:
+        """The booking, if the caller may see it; another's is NOT_FOUND, exactly as a missing one.
+        (Who a booking belongs to never changes, so this read cannot go stale before the change.)"""
+        booking = await self._service.booking(booking_id)
+        if not _may_see(current_principal(), booking):
+            raise domain.BookingNotFound(booking_id)
+        return booking
+
+
+def _may_see(principal: Principal, booking: domain.Booking) -> bool:
+    return (
+        principal.has(ADMIN)
+        or (principal.has(CLIENT) and principal.is_subject(str(booking.client_id)))
+        or (principal.has(THERAPIST) and principal.is_subject(str(booking.therapist_id)))
+    )
 
 
 def _in_request_terms(error: InvalidArgument) -> InvalidArgument:

@@ -14,6 +14,7 @@ from credit_service import domain
 from credit_service.domain import MAX_AMOUNT, MAX_NOTE_LENGTH, MAX_REFERENCE_LENGTH
 from credit_service.service import CreditService
 from service_kit import pagination
+from service_kit.auth import ADMIN, CLIENT, SERVICE, AccessRules, anyone_with, either, own
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
 from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
@@ -24,6 +25,20 @@ MAX_PAGE_SIZE = 500
 MAX_ENTRY_ID = 2**63 - 1  # ledger_entries.entry_id is a bigint
 
 # The one table from domain errors to status codes (subclasses inherit their parent's code).
+# Who may call what (docs/security.md). Only the booking service (role `service`) moves credits
+# between available, held and spent; a client reads its own account only; grants are an admin's.
+ACCESS_RULES: AccessRules = {
+    "GrantCredits": anyone_with(ADMIN),
+    "GetBalance": either(anyone_with(ADMIN), own(CLIENT, "owner_id")),
+    "ListLedgerEntries": either(anyone_with(ADMIN), own(CLIENT, "owner_id")),
+    "ReserveCredits": anyone_with(SERVICE),
+    "CommitReservation": anyone_with(SERVICE),
+    "CancelReservation": anyone_with(SERVICE),
+    "RefundReservation": anyone_with(SERVICE),
+    "GetReservation": anyone_with(SERVICE, ADMIN),
+    "ListReservations": anyone_with(SERVICE, ADMIN),
+}
+
 ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     domain.AccountNotFound: grpc.StatusCode.NOT_FOUND,

@@ -29,6 +29,7 @@ from devstack.gateway import (
     render_envoy_yaml,
     split_host_port,
 )
+from devstack.keys import DEMO_ADMIN_ID, DEMO_CLIENT_ID, DEMO_THERAPIST_ID, ensure_dev_keys
 from devstack.postgres import EmbeddedPostgres, PostgresError, ensure_database, server_url_from_environment
 
 STARTUP_TIMEOUT_S = 60
@@ -302,6 +303,9 @@ def _service_env(plan: StackPlan, spec: ServiceSpec, database_url: str) -> dict[
     env[spec.address_env] = spec.listen_address
     if spec is plan.booking:
         env["BOOKING_CREDIT_TARGET"] = plan.env.get("BOOKING_CREDIT_TARGET") or plan.credit.dial_target
+    # Authentication is on in development too, with the local key pair (unless configured otherwise).
+    for name, value in ensure_dev_keys(plan.data_dir).environment().items():
+        env.setdefault(name, value)
     return env
 
 
@@ -393,14 +397,23 @@ def _summary(plan: StackPlan, database_urls: Mapping[str, str]) -> list[str]:
         gateway_url = f"http://127.0.0.1:{plan.gateway.listen_port}"
         lines.append(f"  {'gateway':<8} HTTP  {gateway_url:<22} admin http://127.0.0.1:{plan.gateway.admin_port}")
     health_request = '\'{"service":"' + booking.grpc_service + "\"}'"
+    tokens = ensure_dev_keys(plan.data_dir).demo_tokens()
     lines += [
+        "",
+        "Plaintext gRPC on loopback (development): no TLS between the services.",
+        f"Tokens, valid 24 h (demo client {DEMO_CLIENT_ID}, therapist {DEMO_THERAPIST_ID}, admin {DEMO_ADMIN_ID}):",
+        *(f"  export {name}={value}" for name, value in tokens.items()),
         "",
         "Try:",
         f"  {grpcurl} -plaintext {credit.dial_target} list",
         f"  {grpcurl} -plaintext -d {health_request} {booking.dial_target} grpc.health.v1.Health/Check",
+        f'  {grpcurl} -plaintext -H "authorization: Bearer $CLIENT_TOKEN" '
+        f'-d \'{{"owner_id":"{DEMO_CLIENT_ID}"}}\' {credit.dial_target} credit.v1.CreditService/GetBalance',
     ]
     if plan.gateway is not None:
-        lines.append(f"  curl -s {gateway_url}/v1/accounts/{uuid.uuid4()}/balance")
+        lines.append(
+            f'  curl -s -H "Authorization: Bearer $ADMIN_TOKEN" {gateway_url}/v1/accounts/{uuid.uuid4()}/balance'
+        )
     return lines
 
 

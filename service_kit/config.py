@@ -88,6 +88,8 @@ class ServerSettings:
     default_rpc_deadline_s: float
     max_message_bytes: int
     max_concurrent_rpcs: int
+    # One caller (a token's subject) cannot take every slot: RESOURCE_EXHAUSTED past this.
+    max_concurrent_rpcs_per_caller: int
     reflection_enabled: bool
     # Where /metrics is served (Prometheus text format); None: not served.
     metrics_address: str | None
@@ -128,6 +130,9 @@ class ServerSettings:
                 env, key("MAX_MESSAGE_BYTES"), 1024 * 1024, minimum=4096, maximum=64 * 1024 * 1024
             ),
             max_concurrent_rpcs=integer(env, key("MAX_CONCURRENT_RPCS"), 1000, minimum=1, maximum=100_000),
+            max_concurrent_rpcs_per_caller=integer(
+                env, key("MAX_CONCURRENT_RPCS_PER_CALLER"), 64, minimum=1, maximum=100_000
+            ),
             reflection_enabled=boolean(env, key("REFLECTION_ENABLED"), True),
             metrics_address=listen_address(env, key("METRICS_ADDRESS"), default_metrics_address),
             metrics_refresh_interval_s=number(

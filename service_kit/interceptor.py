@@ -26,6 +26,15 @@ import asyncpg
 import grpc
 import structlog
 
+from service_kit.auth import (
+    CallerLimits,
+    Gate,
+    PermissionDenied,
+    TooManyConcurrentCalls,
+    Unauthenticated,
+    bind_principal,
+    unbind_principal,
+)
 from service_kit.errors import DomainError, Unavailable, rich_status, status_for
 from service_kit.tracecontext import TRACEPARENT_HEADER, TRACESTATE_HEADER, SpanContext, server_span
 
@@ -74,6 +83,15 @@ DATABASE_UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+# Codes of the refusals every service shares (the services' own tables come first).
+_SHARED_CODES: dict[type[DomainError], grpc.StatusCode] = {
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    TooManyConcurrentCalls: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+
 @dataclass(frozen=True)
 class Outcome:
     code: grpc.StatusCode
@@ -90,7 +108,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         default_deadline_s: float,
         observers: tuple[RpcObserver, ...] = (),
         start_observers: tuple[RpcStartObserver, ...] = (),
+        gate: Gate | None = None,
+        max_concurrent_rpcs_per_caller: int = 64,
     ) -> None:
+        """`gate` authenticates and authorizes every call but those of the open services (health,
+        reflection); None only in tests of the interceptor itself."""
+        self._gate = gate
+        self._caller_limits = CallerLimits(max_concurrent_rpcs_per_caller)
         self._domain = domain
         self._error_codes = error_codes
         self._default_deadline_s = default_deadline_s
@@ -132,7 +156,18 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             request_id_token = _request_id.set(request_id)
             span_token = _span.set(span)
             outcome = Outcome(grpc.StatusCode.OK)
+            principal_token = bind_principal(None)
+            limited_subject: str | None = None
             try:
+                if self._gate is not None:
+                    # Before the handler: authorization before existence, so a forbidden id and a
+                    # missing one look alike. Only the subject and roles are logged, never the token.
+                    principal = self._gate.admit(service, rpc, request, context.invocation_metadata() or ())
+                    if principal is not None:
+                        structlog.contextvars.bind_contextvars(caller=principal.subject, roles=sorted(principal.roles))
+                        bind_principal(principal)
+                        self._caller_limits.acquire(principal.subject)
+                        limited_subject = principal.subject
                 async with asyncio.timeout(budget_s):
                     return await behaviour(request, context)
             except asyncio.CancelledError:
@@ -150,6 +185,9 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                     raise  # the handler aborted on its own; its status stands
                 await context.abort_with_status(outcome.status)
             finally:
+                if limited_subject is not None:
+                    self._caller_limits.release(limited_subject)
+                unbind_principal(principal_token)
                 duration_s = time.perf_counter() - started
                 _deadline.reset(deadline_token)
                 _request_id.reset(request_id_token)
@@ -190,8 +228,10 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             code = self._error_codes.get(kind)
             if code is not None:
                 return code
-        if isinstance(error, Unavailable):
-            return grpc.StatusCode.UNAVAILABLE
+        for kind in type(error).__mro__:
+            code = _SHARED_CODES.get(kind)
+            if code is not None:
+                return code
         log.error("unmapped_domain_error", error_type=type(error).__name__)
         return grpc.StatusCode.INTERNAL
 

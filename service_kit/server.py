@@ -23,6 +23,7 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service_kit.auth import AccessRules, AuthSettings, Gate
 from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
@@ -51,13 +52,18 @@ class ServiceDefinition:
     service_name: str  # e.g. "credit.v1.CreditService"
     error_domain: str  # ErrorInfo.domain, e.g. "credit.therapy.example"
     error_codes: ErrorTable
+    # Who may call each RPC (service_kit/auth.py); an RPC without a rule is refused.
+    access_rules: AccessRules
 
 
 class Runtime:
     """A started server; `serve_forever` for main, `stop` for tests and signals."""
 
-    def __init__(self, settings: ServerSettings, definition: ServiceDefinition, database: Database) -> None:
+    def __init__(
+        self, settings: ServerSettings, definition: ServiceDefinition, database: Database, auth: AuthSettings
+    ) -> None:
         self.settings = settings
+        self.auth = auth
         self.definition = definition
         self.database = database
         self.health = health.aio.HealthServicer()
@@ -85,6 +91,8 @@ class Runtime:
                     default_deadline_s=self.settings.default_rpc_deadline_s,
                     observers=(self.grpc_metrics.server_call_finished, *parts.observers),
                     start_observers=(self.grpc_metrics.server_call_started,),
+                    gate=Gate(self.auth, self.definition.service_name, self.definition.access_rules),
+                    max_concurrent_rpcs_per_caller=self.settings.max_concurrent_rpcs_per_caller,
                 )
             ],
             options=[
@@ -112,7 +120,14 @@ class Runtime:
         await server.start()
         self._server = server
         host = self.settings.grpc_address.rsplit(":", 1)[0]
-        log.info("grpc_server_started", service=self.definition.service_name, address=f"{host}:{self.port}")
+        log.info(
+            "grpc_server_started",
+            service=self.definition.service_name,
+            address=f"{host}:{self.port}",
+            auth="required" if self.auth.required else "disabled",
+        )
+        if not self.auth.required:
+            log.warning("auth_disabled", detail="every caller acts with every role: development only")
         self.grpc_metrics.initialize_service(self.definition.service_name)
         await self._start_metrics_server()
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))

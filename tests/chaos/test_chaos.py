@@ -24,6 +24,7 @@ from booking_service.config import CRASH_POINTS, BookingSettings
 from devstack.postgres import server_url_from_environment
 from tests.chaos.faults import FaultKind, PlannedFault, plan_faults
 from tests.chaos.harness import ChaosConfig, run_chaos
+from tests.support.auth import auth_environment
 from tests.support.stack import ROOT
 
 # The bar for the quick mode: on two cores, in under four minutes.
@@ -38,7 +39,7 @@ def seed() -> int:
 
 
 def test_the_reconciler_is_on_unless_switched_off() -> None:
-    base = {"BOOKING_DATABASE_URL": "postgresql://example/booking"}
+    base = {"BOOKING_DATABASE_URL": "postgresql://example/booking", **auth_environment()}
     assert BookingSettings.from_environment(base).reconciler_enabled
     assert not BookingSettings.from_environment({**base, "BOOKING_RECONCILER_ENABLED": "false"}).reconciler_enabled
 

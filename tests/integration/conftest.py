@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 
 import asyncpg
-import grpc
 import pytest
 
 from booking.v1 import booking_pb2_grpc
@@ -17,6 +16,7 @@ from credit_service.config import CreditSettings
 from credit_service.server import start as start_credit
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from service_kit.server import Runtime
+from tests.support.auth import authorized_channel
 from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.world import World
 
@@ -44,7 +44,7 @@ def credit_address(credit_server: Runtime) -> str:
 
 @pytest.fixture(scope="session")
 async def credit_stub(credit_address: str) -> AsyncIterator[credit_pb2_grpc.CreditServiceStub]:
-    async with grpc.aio.insecure_channel(credit_address) as channel:
+    async with authorized_channel(credit_address) as channel:
         yield credit_pb2_grpc.CreditServiceStub(channel)
 
 
@@ -91,7 +91,7 @@ def booking_address(booking_server: Runtime) -> str:
 
 @pytest.fixture(scope="session")
 async def booking_stub(booking_address: str) -> AsyncIterator[booking_pb2_grpc.BookingServiceStub]:
-    async with grpc.aio.insecure_channel(booking_address) as channel:
+    async with authorized_channel(booking_address) as channel:
         yield booking_pb2_grpc.BookingServiceStub(channel)
 
 

@@ -24,6 +24,7 @@ import pytest
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from credit_service.servicer import SERVICE_NAME
 from service_kit.errors import ErrorDetails, error_details
+from tests.support.auth import authorized_channel
 from tests.support.stack import (
     ServiceProcess,
     free_port,
@@ -90,7 +91,7 @@ async def grpcurl(*args: str) -> subprocess.CompletedProcess[str]:
 
 @contextlib.asynccontextmanager
 async def credit_stub(address: str) -> AsyncIterator[CreditServiceAsyncStub]:
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with authorized_channel(address) as channel:
         yield credit_pb2_grpc.CreditServiceStub(channel)
 
 

@@ -27,6 +27,7 @@ from credit_service.server import start as start_credit
 from credit_service.servicer import SERVICE_NAME
 from service_kit.connection import Connection
 from service_kit.errors import ErrorDetails, error_details
+from tests.support.auth import authorized_channel
 from tests.support.invariants import credit_invariant_violations
 from tests.support.stack import fresh_database, server_environment, wait_serving
 
@@ -694,7 +695,7 @@ async def expiring_server(postgres_server_url: str) -> AsyncIterator[ExpiringSer
         pool = await asyncpg.create_pool(database_url, min_size=1, max_size=2)
         assert pool is not None
         try:
-            async with grpc.aio.insecure_channel(address) as channel:
+            async with authorized_channel(address) as channel:
                 yield ExpiringServer(credit_pb2_grpc.CreditServiceStub(channel), pool)
         finally:
             await pool.close()

@@ -40,6 +40,7 @@ import yaml
 from booking_service.config import BookingSettings
 from credit_service.config import CreditSettings
 from service_kit.config import ServerSettings
+from tests.support.auth import auth_environment
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -75,12 +76,29 @@ class ServiceSpec:
         return self.name.upper()
 
 
+def credit_server_settings(env: Mapping[str, str]) -> ServerSettings:
+    # The keys are not in config.env (a Secret in a cluster): the test key pair stands in.
+    return CreditSettings.from_environment({**auth_environment(), **env}).server
+
+
+def booking_server_settings(env: Mapping[str, str]) -> ServerSettings:
+    return BookingSettings.from_environment({**auth_environment(), **env}).server
+
+
 SERVICES = {
     "credit": ServiceSpec(
-        "credit", "credit.v1.CreditService", 50052, 9464, lambda env: CreditSettings.from_environment(env).server
+        "credit",
+        "credit.v1.CreditService",
+        50052,
+        9464,
+        credit_server_settings,
     ),
     "booking": ServiceSpec(
-        "booking", "booking.v1.BookingService", 50051, 9465, lambda env: BookingSettings.from_environment(env).server
+        "booking",
+        "booking.v1.BookingService",
+        50051,
+        9465,
+        booking_server_settings,
     ),
 }
 

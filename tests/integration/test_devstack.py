@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -398,9 +399,10 @@ def run_environment(ports: dict[str, int]) -> dict[str, str]:
     return env
 
 
-def http_get(url: str) -> tuple[int, dict[str, object]]:
+def http_get(url: str, token: str = "") -> tuple[int, dict[str, object]]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})  # noqa: S310
     try:
-        with urllib.request.urlopen(url, timeout=10) as response:  # noqa: S310 - our http URL
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our http URL
             return response.status, json.loads(response.read())
     except urllib.error.HTTPError as error:
         return error.code, json.loads(error.read())
@@ -427,7 +429,10 @@ def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> Non
         children = child_pids(process.pid)
         owner_id = uuid.uuid4()
 
-        status, body = http_get(f"http://127.0.0.1:{ports['gateway']}/v1/accounts/{owner_id}/balance")
+        admin_token = re.search(r"export ADMIN_TOKEN=(\S+)", output.text())
+        assert admin_token is not None, output.text()
+
+        status, body = http_get(f"http://127.0.0.1:{ports['gateway']}/v1/accounts/{owner_id}/balance", admin_token[1])
 
         assert status == 404, body
         assert body["code"] == 5

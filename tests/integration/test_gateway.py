@@ -34,6 +34,8 @@ from booking_service.config import BookingSettings
 from booking_service.server import start as start_booking
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2, credit_pb2_grpc
+from service_kit.auth import CLIENT
+from tests.support.auth import authorized_channel, token
 from tests.support.gateway import Gateway, HttpResponse, request_json, running_gateway
 from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.world import World, eventually, future_hour
@@ -374,6 +376,24 @@ async def test_unknown_account_is_404_never_a_zero_balance(api: Api) -> None:
     assert error_info(body)["domain"] == "credit.v1.CreditService"
 
 
+async def test_no_token_is_401_and_a_forbidden_call_403_as_json(gateway: Gateway) -> None:
+    owner_id = str(uuid.uuid4())
+    url = f"{gateway.url}/v1/accounts/{owner_id}/balance"
+
+    missing = await request_json("GET", url, headers={"authorization": ""})
+    expired = await request_json(
+        "GET", url, headers={"authorization": f"Bearer {token(owner_id, [CLIENT], ttl_s=60, now_s=1_000_000)}"}
+    )
+    anothers = await request_json("GET", url, headers={"authorization": f"Bearer {token(uuid.uuid4(), [CLIENT])}"})
+    own = await request_json("GET", url, headers={"authorization": f"Bearer {token(owner_id, [CLIENT])}"})
+
+    assert_rpc_error(missing, 401, 16, "TOKEN_MISSING")
+    assert_rpc_error(expired, 401, 16, "TOKEN_EXPIRED")
+    assert_rpc_error(anothers, 403, 7, "PERMISSION_DENIED")
+    # The Authorization header reached the service: the client's own (missing) account.
+    assert_rpc_error(own, 404, 5, "ACCOUNT_NOT_FOUND")
+
+
 async def test_a_request_id_reused_with_other_values_is_409(api: Api) -> None:
     owner_id, request_id = str(uuid.uuid4()), str(uuid.uuid4())
     first = {"request_id": request_id, "amount": 5, "kind": "GRANT_KIND_PURCHASE"}
@@ -514,7 +534,7 @@ def _post_grpc_over_http1(url: str, message: bytes) -> tuple[int, str, bytes]:
         url,
         data=_grpc_frame(message),
         method="POST",
-        headers={"content-type": "application/grpc", "te": "trailers"},
+        headers={"content-type": "application/grpc", "te": "trailers", "authorization": f"Bearer {token()}"},
     )
     with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310  # loopback http
         return response.status, response.headers.get("content-type", ""), response.read()
@@ -536,7 +556,7 @@ async def test_native_grpc_through_the_gateway_reaches_public_rpcs_only(
     )
     hold = str(uuid.uuid4())
 
-    async with grpc.aio.insecure_channel(gateway.grpc_target) as channel:
+    async with authorized_channel(gateway.grpc_target) as channel:
         through_gateway = credit_pb2_grpc.CreditServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError) as internal:
             await through_gateway.ReserveCredits(
@@ -577,7 +597,7 @@ def _post_grpc_status(url: str, message: bytes) -> tuple[int, str]:
         url,
         data=struct.pack(">?I", False, len(message)) + message,
         method="POST",
-        headers={"content-type": "application/grpc", "te": "trailers"},
+        headers={"content-type": "application/grpc", "te": "trailers", "authorization": f"Bearer {token()}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310  # loopback http

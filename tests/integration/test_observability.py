@@ -37,6 +37,7 @@ from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from service_kit.config import ConfigError, listen_address
 from service_kit.metrics import GrpcMetrics, new_registry
 from service_kit.server import Runtime
+from tests.support.auth import authorized_channel
 from tests.support.processes import Stack, log_events, running_stack, wait_for
 from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.world import World, future_hour, refusal
@@ -100,8 +101,8 @@ async def services(postgres_server_url: str) -> AsyncIterator[Services]:
             )
         )
     )
-    booking_channel = grpc.aio.insecure_channel(f"127.0.0.1:{booking.port}")
-    credit_channel = grpc.aio.insecure_channel(f"127.0.0.1:{credit.port}")
+    booking_channel = authorized_channel(f"127.0.0.1:{booking.port}")
+    credit_channel = authorized_channel(f"127.0.0.1:{credit.port}")
     credit_db = await asyncpg.create_pool(credit_url, min_size=1, max_size=2)
     booking_db = await asyncpg.create_pool(booking_url, min_size=1, max_size=2)
     assert credit_db is not None and booking_db is not None

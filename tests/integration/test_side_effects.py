@@ -30,6 +30,7 @@ from booking_service.server import start as start_booking
 from booking_service.servicer import SERVICE_NAME
 from credit.v1 import credit_pb2_grpc
 from service_kit.server import Runtime
+from tests.support.auth import authorized_channel
 from tests.support.fake_daily import API_KEY, Answer, FakeDaily, running_fake_daily
 from tests.support.stack import free_port, fresh_database, server_environment, wait_serving
 from tests.support.webhook_receiver import SECRET, WebhookReceiver, running_webhook_receiver
@@ -63,7 +64,7 @@ async def booking_server(database_url: str, credit_address: str, **env: str) -> 
     try:
         address = f"127.0.0.1:{runtime.port}"
         await wait_serving(address, SERVICE_NAME)
-        async with grpc.aio.insecure_channel(address) as channel:
+        async with authorized_channel(address) as channel:
             stub: BookingServiceAsyncStub = booking_pb2_grpc.BookingServiceStub(channel)
             yield Server(runtime, stub, database_url)
     finally:

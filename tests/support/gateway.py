@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack.gateway import GatewaySettings, render_envoy_yaml
+from tests.support.auth import token
 from tests.support.stack import BIN, ROOT, free_port
 
 ENVOY = BIN / "envoy"
@@ -169,7 +170,9 @@ def request_json_blocking(
 ) -> HttpResponse:
     """One HTTP call; error statuses are answers too (no exception)."""
     data = None if body is None else json.dumps(body).encode()
-    all_headers = {"accept": "application/json", **(headers or {})}
+    # The operator's token unless the test gives its own; an empty value leaves the header out.
+    all_headers = {"accept": "application/json", "authorization": f"Bearer {token()}", **(headers or {})}
+    all_headers = {name: value for name, value in all_headers.items() if value}
     if data is not None:
         all_headers.setdefault("content-type", "application/json")
     request = urllib.request.Request(url, data=data, method=method, headers=all_headers)  # noqa: S310  # loopback

@@ -31,6 +31,7 @@ from booking.v1 import booking_pb2_grpc
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2_grpc
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
+from tests.support.auth import authorized_channel
 from tests.support.invariants import credit_invariant_violations
 from tests.support.stack import ServiceProcess, free_port, fresh_database, server_environment, wait_serving
 
@@ -164,7 +165,7 @@ class Stack:
         channel = self._channels.get(target)
         if channel is None:
             options = [*CLIENT_CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
-            channel = grpc.aio.insecure_channel(target, options=options)
+            channel = authorized_channel(target, options=options)
             self._channels[target] = channel
         return channel
 

@@ -18,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from devstack.postgres import ensure_database
+from tests.support.auth import auth_environment, token
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -39,6 +40,8 @@ def server_environment(prefix: str, database: str, **extra: str) -> dict[str, st
         f"{prefix}_HEALTH_CHECK_INTERVAL_S": "0.2",
         f"{prefix}_SHUTDOWN_GRACE_S": "1",
         "LOG_FORMAT": "json",
+        # Authentication stays on in tests: servers trust the test key pair (tests/support/auth.py).
+        **auth_environment(),
     }
     env.update(extra)
     return env
@@ -134,7 +137,7 @@ def free_port() -> int:
 
 def run_grpcurl(*args: str, timeout_s: float = 20.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(  # the real grpcurl binary from the venv
-        [str(GRPCURL), "-plaintext", "-max-time", "10", *args],
+        [str(GRPCURL), "-plaintext", "-max-time", "10", "-H", f"authorization: Bearer {token()}", *args],
         capture_output=True,
         text=True,
         timeout=timeout_s,

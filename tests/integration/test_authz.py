@@ -1,0 +1,354 @@
+"""Every RPC of both services against every kind of caller: the expected code, and no forbidden
+call changes any data (docs/security.md has the same table in words)."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from google.protobuf import field_mask_pb2
+
+from booking.v1 import booking_pb2, booking_pb2_grpc
+from credit.v1 import credit_pb2, credit_pb2_grpc
+from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST
+from service_kit.errors import error_details
+from tests.support.auth import bearer, token
+from tests.support.world import ALL_WEEK, World, grant, ts
+
+OK = grpc.StatusCode.OK
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+MISSING = grpc.StatusCode.NOT_FOUND
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+CALLERS = (
+    "none",
+    "expired",
+    "forged",
+    "wrong_audience",
+    "client_self",
+    "client_other",
+    "therapist_self",
+    "therapist_other",
+    "admin",
+    "service",
+)
+UNAUTHENTICATED_CALLERS = frozenset(CALLERS[:4])
+READERS = frozenset({"client_self", "client_other", "therapist_self", "therapist_other", "admin"})
+OWNERS = frozenset({"client_self", "therapist_self", "admin"})
+
+# rpc -> {caller: code} for the authenticated callers; a caller not named gets PERMISSION_DENIED.
+EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
+    "CreateTherapist": {"admin": OK},
+    "GetTherapist": dict.fromkeys(READERS, OK),
+    "UpdateTherapist": {"therapist_self": OK, "admin": OK},
+    "SetWeeklySchedule": {"therapist_self": OK, "admin": OK},
+    "SetDateOverride": {"therapist_self": OK, "admin": OK},
+    "DeleteDateOverride": {"therapist_self": OK, "admin": OK},
+    "GetSchedule": dict.fromkeys(READERS, OK),
+    "CreateSessionType": {"therapist_self": OK, "admin": OK},
+    "ListSessionTypes": dict.fromkeys(READERS, OK),
+    "ListAvailableSlots": dict.fromkeys(READERS, OK),
+    "CreateBooking": {"client_self": OK, "admin": OK},
+    # Another's booking looks missing: forbidden and absent are alike to an outsider.
+    "GetBooking": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
+    "ListBookings": {"client_self": OK, "admin": OK},
+    "CancelBooking": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
+    "RescheduleBooking": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
+    "ListDeadLetters": {"admin": OK},
+    # The admin may; the dead letter does not exist.
+    "RetryDeadLetter": {"admin": MISSING},
+    "GrantCredits": {"admin": OK},
+    "GetBalance": {"client_self": OK, "admin": OK},
+    "ListLedgerEntries": {"client_self": OK, "admin": OK},
+    "ReserveCredits": {"service": OK},
+    # The service may; the reservation does not exist.
+    "CommitReservation": {"service": MISSING},
+    "CancelReservation": {"service": MISSING},
+    "RefundReservation": {"service": MISSING},
+    "GetReservation": {"service": MISSING, "admin": MISSING},
+    "ListReservations": {"service": OK, "admin": OK},
+}
+
+BOOKING_RPCS = [m.name for m in booking_pb2.DESCRIPTOR.services_by_name["BookingService"].methods]
+CREDIT_RPCS = [m.name for m in credit_pb2.DESCRIPTOR.services_by_name["CreditService"].methods]
+
+
+def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
+    if caller in UNAUTHENTICATED_CALLERS:
+        return UNAUTHENTICATED
+    return EXPECTED[rpc].get(caller, DENIED)
+
+
+def test_the_table_names_every_rpc_of_both_services() -> None:
+    assert set(EXPECTED) == set(BOOKING_RPCS) | set(CREDIT_RPCS)
+
+
+@dataclass
+class Scene:
+    world: World
+    booking_stub: Any
+    credit_stub: Any
+    starts: itertools.count[int]
+    # Channels that attach no token at all.
+    anonymous_booking: Any
+    anonymous_credit: Any
+
+    def next_start(self) -> datetime:
+        day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
+        return day + timedelta(hours=next(self.starts))
+
+    async def fresh_booking(self) -> str:
+        return (await self.world.book(self.next_start())).booking_id
+
+
+@pytest.fixture(scope="module")
+async def scene(
+    booking_stub: booking_pb2_grpc.BookingServiceStub,
+    credit_stub: credit_pb2_grpc.CreditServiceStub,
+    booking_address: str,
+    credit_address: str,
+) -> AsyncIterator[Scene]:
+    world = await World.create(booking_stub, credit_stub)
+    await grant(world.credit, world.client_id, 10_000)
+    async with (
+        grpc.aio.insecure_channel(booking_address) as booking_channel,
+        grpc.aio.insecure_channel(credit_address) as credit_channel,
+    ):
+        yield Scene(
+            world,
+            booking_stub,
+            credit_stub,
+            itertools.count(),
+            booking_pb2_grpc.BookingServiceStub(booking_channel),
+            credit_pb2_grpc.CreditServiceStub(credit_channel),
+        )
+
+
+def caller_token(caller: str, world: World) -> str | None:
+    stranger = str(uuid.uuid4())
+    tokens: dict[str, Callable[[], str]] = {
+        "expired": lambda: token(world.client_id, [CLIENT], ttl_s=60, now_s=datetime.now(UTC).timestamp() - 3600),
+        "forged": lambda: token(world.client_id, [CLIENT, ADMIN], key=Ed25519PrivateKey.generate()),
+        "wrong_audience": lambda: token(world.client_id, [CLIENT], audience="someone-else"),
+        "client_self": lambda: token(world.client_id, [CLIENT]),
+        "client_other": lambda: token(stranger, [CLIENT]),
+        "therapist_self": lambda: token(world.therapist_id, [THERAPIST]),
+        "therapist_other": lambda: token(stranger, [THERAPIST]),
+        "admin": lambda: token(stranger, [ADMIN]),
+        "service": lambda: token("booking-service", [SERVICE]),
+    }
+    return None if caller == "none" else tokens[caller]()
+
+
+def actor_of(caller: str) -> booking_pb2.CancellationActor.ValueType:
+    if caller.startswith("therapist"):
+        return booking_pb2.CANCELLATION_ACTOR_THERAPIST
+    if caller == "admin":
+        return booking_pb2.CANCELLATION_ACTOR_ADMIN
+    return booking_pb2.CANCELLATION_ACTOR_CLIENT
+
+
+Call = Callable[[Scene, str, Any], Awaitable[object]]
+
+
+async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
+    """(stub method, request) for one call; targets the scene's therapist, client and bookings."""
+    w, b, c = scene.world, scene.booking_stub, scene.credit_stub
+    rid = str(uuid.uuid4())
+    start = scene.next_start()
+    therapist = booking_pb2.Therapist(display_name="Dr. Auth", time_zone="UTC", booking_horizon_days=365)
+    requests: dict[str, Callable[[], Awaitable[tuple[Any, Any]]]] = {}
+
+    async def plain(method: Any, request: Any) -> tuple[Any, Any]:
+        return method, request
+
+    requests = {
+        "CreateTherapist": lambda: plain(
+            b.CreateTherapist, booking_pb2.CreateTherapistRequest(request_id=rid, therapist=therapist)
+        ),
+        "GetTherapist": lambda: plain(b.GetTherapist, booking_pb2.GetTherapistRequest(therapist_id=w.therapist_id)),
+        "UpdateTherapist": lambda: plain(
+            b.UpdateTherapist,
+            booking_pb2.UpdateTherapistRequest(
+                therapist=booking_pb2.Therapist(therapist_id=w.therapist_id, display_name="Dr. Test"),
+                update_mask=field_mask_pb2.FieldMask(paths=["display_name"]),
+            ),
+        ),
+        "SetWeeklySchedule": lambda: plain(
+            b.SetWeeklySchedule, booking_pb2.SetWeeklyScheduleRequest(therapist_id=w.therapist_id, windows=ALL_WEEK)
+        ),
+        "SetDateOverride": lambda: plain(
+            b.SetDateOverride, booking_pb2.SetDateOverrideRequest(therapist_id=w.therapist_id, date="2099-01-01")
+        ),
+        "DeleteDateOverride": lambda: plain(
+            b.DeleteDateOverride,
+            booking_pb2.DeleteDateOverrideRequest(therapist_id=w.therapist_id, date="2099-01-01"),
+        ),
+        "GetSchedule": lambda: plain(b.GetSchedule, booking_pb2.GetScheduleRequest(therapist_id=w.therapist_id)),
+        "CreateSessionType": lambda: plain(
+            b.CreateSessionType,
+            booking_pb2.CreateSessionTypeRequest(
+                therapist_id=w.therapist_id,
+                request_id=rid,
+                session_type=booking_pb2.SessionType(name="Auth", duration_minutes=50, credit_cost=1),
+            ),
+        ),
+        "ListSessionTypes": lambda: plain(
+            b.ListSessionTypes, booking_pb2.ListSessionTypesRequest(therapist_id=w.therapist_id)
+        ),
+        "ListAvailableSlots": lambda: plain(
+            b.ListAvailableSlots,
+            booking_pb2.ListAvailableSlotsRequest(
+                therapist_id=w.therapist_id,
+                session_type_id=w.session_type_id,
+                start_time=ts(start),
+                end_time=ts(start + timedelta(hours=2)),
+            ),
+        ),
+        "CreateBooking": lambda: plain(b.CreateBooking, w.booking_request(start, request_id=rid)),
+        "ListBookings": lambda: plain(b.ListBookings, booking_pb2.ListBookingsRequest(client_id=w.client_id)),
+        "ListDeadLetters": lambda: plain(b.ListDeadLetters, booking_pb2.ListDeadLettersRequest()),
+        "RetryDeadLetter": lambda: plain(b.RetryDeadLetter, booking_pb2.RetryDeadLetterRequest(event_id=rid)),
+        "GrantCredits": lambda: plain(
+            c.GrantCredits,
+            credit_pb2.GrantCreditsRequest(
+                request_id=rid, owner_id=w.client_id, amount=1, kind=credit_pb2.GRANT_KIND_PURCHASE
+            ),
+        ),
+        "GetBalance": lambda: plain(c.GetBalance, credit_pb2.GetBalanceRequest(owner_id=w.client_id)),
+        "ListLedgerEntries": lambda: plain(
+            c.ListLedgerEntries, credit_pb2.ListLedgerEntriesRequest(owner_id=w.client_id)
+        ),
+        "ReserveCredits": lambda: plain(
+            c.ReserveCredits,
+            credit_pb2.ReserveCreditsRequest(reservation_id=rid, owner_id=w.client_id, amount=1, reference="authz"),
+        ),
+        "CommitReservation": lambda: plain(
+            c.CommitReservation, credit_pb2.CommitReservationRequest(reservation_id=rid)
+        ),
+        "CancelReservation": lambda: plain(
+            c.CancelReservation, credit_pb2.CancelReservationRequest(reservation_id=rid)
+        ),
+        "RefundReservation": lambda: plain(
+            c.RefundReservation, credit_pb2.RefundReservationRequest(reservation_id=rid, amount=1)
+        ),
+        "GetReservation": lambda: plain(c.GetReservation, credit_pb2.GetReservationRequest(reservation_id=rid)),
+        "ListReservations": lambda: plain(c.ListReservations, credit_pb2.ListReservationsRequest(owner_id=w.client_id)),
+    }
+    if rpc in ("GetBooking", "CancelBooking", "RescheduleBooking"):
+        booking_id = await scene.fresh_booking()
+        if rpc == "GetBooking":
+            return b.GetBooking, booking_pb2.GetBookingRequest(booking_id=booking_id)
+        if rpc == "CancelBooking":
+            return b.CancelBooking, booking_pb2.CancelBookingRequest(
+                booking_id=booking_id,
+                actor=actor_of(caller),
+                reason=booking_pb2.CANCELLATION_REASON_SCHEDULE_CONFLICT,
+            )
+        return b.RescheduleBooking, booking_pb2.RescheduleBookingRequest(
+            booking_id=booking_id, request_id=rid, start_time=ts(scene.next_start())
+        )
+    return await requests[rpc]()
+
+
+async def snapshot(booking_db: asyncpg.Pool, credit_db: asyncpg.Pool, world: World) -> tuple[object, ...]:
+    """Every row that belongs to the scene, as text: equal snapshots mean nothing changed."""
+    therapist, client = uuid.UUID(world.therapist_id), uuid.UUID(world.client_id)
+    booking_tables = ("therapists", "weekly_windows", "date_overrides", "session_types", "sessions")
+    found: list[object] = []
+    for table in booking_tables:
+        found.append(
+            await booking_db.fetchval(
+                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM booking.{table} t WHERE therapist_id = $1",
+                therapist,
+            )
+        )
+    found.append(await booking_db.fetchval("SELECT count(*) FROM booking.therapists"))
+    for table in ("accounts", "reservations", "ledger_entries"):
+        found.append(
+            await credit_db.fetchval(
+                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM credit.{table} t WHERE owner_id = $1", client
+            )
+        )
+    found.append(await credit_db.fetchval("SELECT count(*) FROM credit.reservations"))
+    return tuple(found)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+@pytest.mark.parametrize("rpc", BOOKING_RPCS + CREDIT_RPCS)
+async def test_every_rpc_answers_every_caller_as_the_table_says(
+    rpc: str, caller: str, scene: Scene, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
+) -> None:
+    method, request = await request_for(rpc, scene, caller)
+    expected = expected_code(rpc, caller)
+    value = caller_token(caller, scene.world)
+    metadata: tuple[tuple[str, str], ...] = ()
+    if value is None:
+        anonymous = scene.anonymous_booking if rpc in BOOKING_RPCS else scene.anonymous_credit
+        method = getattr(anonymous, rpc)
+    else:
+        metadata = bearer(value)
+    before = await snapshot(booking_db, credit_db, scene.world)
+
+    try:
+        await method(request, metadata=metadata, timeout=10)
+        code = OK
+    except grpc.aio.AioRpcError as error:
+        code = error.code()
+        details = error_details(error)
+        if expected is UNAUTHENTICATED:
+            assert details.reason in ("TOKEN_MISSING", "TOKEN_EXPIRED", "TOKEN_INVALID"), details
+        if expected is DENIED:
+            assert details.reason == "PERMISSION_DENIED", details
+
+    assert code == expected, f"{rpc} as {caller}"
+    if expected is not OK:
+        assert await snapshot(booking_db, credit_db, scene.world) == before, f"{rpc} as {caller} changed data"
+
+
+async def test_an_expired_token_says_so_and_a_missing_one_too(scene: Scene) -> None:
+    request = credit_pb2.GetBalanceRequest(owner_id=scene.world.client_id)
+    with pytest.raises(grpc.aio.AioRpcError) as expired:
+        await scene.credit_stub.GetBalance(request, metadata=bearer(caller_token("expired", scene.world) or ""))
+    assert error_details(expired.value).reason == "TOKEN_EXPIRED"
+    with pytest.raises(grpc.aio.AioRpcError) as missing:
+        await scene.anonymous_credit.GetBalance(request)
+    assert error_details(missing.value).reason == "TOKEN_MISSING"
+
+
+async def test_a_client_cannot_cancel_as_the_therapist(
+    scene: Scene, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
+) -> None:
+    booking_id = await scene.fresh_booking()
+    before = await snapshot(booking_db, credit_db, scene.world)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await scene.booking_stub.CancelBooking(
+            booking_pb2.CancelBookingRequest(
+                booking_id=booking_id,
+                actor=booking_pb2.CANCELLATION_ACTOR_THERAPIST,
+                reason=booking_pb2.CANCELLATION_REASON_SCHEDULE_CONFLICT,
+            ),
+            metadata=bearer(token(scene.world.client_id, [CLIENT])),
+        )
+    assert refused.value.code() == DENIED
+    assert await snapshot(booking_db, credit_db, scene.world) == before
+
+
+async def test_a_missing_booking_and_anothers_look_alike(scene: Scene) -> None:
+    booking_id = await scene.fresh_booking()
+    stranger = bearer(token(uuid.uuid4(), [CLIENT]))
+    answers = []
+    for target in (booking_id, str(uuid.uuid4())):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await scene.booking_stub.GetBooking(booking_pb2.GetBookingRequest(booking_id=target), metadata=stranger)
+        details = error_details(refused.value)
+        answers.append((details.code, details.reason, details.message.replace(target, "<id>")))
+    assert answers[0] == answers[1]
