@@ -21,9 +21,9 @@ import os
 import random
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -68,6 +68,7 @@ from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from service_kit.connection import Connection
 from service_kit.database import Database, in_transaction
 from service_kit.errors import DomainError
+from service_kit.pagination import Page
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -91,12 +92,6 @@ class Credits(Protocol):
     async def cancel(self, reservation_id: uuid.UUID) -> None: ...
     async def refund(self, reservation_id: uuid.UUID, amount: int) -> None: ...
     async def stale_pending(self, created_before: datetime, limit: int) -> list[HeldReservation]: ...
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    items: list[T]
-    has_more: bool
 
 
 def utc_now() -> datetime:
@@ -477,7 +472,7 @@ class BookingService:
                 after=after,
                 limit=page_size + 1,
             )
-        return Page(rows[:page_size], len(rows) > page_size)
+        return Page.from_rows(rows, page_size)
 
     async def cancel_booking(self, booking_id: uuid.UUID, actor: Actor, reason: CancelReason) -> Booking:
         now = self._clock()
@@ -741,7 +736,7 @@ class BookingService:
     async def dead_letters(self, after: tuple[datetime, uuid.UUID] | None, page_size: int) -> Page[store.DeadLetter]:
         async with self._pool.acquire() as connection:
             rows = await store.dead_letters(connection, after, page_size + 1)
-        return Page(rows[:page_size], len(rows) > page_size)
+        return Page.from_rows(rows, page_size)
 
     async def retry_dead_letter(self, event_id: uuid.UUID) -> store.DeadLetter:
         """Makes a dead event due again with fresh attempts (after the cause is fixed)."""

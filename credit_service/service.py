@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
 
 import asyncpg
 import structlog
@@ -34,15 +32,9 @@ from credit_service.domain import (
 )
 from service_kit.connection import Connection
 from service_kit.database import Database, in_transaction
+from service_kit.pagination import Page
 
 log = structlog.get_logger()
-T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Page(Generic[T]):
-    items: list[T]
-    has_more: bool
 
 
 class CreditService:
@@ -176,7 +168,7 @@ class CreditService:
                 after=after,
                 limit=page_size + 1,
             )
-        return Page(rows[:page_size], len(rows) > page_size)
+        return Page.from_rows(rows, page_size)
 
     async def list_entries(
         self, owner_id: uuid.UUID, *, before_entry_id: int | None, page_size: int
@@ -185,7 +177,7 @@ class CreditService:
             if await store.fetch_balance(connection, owner_id) is None:
                 raise AccountNotFound(owner_id)
             rows = await store.list_entries(connection, owner_id, before_entry_id=before_entry_id, limit=page_size + 1)
-        return Page(rows[:page_size], len(rows) > page_size)
+        return Page.from_rows(rows, page_size)
 
     async def release_expired(self, batch_size: int) -> int:
         """Releases up to `batch_size` expired holds; returns how many."""

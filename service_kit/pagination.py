@@ -11,11 +11,27 @@ import binascii
 import hashlib
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
 
 from service_kit.errors import InvalidArgument
 
 MAX_TOKEN_LENGTH = 1024
 Cursor = list[str | int]
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Page(Generic[T]):
+    """One page of a keyset listing: the store is asked for one row more than the page holds,
+    and that extra row only says whether another page follows."""
+
+    items: list[T]
+    has_more: bool
+
+    @classmethod
+    def from_rows(cls, rows: list[T], page_size: int) -> Page[T]:
+        return cls(rows[:page_size], len(rows) > page_size)
 
 
 def fingerprint(filters: Sequence[object]) -> str:
