@@ -16,6 +16,7 @@ help:
 	@echo "make gen    regenerate gen/ from protos/"
 	@echo "make lint   ruff, mypy --strict, buf lint, buf breaking, generated-code freshness"
 	@echo "make chaos  5 minutes of faults against real processes, then every invariant"
+	@echo "make bench  the two services against the single-transaction baseline (docs/performance.md)"
 	@echo "make clean  remove the virtual environment and the local database"
 
 venv: $(STAMP)
@@ -44,6 +45,10 @@ lint: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py --check
 	$(BIN)/python -m devstack render-envoy --check
 	$(BIN)/python scripts/buf_breaking.py
+
+# The two services against the single-transaction baseline (docs/performance.md). BENCH_ARGS="--concurrency 32".
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 # Five minutes of faults against real processes, then every invariant. CHAOS_ARGS="--quick --seed N".
 chaos: $(STAMP)

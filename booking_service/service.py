@@ -66,7 +66,7 @@ from booking_service.domain import (
 from booking_service.metrics import BookingMetrics
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from service_kit.connection import Connection
-from service_kit.database import Database, in_transaction
+from service_kit.database import Database, autocommit, in_transaction
 from service_kit.errors import DomainError
 from service_kit.pagination import Page
 
@@ -76,7 +76,11 @@ T = TypeVar("T")
 RESERVATION_REFERENCE_PREFIX = "booking:"
 # Exit code of a deliberate crash at a crash point (fault tests only), like SIGKILL's 128 + 9.
 CRASH_EXIT_CODE = 137
+# Claims of one request whose bound booking id keeps turning out aborted: one replacement is the
+# normal case; more means the reconciler keeps aborting it, and the caller should retry later.
+CLAIM_ATTEMPTS = 3
 # Outbox kinds of the side effects (docs/notifications.md); the payment kinds are above them.
+# booking.decide_booking (migration 0003) writes the first two of a new booking by these names.
 NOTIFICATION = "notification"
 CREATE_VIDEO_ROOM = "create_video_room"
 MOVE_VIDEO_ROOM = "move_video_room"
@@ -235,14 +239,12 @@ class BookingService:
     async def _booking_context(
         self, connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
     ) -> tuple[Therapist, SessionType, availability.Schedule]:
-        therapist = await store.fetch_therapist(connection, therapist_id)
-        if therapist is None:
+        context = await store.booking_context(connection, therapist_id, session_type_id)
+        if context is None:
             raise TherapistNotFound(therapist_id)
-        session_type = await store.fetch_session_type(connection, session_type_id)
+        therapist, session_type, weekly, overrides = context
         if session_type is None or session_type.therapist_id != therapist_id:
             raise SessionTypeNotFound(session_type_id)
-        weekly = await store.weekly_windows(connection, therapist_id)
-        overrides = await store.overrides(connection, therapist_id)
         return therapist, session_type, schedule_of(therapist, weekly, overrides)
 
     async def available_slots(
@@ -278,22 +280,35 @@ class BookingService:
         request_fingerprint = fingerprint(client_id, therapist_id, session_type_id, start.isoformat())
         async with self._pool.acquire() as connection:
             therapist, session_type, schedule = await self._booking_context(connection, therapist_id, session_type_id)
-            booking_id = await self._claim_attempt(connection, request_id, request_fingerprint)
-            finished = await store.fetch_booking(connection, booking_id)
-            if finished is not None:
+            # The rules that need no database first; their verdicts go with the claim below, which
+            # applies them as before: after the look-up of a finished booking, forgetting the
+            # attempt when a rule or a conflict refuses (so a retry after that starts afresh).
+            blocked, blocked_error = _attempt(
+                lambda: availability.session_blocked_interval(schedule, start, session_type.duration)
+            )
+            _, bookable_error = _attempt(
+                lambda: availability.check_bookable(schedule, start, session_type.duration, self._clock())
+            )
+            claim = await self._claim_attempt(
+                connection,
+                request_id,
+                request_fingerprint,
+                therapist_id,
+                None if blocked is None else (blocked.start, blocked.end),
+                bookable=bookable_error is None,
+            )
+            booking_id = claim.booking_id
+            if claim.finished:
+                finished = await store.fetch_booking(connection, booking_id)
+                assert finished is not None  # sessions are never deleted
                 return finished  # a repeat of a request that already made its booking
-            blocked = _check(lambda: availability.session_blocked_interval(schedule, start, session_type.duration))
-            try:
-                _check(lambda: availability.check_bookable(schedule, start, session_type.duration, self._clock()))
-                # This booking's own session is no conflict: a concurrent repeat of this request may
-                # have inserted it since the look-up above; going on is safe (the hold is idempotent
-                # by booking id and the locked step returns the existing session), whereas refusing
-                # would forget the attempt and break every later repeat of a confirmed booking.
-                if await store.slot_conflicts(connection, therapist_id, (blocked.start, blocked.end), booking_id):
-                    raise SlotUnavailable(start)
-            except DomainError:
-                await store.forget_attempt(connection, request_id, booking_id)
-                raise
+        if blocked_error is not None:
+            raise blocked_error
+        assert blocked is not None
+        if bookable_error is not None:
+            raise bookable_error
+        if claim.conflict:
+            raise SlotUnavailable(start)
         draft = Booking(
             booking_id=booking_id,
             request_id=request_id,
@@ -320,18 +335,30 @@ class BookingService:
         self._crash_if("after_booking_commit")
         return await self._commit_payment_or_defer(booking)
 
-    async def _claim_attempt(self, connection: Connection, request_id: str, request_fingerprint: str) -> uuid.UUID:
-        booking_id, recorded = await store.claim_attempt(connection, request_id, uuid.uuid4(), request_fingerprint)
-        if recorded != request_fingerprint:
-            raise RequestIdReused(request_id)
-        if await store.fetch_decision(connection, booking_id) == "abort":
+    async def _claim_attempt(
+        self,
+        connection: Connection,
+        request_id: str,
+        request_fingerprint: str,
+        therapist_id: uuid.UUID,
+        blocked: tuple[datetime, datetime] | None,
+        *,
+        bookable: bool,
+    ) -> store.Claim:
+        """Binds request_id to a booking id and pre-checks the slot, in one call (migration 0003)."""
+        for _ in range(CLAIM_ATTEMPTS):
+            claim = await store.claim_attempt_and_precheck(
+                connection, request_id, uuid.uuid4(), request_fingerprint, therapist_id, blocked, bookable
+            )
+            if claim.fingerprint != request_fingerprint:
+                raise RequestIdReused(request_id)
+            if not claim.aborted:
+                return claim
             # An earlier try of this request was aborted (by the reconciler, after a crash or a
-            # long outage): its booking id can never commit, so this try starts over with a new one.
-            fresh = uuid.uuid4()
-            if await store.replace_attempt(connection, request_id, booking_id, fresh):
-                return fresh
-            booking_id, _ = await store.claim_attempt(connection, request_id, fresh, request_fingerprint)
-        return booking_id
+            # long outage): its booking id can never commit, so this try starts over with a new
+            # one. Whoever replaces it first wins; the next claim returns the winner's id.
+            await store.replace_attempt(connection, request_id, claim.booking_id, uuid.uuid4())
+        raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
 
     async def _reserve(self, draft: Booking) -> None:
         reference = f"{RESERVATION_REFERENCE_PREFIX}{draft.booking_id}"
@@ -346,31 +373,20 @@ class BookingService:
         # continues with the same id; if nobody retries, the reconciler releases the hold.
 
     async def _decide(self, draft: Booking, blocked: tuple[datetime, datetime]) -> Booking:
-        async def work(connection: Connection) -> Booking:
-            await store.set_lock_timeout(connection, self._settings.lock_timeout_ms)
-            await store.lock_therapist_calendar(connection, draft.therapist_id)
-            existing = await store.fetch_booking(connection, draft.booking_id)
-            if existing is not None:
-                return existing  # a concurrent repeat of this request got here first
-            if await store.slot_conflicts(connection, draft.therapist_id, blocked, None):
-                raise SlotUnavailable(draft.starts_at)
-            if await store.record_decision(connection, draft.booking_id, "commit") != "commit":
-                raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
-            booking = await store.insert_booking(connection, draft, blocked)
-            await store.enqueue(connection, "commit_reservation", draft.booking_id)
-            # The side effects commit with the booking, and nothing waits for them.
-            await self._enqueue_notification(connection, "booking.confirmed", booking)
-            if self._video is not None:
-                await store.insert_video_room(connection, booking.booking_id, video_room_name(booking.booking_id))
-                await store.enqueue(connection, CREATE_VIDEO_ROOM, booking.booking_id)
-                booking = replace(booking, video_room=VideoRoom(VideoRoomState.PENDING, None, None))
-            return booking
+        """The commit point, in one call (booking.decide_booking, migration 0003): under the
+        therapist's lock, the conflict check again, the decision, the session, the outbox rows
+        (CommitReservation's retry, and the side effects, which commit with the booking and
+        nothing waits for)."""
+        confirmed = notification("booking.confirmed", draft, self._clock())
+        room_name = None if self._video is None else video_room_name(draft.booking_id)
+
+        async def work(connection: Connection) -> tuple[str, Booking | None]:
+            return await store.decide_booking(
+                connection, self._settings.lock_timeout_ms, draft, blocked, confirmed, room_name
+            )
 
         try:
-            booking = await in_transaction(self._pool, work)
-        except (SlotUnavailable, BookingAborted):
-            await self._abort(draft)
-            raise
+            outcome, booking = await autocommit(self._pool, work)
         except asyncpg.ExclusionViolationError as error:
             if error.constraint_name != "sessions_no_overlap":
                 raise
@@ -379,6 +395,18 @@ class BookingService:
         except asyncpg.LockNotAvailableError:
             await self._abort(draft)
             raise BookingAborted("the therapist's calendar is busy; retry with a new request_id") from None
+        if outcome == "conflict":
+            await self._abort(draft)
+            raise SlotUnavailable(draft.starts_at)
+        if outcome == "aborted":
+            await self._abort(draft)
+            raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
+        if booking is None:  # "existing": a concurrent repeat of this request got here first
+            async with self._pool.acquire() as connection:
+                booking = await store.fetch_booking(connection, draft.booking_id)
+            assert booking is not None
+        elif room_name is not None:
+            booking = replace(booking, video_room=VideoRoom(VideoRoomState.PENDING, None, None))
         log.info("booking_confirmed", booking_id=str(booking.booking_id), therapist_id=str(booking.therapist_id))
         return booking
 
@@ -409,10 +437,14 @@ class BookingService:
         except ReservationGone as gone:
             log.error("reservation_lost_before_commit", booking_id=str(booking_id), reason=gone.reason)
             return await self._cancel_unpaid(booking_id)
-        async with self._pool.acquire() as connection, connection.transaction():
-            await store.mark_payment(connection, booking_id, expected=PaymentStatus.COMMITTING, new=PaymentStatus.PAID)
-            await store.outbox_delivered(connection, booking_id, "commit_reservation")
-            booking = await store.fetch_booking(connection, booking_id)
+        async with self._pool.acquire() as connection:
+            booking = await store.mark_payment_delivered(
+                connection,
+                booking_id,
+                expected=PaymentStatus.COMMITTING,
+                new=PaymentStatus.PAID,
+                delivered=("commit_reservation",),
+            )
         assert booking is not None
         return booking
 
@@ -748,6 +780,14 @@ class BookingService:
                 await store.set_video_room(connection, revived.booking_id, VideoRoomState.PENDING)
         log.info("dead_letter_retried", event_id=str(event_id), kind=revived.kind)
         return revived
+
+
+def _attempt(action: Callable[[], T]) -> tuple[T | None, DomainError | None]:
+    """Runs an availability rule: (its value, None), or (None, the domain error it refused with)."""
+    try:
+        return _check(action), None
+    except DomainError as error:
+        return None, error
 
 
 def _check(action: Callable[[], T]) -> T:

@@ -6,6 +6,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime
+from typing import Any
 
 import asyncpg
 from asyncpg import Range
@@ -39,6 +40,10 @@ _BOOKING_COLUMNS = (
 )
 
 
+_THERAPIST_FIELDS = tuple(column.strip() for column in _THERAPIST_COLUMNS.split(","))
+_SESSION_TYPE_FIELDS = tuple(column.strip() for column in _SESSION_TYPE_COLUMNS.split(","))
+
+
 def _therapist(row: asyncpg.Record) -> Therapist:
     return Therapist(**dict(row))
 
@@ -56,7 +61,10 @@ _SESSIONS_WITH_ROOM = "booking.sessions s LEFT JOIN booking.video_rooms v USING 
 
 
 def _booking(row: asyncpg.Record) -> Booking:
-    values = dict(row)
+    return _booking_from(dict(row))
+
+
+def _booking_from(values: dict[str, Any]) -> Booking:
     if "video_state" in values:
         state = values.pop("video_state")
         url = values.pop("video_url")
@@ -182,6 +190,43 @@ async def overrides(
     ]
 
 
+async def booking_context(
+    connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
+) -> tuple[Therapist, SessionType | None, list[WeeklyWindowMinutes], list[DateOverride]] | None:
+    """Everything a booking's rules need, in one round trip: the therapist (None: not found), the
+    session type if it exists (whoever's it is: the caller checks), the weekly windows and every
+    date override. Windows of overrides come flattened, as (date, start, end) in array order."""
+    row = await connection.fetchrow(
+        f"""SELECT {", ".join(f"t.{column}" for column in _THERAPIST_FIELDS)},
+                   st.session_type_id AS st_session_type_id, st.therapist_id AS st_therapist_id,
+                   st.name AS st_name, st.duration_minutes AS st_duration_minutes, st.credit_cost AS st_credit_cost,
+                   ARRAY(SELECT ROW(w.weekday, w.start_minute, w.end_minute) FROM booking.weekly_windows w
+                          WHERE w.therapist_id = t.therapist_id ORDER BY w.weekday, w.start_minute) AS weekly,
+                   ARRAY(SELECT o.local_date FROM booking.date_overrides o
+                          WHERE o.therapist_id = t.therapist_id ORDER BY o.local_date) AS override_dates,
+                   ARRAY(SELECT ROW(o.local_date, lower(w.window_range), upper(w.window_range))
+                           FROM booking.date_overrides o, unnest(o.windows) WITH ORDINALITY AS w(window_range, position)
+                          WHERE o.therapist_id = t.therapist_id ORDER BY o.local_date, w.position) AS override_windows
+              FROM booking.therapists t
+              LEFT JOIN booking.session_types st ON st.session_type_id = $2
+             WHERE t.therapist_id = $1""",
+        therapist_id,
+        session_type_id,
+    )
+    if row is None:
+        return None
+    therapist = Therapist(**{column: row[column] for column in _THERAPIST_FIELDS})
+    session_type = None
+    if row["st_session_type_id"] is not None:
+        session_type = SessionType(**{column: row[f"st_{column}"] for column in _SESSION_TYPE_FIELDS})
+    weekly = [WeeklyWindowMinutes(weekday, start, end) for weekday, start, end in row["weekly"]]
+    windows: dict[date, list[tuple[int, int]]] = {local_date: [] for local_date in row["override_dates"]}
+    for local_date, start, end in row["override_windows"]:
+        windows[local_date].append((start, end))
+    overrides = [DateOverride(local_date.isoformat(), tuple(spans)) for local_date, spans in windows.items()]
+    return therapist, session_type, weekly, overrides
+
+
 # --- session types ---
 
 
@@ -205,14 +250,6 @@ async def insert_session_type(connection: Connection, request_id: str, session_t
 async def session_type_by_request(connection: Connection, request_id: str) -> SessionType | None:
     row = await connection.fetchrow(
         f"SELECT {_SESSION_TYPE_COLUMNS} FROM booking.session_types WHERE request_id = $1", request_id
-    )
-    return None if row is None else _session_type(row)
-
-
-async def fetch_session_type(connection: Connection, session_type_id: uuid.UUID) -> SessionType | None:
-    row = await connection.fetchrow(
-        f"SELECT {_SESSION_TYPE_COLUMNS} FROM booking.session_types WHERE session_type_id = $1",
-        session_type_id,
     )
     return None if row is None else _session_type(row)
 
@@ -271,29 +308,80 @@ async def set_lock_timeout(connection: Connection, lock_timeout_ms: int) -> None
     await connection.execute(f"SET LOCAL lock_timeout = {int(lock_timeout_ms)}")
 
 
-async def claim_attempt(
-    connection: Connection, request_id: str, booking_id: uuid.UUID, fingerprint: str
-) -> tuple[uuid.UUID, str]:
-    """The (booking_id, fingerprint) for request_id: ours if new, else the first caller's."""
+@dataclass(frozen=True)
+class Claim:
+    """What booking.claim_attempt_and_precheck found (migration 0003)."""
+
+    booking_id: uuid.UUID
+    fingerprint: str
+    aborted: bool  # the bound booking id was aborted: start over with a new one
+    finished: bool  # its session exists: a repeat of a request that made its booking
+    conflict: bool  # another session takes the slot (the attempt was forgotten)
+
+
+async def claim_attempt_and_precheck(
+    connection: Connection,
+    request_id: str,
+    booking_id: uuid.UUID,
+    fingerprint: str,
+    therapist_id: uuid.UUID,
+    blocked: tuple[datetime, datetime] | None,
+    bookable: bool,
+) -> Claim:
+    """Binds request_id to a booking id (ours if new) and pre-checks the slot, in one call; see
+    the function's comment for what `blocked` None and `bookable` False do."""
     row = await connection.fetchrow(
-        """WITH inserted AS (
-               INSERT INTO booking.booking_attempts (request_id, booking_id, fingerprint)
-               VALUES ($1, $2, $3) ON CONFLICT (request_id) DO NOTHING
-               RETURNING booking_id, fingerprint)
-           SELECT booking_id, fingerprint FROM inserted
-           UNION ALL
-           SELECT booking_id, fingerprint FROM booking.booking_attempts WHERE request_id = $1
-           LIMIT 1""",
+        """SELECT booking_id, fingerprint, aborted, finished, conflict
+             FROM booking.claim_attempt_and_precheck($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7)""",
         request_id,
         booking_id,
         fingerprint,
+        therapist_id,
+        blocked[0] if blocked else None,
+        blocked[1] if blocked else None,
+        bookable,
     )
-    if row is None:  # inserted by a concurrent transaction not yet visible to the CTE's snapshot
-        row = await connection.fetchrow(
-            "SELECT booking_id, fingerprint FROM booking.booking_attempts WHERE request_id = $1", request_id
-        )
     assert row is not None
-    return row["booking_id"], row["fingerprint"]
+    return Claim(row["booking_id"], row["fingerprint"], row["aborted"], row["finished"], row["conflict"])
+
+
+async def decide_booking(
+    connection: Connection,
+    lock_timeout_ms: int,
+    booking: Booking,
+    blocked: tuple[datetime, datetime],
+    notification: dict[str, object],
+    video_room_name: str | None,
+) -> tuple[str, Booking | None]:
+    """The locked step in one call (booking.decide_booking, migration 0003): ('inserted', the new
+    session), ('existing', None: a concurrent repeat of this request got here first), or
+    ('conflict' or 'aborted', None)."""
+    row = await connection.fetchrow(
+        f"""SELECT outcome, {_BOOKING_COLUMNS}
+              FROM booking.decide_booking($1, $2, $3, $4, $5, $6, $7, $8, tstzrange($9, $10, '[)'), $11, $12,
+                                          $13::jsonb, $14)""",
+        lock_timeout_ms,
+        booking.booking_id,
+        booking.request_id,
+        booking.client_id,
+        booking.therapist_id,
+        booking.session_type_id,
+        booking.starts_at,
+        booking.ends_at,
+        blocked[0],
+        blocked[1],
+        booking.time_zone,
+        booking.credit_cost,
+        json.dumps(notification),
+        video_room_name,
+    )
+    assert row is not None
+    outcome = str(row["outcome"])
+    if outcome != "inserted":
+        return outcome, None
+    values = dict(row)
+    del values["outcome"]
+    return outcome, _booking_from(values)
 
 
 async def replace_attempt(connection: Connection, request_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
@@ -337,36 +425,6 @@ async def record_decision(connection: Connection, reservation_id: uuid.UUID, dec
     return value
 
 
-async def fetch_decision(connection: Connection, reservation_id: uuid.UUID) -> str | None:
-    value = await connection.fetchval(
-        "SELECT decision FROM booking.decisions WHERE reservation_id = $1", reservation_id
-    )
-    return None if value is None else str(value)
-
-
-async def insert_booking(connection: Connection, booking: Booking, blocked: tuple[datetime, datetime]) -> Booking:
-    row = await connection.fetchrow(
-        f"""INSERT INTO booking.sessions
-               (booking_id, request_id, client_id, therapist_id, session_type_id, starts_at, ends_at,
-                blocked, time_zone, credit_cost)
-            VALUES ($1, $2, $3, $4, $5, $6, $7, tstzrange($8, $9, '[)'), $10, $11)
-            RETURNING {_BOOKING_COLUMNS}""",
-        booking.booking_id,
-        booking.request_id,
-        booking.client_id,
-        booking.therapist_id,
-        booking.session_type_id,
-        booking.starts_at,
-        booking.ends_at,
-        blocked[0],
-        blocked[1],
-        booking.time_zone,
-        booking.credit_cost,
-    )
-    assert row is not None
-    return _booking(row)
-
-
 async def fetch_booking(connection: Connection, booking_id: uuid.UUID, *, for_update: bool = False) -> Booking | None:
     lock = " FOR UPDATE OF s" if for_update else ""  # not the room: the nullable side of the join
     row = await connection.fetchrow(
@@ -386,6 +444,41 @@ async def mark_payment(
         new.value,
     )
     return bool(result == "UPDATE 1")
+
+
+async def mark_payment_delivered(
+    connection: Connection,
+    booking_id: uuid.UUID,
+    *,
+    expected: PaymentStatus,
+    new: PaymentStatus,
+    delivered: tuple[str, ...],
+) -> Booking | None:
+    """In one statement: the payment status moves from `expected` to `new` (if it is still
+    `expected`) and the pending outbox rows of the `delivered` kinds are marked delivered (the work
+    was done inline); returns the booking as it is after that (None: no such booking).
+
+    When the status was no longer `expected` (the outbox worker got there first), the booking is
+    read again by a statement of its own: the first statement's snapshot may predate the change
+    that made its UPDATE skip the row, and must not be returned as the booking's state."""
+    row = await connection.fetchrow(
+        f"""WITH marked AS (
+                UPDATE booking.sessions SET payment_status = $3, updated_at = now()
+                 WHERE booking_id = $1 AND payment_status = $2
+             RETURNING {_BOOKING_COLUMNS}
+            ), delivered AS (
+                UPDATE booking.outbox SET status = 'delivered', updated_at = now()
+                 WHERE booking_id = $1 AND kind = ANY($4::text[]) AND status = 'pending'
+            )
+            SELECT {_BOOKING_WITH_ROOM} FROM marked s LEFT JOIN booking.video_rooms v USING (booking_id)""",
+        booking_id,
+        expected.value,
+        new.value,
+        list(delivered),
+    )
+    if row is None:
+        return await fetch_booking(connection, booking_id)
+    return _booking(row)
 
 
 async def cancel_booking(
@@ -631,15 +724,6 @@ async def revive_dead_letter(connection: Connection, event_id: uuid.UUID) -> Dea
 
 
 # --- video rooms ---
-
-
-async def insert_video_room(connection: Connection, booking_id: uuid.UUID, room_name: str) -> None:
-    await connection.execute(
-        """INSERT INTO booking.video_rooms (booking_id, room_name) VALUES ($1, $2)
-           ON CONFLICT (booking_id) DO NOTHING""",
-        booking_id,
-        room_name,
-    )
 
 
 async def set_video_room(

@@ -17,11 +17,9 @@ from credit_service import store
 from credit_service.domain import (
     AccountNotFound,
     Balance,
-    EntryKind,
     GrantKind,
     InsufficientCredits,
     LedgerEntry,
-    Movement,
     NoAccountToReserveFrom,
     RequestIdReused,
     Reservation,
@@ -31,10 +29,12 @@ from credit_service.domain import (
     Transition,
 )
 from service_kit.connection import Connection
-from service_kit.database import Database, in_transaction
+from service_kit.database import Database, autocommit, in_transaction
 from service_kit.pagination import Page
 
 log = structlog.get_logger()
+# Reads and compare-and-sets of one transition: the state machine moves at most twice after a read.
+TRANSITION_ATTEMPTS = 4
 
 
 class CreditService:
@@ -80,28 +80,12 @@ class CreditService:
     async def reserve(
         self, reservation_id: uuid.UUID, owner_id: uuid.UUID, amount: int, reference: str
     ) -> tuple[Reservation, Balance]:
-        async def work(connection: Connection) -> tuple[Reservation, Balance]:
-            reservation = await store.fetch_reservation(connection, reservation_id)
-            if reservation is None:
-                reservation = await store.insert_reservation(
-                    connection, reservation_id, owner_id, amount, reference, self._reservation_ttl_s
-                )
-                if reservation is not None:
-                    await store.write_movements(
-                        connection, owner_id, reservation_id, [Movement(EntryKind.RESERVE, amount)]
-                    )
-                    log.info("credits_reserved", reservation_id=str(reservation_id), amount=amount)
-                else:  # a concurrent call with this id committed first
-                    reservation = await store.fetch_reservation(connection, reservation_id)
-                    assert reservation is not None
-            if not reservation.same_request(owner_id, amount, reference):
-                raise ReservationIdReused(reservation)
-            balance = await store.fetch_balance(connection, owner_id)
-            assert balance is not None
-            return reservation, balance
+        async def work(connection: Connection) -> tuple[Reservation, bool, Balance | None]:
+            return await store.reserve(connection, reservation_id, owner_id, amount, reference, self._reservation_ttl_s)
 
         try:
-            return await in_transaction(self._database.pool, work)
+            # One call does it all (migration 0002), so no explicit transaction is needed.
+            reservation, created, balance = await autocommit(self._database.pool, work)
         except asyncpg.ForeignKeyViolationError as error:
             if error.constraint_name == "reservations_owner_id_fkey":
                 raise NoAccountToReserveFrom(owner_id) from None
@@ -109,8 +93,14 @@ class CreditService:
         except asyncpg.CheckViolationError as error:
             if error.constraint_name != "accounts_available_nonnegative":
                 raise
-            balance = await self.balance(owner_id)
-            raise InsufficientCredits(owner_id, amount, balance.available) from None
+            current = await self.balance(owner_id)
+            raise InsufficientCredits(owner_id, amount, current.available) from None
+        if not reservation.same_request(owner_id, amount, reference):
+            raise ReservationIdReused(reservation)
+        if created:
+            log.info("credits_reserved", reservation_id=str(reservation_id), amount=amount)
+        assert balance is not None, owner_id  # the hold's own owner has an account
+        return reservation, balance
 
     async def commit(self, reservation_id: uuid.UUID, amount: int | None) -> Reservation:
         return await self._transition(reservation_id, lambda r: r.plan_commit(amount))
@@ -122,26 +112,34 @@ class CreditService:
         return await self._transition(reservation_id, lambda r: r.plan_refund(amount))
 
     async def _transition(self, reservation_id: uuid.UUID, plan: Callable[[Reservation], Transition]) -> Reservation:
-        async def work(connection: Connection) -> Reservation:
-            # FOR UPDATE serializes concurrent transitions of one reservation: the second one
-            # sees the first one's result and plans from it (exactly one transition happens).
-            current = await store.fetch_reservation(connection, reservation_id, for_update=True)
-            if current is None:
-                raise ReservationNotFound(reservation_id)
-            transition = plan(current)
-            if not transition.changes_anything:
-                return current
-            await store.write_movements(connection, current.owner_id, reservation_id, transition.movements)
-            after = await store.update_reservation(connection, transition.after)
-            log.info(
-                "reservation_transitioned",
-                reservation_id=str(reservation_id),
-                from_status=current.status.value,
-                to_status=after.status.value,
-            )
-            return after
+        """Reads, plans in the domain, then applies the plan as one compare-and-set statement
+        (`store.apply_transition`): two round trips and no explicit transaction. When another
+        transition wins between the read and the write, it plans again from the new state; the
+        state machine moves at most twice, so a bounded number of tries always suffices."""
 
-        return await in_transaction(self._database.pool, work)
+        async def work(connection: Connection) -> tuple[Reservation, Reservation | None]:
+            for _ in range(TRANSITION_ATTEMPTS):
+                current = await store.fetch_reservation(connection, reservation_id)
+                if current is None:
+                    raise ReservationNotFound(reservation_id)
+                transition = plan(current)
+                if not transition.changes_anything:
+                    return current, None  # a repeat of a finished transition
+                after = await store.apply_transition(connection, transition, planned_from=current.status)
+                if after is not None:
+                    return current, after
+            raise AssertionError(f"reservation {reservation_id} changed more often than its state machine allows")
+
+        before, after = await autocommit(self._database.pool, work)
+        if after is None:
+            return before
+        log.info(
+            "reservation_transitioned",
+            reservation_id=str(reservation_id),
+            from_status=before.status.value,
+            to_status=after.status.value,
+        )
+        return after
 
     async def get_reservation(self, reservation_id: uuid.UUID) -> Reservation:
         async with self._database.pool.acquire() as connection:

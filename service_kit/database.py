@@ -117,6 +117,10 @@ class Database:
             command_timeout=self._settings.database_command_timeout_s,
             timeout=CONNECT_TIMEOUT_S,
             max_inactive_connection_lifetime=300.0,
+            # A statement outside an explicit transaction (`autocommit`) is a transaction of its
+            # own: name its isolation level here rather than trust the server's default.
+            server_settings={"default_transaction_isolation": "read committed"},
+            reset=_keep_session,
         )
         assert pool is not None
         return pool
@@ -129,6 +133,37 @@ class Database:
             await asyncio.wait_for(pool.close(), timeout_s)
         except TimeoutError:
             pool.terminate()
+
+
+async def _keep_session(connection: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's reset between two borrowers, without asyncpg's default reset query
+    (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`), which costs a round trip per
+    borrow. Nothing here changes session state: settings are `SET LOCAL` or `set_config(..., true)`,
+    advisory locks are transaction-scoped (CONVENTIONS.md), there are no cursors or LISTENs
+    outside a transaction. asyncpg still rolls back a transaction left open before calling this."""
+    del connection
+
+
+async def autocommit(
+    pool: asyncpg.Pool, work: Callable[[Connection], Awaitable[T]], *, attempts: int = TRANSACTION_ATTEMPTS
+) -> T:
+    """Runs `work` on a pooled connection outside any explicit transaction: each statement it
+    sends is a READ COMMITTED transaction of its own (see `_create_pool`), so each must keep every
+    invariant on its own (one statement, one database function, or a compare-and-set). Saves the
+    BEGIN and COMMIT round trips of `in_transaction`; retries the same way on serialization
+    failure or deadlock, so `work` must be safe to run again."""
+    assert attempts >= 1
+    for attempt in range(1, attempts + 1):
+        try:
+            async with pool.acquire() as connection:
+                return await work(connection)
+        except RETRYABLE_ERRORS as error:
+            if attempt == attempts:
+                raise
+            delay_s = RETRY_BASE_DELAY_S * 2**attempt * random.uniform(0.5, 1.5)  # jitter, not crypto
+            log.info("statement_retried", attempt=attempt, error=type(error).__name__, delay_s=round(delay_s, 3))
+            await asyncio.sleep(delay_s)
+    raise AssertionError("unreachable")
 
 
 async def in_transaction(

@@ -1,0 +1,262 @@
+"""python -m bench: the two-service design against the single-transaction baseline.
+
+    python -m bench [--concurrency 32] [--duration-s 20] [--scenarios spread,hot,contended]
+                    [--smoke] [--out bench-results/]
+
+Exits 0 when every correctness check passed, 1 when one failed (the table says which); speed
+is reported, never judged by the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import shlex
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import uvloop
+
+from bench import checks, report, scenarios
+from bench.loadgen import MEASURE_END, MEASURE_START
+from bench.stack import ROOT, TOKEN_AUDIENCE, TOKEN_ISSUER, BenchStack
+
+DESIGNS = ("services", "baseline")
+SMOKE_CONCURRENCY = 4
+SMOKE_DURATION_S = 1.5
+SMOKE_WARMUP_S = 0.3
+# Beyond the run itself: starting the process, setting up the scenario, the last calls' deadlines.
+LOADGEN_GRACE_S = 90.0
+# Before each run, how idle the machine is (it is shared with other work), and when to warn.
+IDLE_SAMPLE_S = 0.5
+BUSY_IDLE_FRACTION = 0.8
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--concurrency", type=int, default=None, help="calls in flight (default 32; smoke 4)")
+    parser.add_argument("--duration-s", type=float, default=None, help="measured seconds per run (default 20)")
+    parser.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds first (default 2)")
+    parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIO_NAMES), help="comma-separated")
+    parser.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated: services,baseline")
+    parser.add_argument("--smoke", action="store_true", help="a few seconds in all, low concurrency")
+    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and SVG")
+    parser.add_argument("--postgres-url", help="an existing PostgreSQL server (default: an embedded one)")
+    parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs (kept on failure)")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for both services over their defaults (repeatable): BOOKING_DATABASE_POOL_MAX_SIZE=20",
+    )
+    arguments = parser.parse_args(argv)
+    if any("=" not in setting for setting in arguments.service_env):
+        parser.error("--service-env takes NAME=VALUE")
+    arguments.service_env = dict(setting.split("=", 1) for setting in arguments.service_env)
+    smoke = arguments.smoke
+    if arguments.concurrency is None:
+        arguments.concurrency = SMOKE_CONCURRENCY if smoke else 32
+    if arguments.duration_s is None:
+        arguments.duration_s = SMOKE_DURATION_S if smoke else 20.0
+    if arguments.warmup_s is None:
+        arguments.warmup_s = SMOKE_WARMUP_S if smoke else 2.0
+    arguments.scenarios = [s.strip() for s in arguments.scenarios.split(",") if s.strip()]
+    arguments.designs = [d.strip() for d in arguments.designs.split(",") if d.strip()]
+    unknown = set(arguments.scenarios) - set(scenarios.SCENARIO_NAMES)
+    if unknown or not arguments.scenarios:
+        parser.error(f"--scenarios: unknown {sorted(unknown)}; known: {', '.join(scenarios.SCENARIO_NAMES)}")
+    if set(arguments.designs) - set(DESIGNS) or not arguments.designs:
+        parser.error(f"--designs: choose from {', '.join(DESIGNS)}")
+    if not 1 <= arguments.concurrency <= 1024:
+        parser.error("--concurrency must be between 1 and 1024")
+    if not 0 < arguments.duration_s <= 3600 or not 0 <= arguments.warmup_s <= 600:
+        parser.error("--duration-s must be in (0, 3600] and --warmup-s in [0, 600]")
+    return arguments
+
+
+async def _postgres_facts(server_url: str) -> dict[str, str]:
+    connection = await asyncpg.connect(server_url, timeout=10)
+    try:
+        rows = await connection.fetch(
+            """SELECT name, setting || coalesce(' ' || unit, '') AS value FROM pg_settings
+                WHERE name IN ('server_version', 'shared_buffers', 'max_connections', 'synchronous_commit',
+                               'fsync', 'wal_level', 'max_wal_size')"""
+        )
+    finally:
+        await connection.close()
+    return {row["name"]: row["value"] for row in rows}
+
+
+async def _run_loadgen(arguments: argparse.Namespace, stack: BenchStack, design: str, scenario: str) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="bench-run-") as folder:
+        result_file = Path(folder) / "result.json"
+        command = [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            f"--design={design}",
+            f"--scenario={scenario}",
+            f"--concurrency={arguments.concurrency}",
+            f"--duration-s={arguments.duration_s}",
+            f"--warmup-s={arguments.warmup_s}",
+            f"--result-file={result_file}",
+            "--handshake",
+        ]
+        if design == "services":
+            assert stack.booking is not None and stack.credit is not None
+            command += [
+                f"--booking-target={stack.booking.address}",
+                f"--credit-target={stack.credit.address}",
+                f"--token-key-file={stack.token_key_file}",
+                f"--token-issuer={TOKEN_ISSUER}",
+                f"--token-audience={TOKEN_AUDIENCE}",
+            ]
+        else:
+            command += [f"--database-url={stack.baseline_url}"]
+        if arguments.quiet:
+            command.append("--quiet")
+        # Progress goes to our stderr as it comes, the measured window's edges to our pipe, and
+        # the result comes back through the file.
+        process = await asyncio.create_subprocess_exec(
+            *command, stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, cwd=ROOT
+        )
+        snapshots: dict[str, dict[str, dict[int, float]]] = {}
+        try:
+            async with asyncio.timeout(arguments.warmup_s + arguments.duration_s + LOADGEN_GRACE_S):
+                assert process.stdout is not None
+                async for line in process.stdout:
+                    marker = line.decode(errors="replace").strip()
+                    if marker in (MEASURE_START, MEASURE_END):
+                        snapshots[marker] = stack.cpu_snapshot(process.pid)
+                    if marker == MEASURE_END:
+                        assert process.stdin is not None
+                        process.stdin.write(b"done\n")
+                        await process.stdin.drain()
+                code = await process.wait()
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+        if code != 0:
+            raise RuntimeError(f"the load generator for {design}/{scenario} exited with {code}")
+        result: dict[str, Any] = json.loads(result_file.read_text(encoding="utf-8"))
+        if len(snapshots) == 2:
+            result["cpu_s"] = _cpu_spent(snapshots[MEASURE_START], snapshots[MEASURE_END])
+            result["cpu_s"]["loadgen"] = result["loadgen_cpu_s"]  # its own count, exactly the window
+        return result
+
+
+def _cpu_spent(before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]) -> dict[str, float | None]:
+    spent: dict[str, float | None] = {}
+    for component, pids in before.items():
+        common = pids.keys() & after[component].keys()
+        spent[component] = round(sum(after[component][p] - pids[p] for p in common), 3) if common else None
+    return spent
+
+
+def _cpu_per_call(result: dict[str, Any], design: str) -> dict[str, float | None]:
+    """CPU milliseconds per finished call of the measured window, by component, and their total
+    (the baseline's total leaves out the idle services). Robust where rates are not: on a shared
+    machine other work slows a run down, but barely changes what each call costs."""
+    spent = result.get("cpu_s") or {}
+    calls = result["acknowledged"] + sum(result["refused"].values()) + sum(result["errors"].values())
+    per_call: dict[str, float | None] = {
+        name: None if seconds is None or not calls else round(seconds * 1000 / calls, 3)
+        for name, seconds in spent.items()
+    }
+    counted = ("booking", "credit", "postgres", "loadgen") if design == "services" else ("postgres", "loadgen")
+    parts = [per_call.get(name) for name in counted]
+    per_call["total"] = None if any(p is None for p in parts) else round(sum(p or 0.0 for p in parts), 3)
+    return per_call
+
+
+async def _measure(arguments: argparse.Namespace, stack: BenchStack, design: str, scenario: str) -> dict[str, Any]:
+    idle = await asyncio.to_thread(report.cpu_idle_fraction, IDLE_SAMPLE_S)
+    if idle is not None and idle < BUSY_IDLE_FRACTION:
+        print(
+            f"warning: the CPUs were only {idle:.0%} idle before {design}/{scenario}: other load skews the figures",
+            file=sys.stderr,
+        )
+    peaks_reset = stack.reset_peaks() if design == "services" else False
+    result = await _run_loadgen(arguments, stack, design, scenario)
+    result["cpu_idle_before"] = idle
+    violations = checks.count_violations(result)
+    if design == "services":
+        result["peak_rss_kib"] = stack.peaks_kib()
+        result["peak_rss_since"] = "this run" if peaks_reset else "process start"
+        violations += await checks.services_violations(stack.booking_url, stack.credit_url, result)
+        if not stack.all_running():
+            violations.append("a service process exited during the run")
+    else:
+        violations += await checks.baseline_violations(stack.baseline_url, result)
+    result["cpu_ms_per_call"] = _cpu_per_call(result, design)
+    result["violations"] = violations
+    result["therapists"] = len(result["world"]["therapist_ids"])
+    result["clients"] = len(result["world"]["client_ids"])
+    del result["world"], result["booked_ids"]  # large, and only the checks need them
+    return result
+
+
+async def run(arguments: argparse.Namespace) -> int:
+    started_at = datetime.now(UTC)
+    stamp = started_at.strftime("%Y%m%dT%H%M%SZ")
+    document: dict[str, Any] = {
+        "started_at": started_at.isoformat(timespec="seconds"),
+        "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
+        "machine": report.machine(),
+        "options": {
+            "concurrency": arguments.concurrency,
+            "duration_s": arguments.duration_s,
+            "warmup_s": arguments.warmup_s,
+            "scenarios": arguments.scenarios,
+            "designs": arguments.designs,
+            "smoke": arguments.smoke,
+            "service_env": arguments.service_env,
+        },
+        "scenarios": {},
+    }
+    stack = BenchStack(
+        postgres_url=arguments.postgres_url, keep_logs=arguments.keep_logs, service_env=arguments.service_env
+    )
+    async with stack:
+        document["postgres"] = await _postgres_facts(stack.server_url)
+        for scenario in arguments.scenarios:
+            document["scenarios"][scenario] = {}
+            for design in arguments.designs:
+                document["scenarios"][scenario][design] = await _measure(arguments, stack, design, scenario)
+        failed = any(r["violations"] for s in document["scenarios"].values() for r in s.values())
+        if failed:
+            stack.keep_logs = True
+            print(f"services' logs kept in {stack.log_dir}", file=sys.stderr)
+    for scenario in document["scenarios"].values():
+        scenario_ratio = report.ratio(scenario)
+        scenario["ratio"] = None if scenario_ratio is None else round(scenario_ratio, 4)
+    document["must_show"] = report.must_show(document)
+    document["ok"] = not failed
+    json_path = arguments.out / f"{stamp}.json"
+    svg_path = arguments.out / f"{stamp}.svg"
+    report.write_json(document, json_path)
+    report.write_svg(document, svg_path)
+    print(report.table(document))
+    print(report.summary(document))
+    print(f"results: {json_path}  chart: {svg_path}")
+    return 1 if failed else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        return uvloop.run(run(arguments))
+    return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
