@@ -152,18 +152,12 @@ async def autocommit(
     invariant on its own (one statement, one database function, or a compare-and-set). Saves the
     BEGIN and COMMIT round trips of `in_transaction`; retries the same way on serialization
     failure or deadlock, so `work` must be safe to run again."""
-    assert attempts >= 1
-    for attempt in range(1, attempts + 1):
-        try:
-            async with pool.acquire() as connection:
-                return await work(connection)
-        except RETRYABLE_ERRORS as error:
-            if attempt == attempts:
-                raise
-            delay_s = RETRY_BASE_DELAY_S * 2**attempt * random.uniform(0.5, 1.5)  # jitter, not crypto
-            log.info("statement_retried", attempt=attempt, error=type(error).__name__, delay_s=round(delay_s, 3))
-            await asyncio.sleep(delay_s)
-    raise AssertionError("unreachable")
+
+    async def once() -> T:
+        async with pool.acquire() as connection:
+            return await work(connection)
+
+    return await _retrying(once, attempts, "statement_retried")
 
 
 async def in_transaction(
@@ -174,15 +168,25 @@ async def in_transaction(
     attempts: int = TRANSACTION_ATTEMPTS,
 ) -> T:
     """Runs `work` in one transaction, retrying the whole of it on serialization failure or deadlock."""
+
+    async def once() -> T:
+        async with pool.acquire() as connection, connection.transaction(isolation=isolation):
+            return await work(connection)
+
+    return await _retrying(once, attempts, "transaction_retried")
+
+
+async def _retrying(once: Callable[[], Awaitable[T]], attempts: int, event: str) -> T:
+    """Runs `once` again, a bounded number of times with jittered backoff, on serialization
+    failure or deadlock (40001, 40P01); every other error is the caller's to handle."""
     assert attempts >= 1
     for attempt in range(1, attempts + 1):
         try:
-            async with pool.acquire() as connection, connection.transaction(isolation=isolation):
-                return await work(connection)
+            return await once()
         except RETRYABLE_ERRORS as error:
             if attempt == attempts:
                 raise
             delay_s = RETRY_BASE_DELAY_S * 2**attempt * random.uniform(0.5, 1.5)  # jitter, not crypto
-            log.info("transaction_retried", attempt=attempt, error=type(error).__name__, delay_s=round(delay_s, 3))
+            log.info(event, attempt=attempt, error=type(error).__name__, delay_s=round(delay_s, 3))
             await asyncio.sleep(delay_s)
     raise AssertionError("unreachable")
