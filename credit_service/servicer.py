@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from datetime import UTC, datetime
 from typing import Any
 
@@ -16,7 +15,7 @@ from credit_service.service import CreditService
 from service_kit import pagination
 from service_kit.auth import ADMIN, CLIENT, SERVICE, AccessRules, anyone_with, either, own
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
-from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
+from service_kit.validation import Checks
 
 SERVICE_NAME = credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name
 ERROR_DOMAIN = SERVICE_NAME
@@ -224,8 +223,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         page_size = checks.page_size("page_size", request.page_size, default=DEFAULT_PAGE_SIZE, maximum=MAX_PAGE_SIZE)
         checks.done()
         filters = (owner_id, status_number, created_before)
-        cursor = pagination.decode(request.page_token, filters, arity=2)
-        after = _reservation_cursor(cursor)
+        after = pagination.decode_instant_and_id(request.page_token, filters)
         page = await self._service.list_reservations(
             owner_id=owner_id,
             status=_STATUS_FROM_PROTO.get(status_number),
@@ -236,7 +234,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         next_token = ""
         if page.has_more:
             last = page.items[-1]
-            next_token = pagination.encode([last.created_at.isoformat(), str(last.reservation_id)], filters)
+            next_token = pagination.encode_instant_and_id(last.created_at, last.reservation_id, filters)
         return credit_pb2.ListReservationsResponse(
             reservations=[reservation_message(r) for r in page.items], next_page_token=next_token
         )
@@ -261,17 +259,3 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         return credit_pb2.ListLedgerEntriesResponse(
             entries=[entry_message(e) for e in page.items], next_page_token=next_token
         )
-
-
-def _reservation_cursor(cursor: pagination.Cursor | None) -> tuple[datetime, uuid.UUID] | None:
-    if cursor is None:
-        return None
-    try:
-        created_at = datetime.fromisoformat(str(cursor[0]))
-        reservation_id = uuid.UUID(str(cursor[1]))
-    except ValueError:
-        raise InvalidArgument.of("page_token", "is not a page token from this API") from None
-    # A forged instant outside what the database can hold would fail deep in the driver (INTERNAL).
-    if created_at.tzinfo is None or not EARLIEST_INSTANT <= created_at < LATEST_INSTANT:
-        raise InvalidArgument.of("page_token", "is not a page token from this API")
-    return created_at, reservation_id
