@@ -13,7 +13,7 @@ PYTEST_ARGS ?=
 help:
 	@echo "make run    start PostgreSQL (embedded), both services and the gateway; Ctrl-C stops all"
 	@echo "make test   run the whole test suite against a real PostgreSQL"
-	@echo "make gen    regenerate gen/ from protos/"
+	@echo "make gen    regenerate gen/ and the Envoy configs from protos/"
 	@echo "make lint   ruff, mypy --strict, buf lint, buf breaking, generated-code freshness"
 	@echo "make chaos  5 minutes of faults against real processes, then every invariant"
 	@echo "make bench  the two services against the single-transaction baseline (docs/performance.md)"
@@ -28,8 +28,11 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	@touch $(STAMP)
 
+# Everything generated from protos/: gen/, then the two Envoy configs whose routes and descriptor come from it.
 gen: $(STAMP)
 	$(BIN)/python scripts/generate_protos.py
+	$(BIN)/python -m devstack render-envoy
+	$(BIN)/python deploy/k8s/render_gateway.py
 
 run: $(STAMP)
 	$(BIN)/python -m devstack run
@@ -44,6 +47,7 @@ lint: $(STAMP)
 	$(BIN)/buf lint
 	$(BIN)/python scripts/generate_protos.py --check
 	$(BIN)/python -m devstack render-envoy --check
+	$(BIN)/python deploy/k8s/render_gateway.py --check
 	$(BIN)/python scripts/buf_breaking.py
 
 # The two services against the single-transaction baseline (docs/performance.md). BENCH_ARGS="--concurrency 32".

@@ -11,6 +11,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service_kit import config
 from service_kit.auth import AuthSettings, load_private_key
+from service_kit.batching import BatchSettings
 from service_kit.config import ServerSettings
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
@@ -77,6 +78,14 @@ class BookingSettings:
     service_token: str | None
     service_token_ttl_s: float
     service_name: str
+    # Concurrent bookings' steps are coalesced into batches (service_kit/batching.py).
+    batching: BatchSettings
+    # Therapists whose schedules (the rules' inputs) are kept in memory, checked against the
+    # database's version at every claim (migration 0004).
+    context_cache_size: int
+    # The outbox retries a reservation's commit only this long after its booking was decided:
+    # the inline commit is normally done by then (a longer call has timed out long before).
+    commit_retry_after_s: float
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> BookingSettings:
@@ -117,6 +126,9 @@ class BookingSettings:
             service_token=env.get("BOOKING_SERVICE_TOKEN") or None,
             service_token_ttl_s=config.number(env, "BOOKING_SERVICE_TOKEN_TTL_S", 300.0, minimum=10.0, maximum=86400.0),
             service_name=config.text(env, "BOOKING_SERVICE_NAME", "booking-service"),
+            batching=BatchSettings.from_environment(env, "BOOKING"),
+            context_cache_size=config.integer(env, "BOOKING_CONTEXT_CACHE_SIZE", 4096, minimum=0, maximum=1_000_000),
+            commit_retry_after_s=config.number(env, "BOOKING_COMMIT_RETRY_AFTER_S", 10.0, minimum=0.0, maximum=3600.0),
         )
 
 

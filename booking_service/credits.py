@@ -4,19 +4,25 @@ Every call carries a deadline: the caller's remaining budget minus a margin, cap
 `call_timeout_s`, so a slow credit service gives a clear UNAVAILABLE or DEADLINE_EXCEEDED and
 never a hang. All the calls made here are idempotent by reservation id, so the channel retries
 them on UNAVAILABLE (a gRPC service-config retry policy, bounded).
+
+Reserves and commits of concurrent bookings are coalesced (service_kit/batching.py): a lone one
+goes out as ReserveCredits or CommitReservation with its caller's request id and trace; several
+at once go out as one BatchReserveCredits or BatchCommitReservations, each item with the outcome
+the single call would have had. Each caller still waits only its own budget.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
+from google.protobuf import message, timestamp_pb2
 
 from booking_service.domain import (
     CreditServiceTimeout,
@@ -26,10 +32,12 @@ from booking_service.domain import (
 )
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from service_kit.auth import ServiceToken
-from service_kit.errors import DomainError, error_details
+from service_kit.batching import DEFAULT_BATCHING, BatchObserver, BatchSettings, Coalescer
+from service_kit.errors import DomainError, ErrorDetails, error_details, status_message_details
 from service_kit.interceptor import outgoing_metadata, remaining_budget_s
 
 T = TypeVar("T")
+M = TypeVar("M", bound=message.Message)
 
 # Leave this much of the caller's budget for our own work after the credit call returns.
 DEADLINE_MARGIN_S = 0.2
@@ -97,6 +105,8 @@ class CreditClient:
         call_timeout_s: float,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         token: ServiceToken | None = None,
+        batching: BatchSettings = DEFAULT_BATCHING,
+        batch_observer: BatchObserver | None = None,
     ) -> None:
         """`interceptors` see every call (the client metrics); each call carries the request id
         and the trace of the RPC being served (`outgoing_metadata`), and this service's own token
@@ -113,8 +123,17 @@ class CreditClient:
         )
         self._stub = credit_pb2_grpc.CreditServiceStub(self._channel)
         self._call_timeout_s = call_timeout_s
+        # Concurrent bookings' reserves and commits travel together (service_kit/batching.py).
+        self._reserves: Coalescer[_Call[credit_pb2.ReserveCreditsRequest], None] = Coalescer(
+            "reserve_credits", self._reserve_batch, observer=batch_observer, **batching.bounds()
+        )
+        self._commits: Coalescer[_Call[credit_pb2.CommitReservationRequest], None] = Coalescer(
+            "commit_reservations", self._commit_batch, observer=batch_observer, **batching.bounds()
+        )
 
     async def close(self) -> None:
+        await self._reserves.close()
+        await self._commits.close()
         await self._channel.close()
 
     def _timeout_s(self) -> float:
@@ -138,11 +157,61 @@ class CreditClient:
         request = credit_pb2.ReserveCreditsRequest(
             reservation_id=str(reservation_id), owner_id=str(owner_id), amount=amount, reference=reference
         )
-        await self._call(self._stub.ReserveCredits(request, timeout=self._timeout_s(), metadata=self._metadata()))
+        await self._submit(self._reserves, request)
 
     async def commit(self, reservation_id: uuid.UUID) -> None:
         request = credit_pb2.CommitReservationRequest(reservation_id=str(reservation_id))
-        await self._call(self._stub.CommitReservation(request, timeout=self._timeout_s(), metadata=self._metadata()))
+        await self._submit(self._commits, request)
+
+    async def _submit(self, coalescer: Coalescer[_Call[M], None], request: M) -> None:
+        """One item through its coalescer, within this call's own budget: a caller whose budget
+        runs out stops waiting with CREDIT_SERVICE_TIMEOUT, whatever the batch it rode in does."""
+        timeout_s = self._timeout_s()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await coalescer.submit(_Call(request, self._metadata(), timeout_s))
+        except TimeoutError:
+            raise CreditServiceTimeout("the credit service did not answer in time; retry later") from None
+
+    async def _reserve_batch(self, calls: Sequence[_Call[credit_pb2.ReserveCreditsRequest]]) -> list[Exception | None]:
+        if len(calls) == 1:  # alone: the plain RPC, with its caller's request id and trace
+            return [await self._single(self._stub.ReserveCredits, calls[0])]
+        unique, positions = _unique(calls)
+        response = await self._call(
+            self._stub.BatchReserveCredits(
+                credit_pb2.BatchReserveCreditsRequest(requests=[call.request for call in unique]),
+                timeout=max(call.timeout_s for call in unique),
+                metadata=self._batch_metadata(),
+            )
+        )
+        return _fan_out([_item_outcome(result) for result in response.results], positions, len(unique))
+
+    async def _commit_batch(
+        self, calls: Sequence[_Call[credit_pb2.CommitReservationRequest]]
+    ) -> list[Exception | None]:
+        if len(calls) == 1:
+            return [await self._single(self._stub.CommitReservation, calls[0])]
+        unique, positions = _unique(calls)
+        response = await self._call(
+            self._stub.BatchCommitReservations(
+                credit_pb2.BatchCommitReservationsRequest(requests=[call.request for call in unique]),
+                timeout=max(call.timeout_s for call in unique),
+                metadata=self._batch_metadata(),
+            )
+        )
+        return _fan_out([_item_outcome(result) for result in response.results], positions, len(unique))
+
+    async def _single(self, method: Callable[..., Awaitable[object]], call: _Call[M]) -> Exception | None:
+        try:
+            await self._call(method(call.request, timeout=call.timeout_s, metadata=call.metadata))
+        except DomainError as refusal:
+            return refusal
+        return None
+
+    def _batch_metadata(self) -> tuple[tuple[str, str], ...]:
+        """A batch serves many callers: it carries this service's token and no caller's request id
+        or trace (the credit service starts its own; each reservation id names its booking)."""
+        return () if self._token is None else (self._token.metadata(),)
 
     async def cancel(self, reservation_id: uuid.UUID) -> None:
         request = credit_pb2.CancelReservationRequest(reservation_id=str(reservation_id))
@@ -175,8 +244,49 @@ class CreditClient:
         ]
 
 
+@dataclass(frozen=True)
+class _Call(Generic[M]):
+    """One caller's item: its request, the metadata and the timeout it would have called with."""
+
+    request: M
+    metadata: tuple[tuple[str, str], ...]
+    timeout_s: float
+
+
+def _unique(calls: Sequence[_Call[M]]) -> tuple[list[_Call[M]], list[int]]:
+    """The calls with each request once (two callers may ask for the same reservation at once:
+    a repeated booking, the outbox and the inline commit), and where each call's answer is."""
+    unique: list[_Call[M]] = []
+    index: dict[bytes, int] = {}
+    positions = []
+    for call in calls:
+        key = call.request.SerializeToString(deterministic=True)
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(call)
+        positions.append(index[key])
+    return unique, positions
+
+
+def _fan_out(outcomes: list[Exception | None], positions: list[int], expected: int) -> list[Exception | None]:
+    if len(outcomes) != expected:
+        raise UnexpectedCreditAnswer(f"the credit service answered {len(outcomes)} results for {expected} requests")
+    return [outcomes[position] for position in positions]
+
+
+def _item_outcome(result: credit_pb2.ReserveCreditsResult | credit_pb2.CommitReservationResult) -> Exception | None:
+    if result.WhichOneof("result") == "response":
+        return None
+    if result.WhichOneof("result") == "error":
+        return _translate_details(status_message_details(result.error))
+    return UnexpectedCreditAnswer("the credit service answered an item without a result")
+
+
 def _translate(error: grpc.aio.AioRpcError) -> DomainError:
-    details = error_details(error)
+    return _translate_details(error_details(error))
+
+
+def _translate_details(details: ErrorDetails) -> DomainError:
     code = details.code
     if code == grpc.StatusCode.UNAVAILABLE:
         return CreditServiceUnavailable("the credit service is unavailable; retry later")

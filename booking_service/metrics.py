@@ -14,7 +14,7 @@ import asyncio
 import math
 
 import grpc
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from booking.v1 import booking_pb2
 from booking_service import store
@@ -38,6 +38,7 @@ OUTCOMES = (
     "other",
 )
 RECONCILER_ACTIONS = ("committed", "released", "deferred")
+BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
 
 _REFUSAL_OUTCOMES = {
     "SLOT_UNAVAILABLE": "slot_unavailable",
@@ -92,6 +93,18 @@ class BookingMetrics:
             "Outbox rows that failed BOOKING_OUTBOX_MAX_ATTEMPTS times and are no longer retried.",
             registry=registry,
         )
+        # How well concurrent bookings coalesce (service_kit/batching.py): items per batch, and
+        # how long a batch takes, by step (claim_attempts, reserve_credits, decide_bookings, ...).
+        self.batch_size = Histogram(
+            "booking_batch_size",
+            "Items per coalesced batch, by step.",
+            ("step",),
+            buckets=BATCH_SIZE_BUCKETS,
+            registry=registry,
+        )
+        self.batch_seconds = Histogram(
+            "booking_batch_duration_seconds", "Time one coalesced batch took, by step.", ("step",), registry=registry
+        )
         # Every label value exists from the start, at zero, so that rate() sees the first one.
         for outcome in OUTCOMES:
             self.bookings.labels(outcome)
@@ -105,6 +118,11 @@ class BookingMetrics:
         del duration_s
         if service == SERVICE_NAME and rpc == CREATE_BOOKING:
             self.bookings.labels(booking_outcome(code, reason)).inc()
+
+    def batch_finished(self, step: str, size: int, duration_s: float) -> None:
+        """A coalescer observer (service_kit.batching.BatchObserver)."""
+        self.batch_size.labels(step).observe(size)
+        self.batch_seconds.labels(step).observe(duration_s)
 
     def reconciler_action(self, action: str) -> None:
         assert action in RECONCILER_ACTIONS, action

@@ -51,6 +51,8 @@ async def start(settings: BookingSettings) -> Runtime:
         call_timeout_s=settings.credit_call_timeout_s,
         interceptors=[runtime.grpc_metrics.client_interceptor()],
         token=service_token(settings),
+        batching=settings.batching,
+        batch_observer=metrics.batch_finished,
     )
     notifier = side_effects.notifier_from(settings)
     video = side_effects.video_provider_from(settings)
@@ -71,7 +73,7 @@ async def start(settings: BookingSettings) -> Runtime:
             ),
             workers=workers,
             observers=(metrics.rpc_finished,),
-            on_shutdown=[credits.close, notifier.close, *([video.close] if video is not None else [])],
+            on_shutdown=[service.close, credits.close, notifier.close, *([video.close] if video is not None else [])],
         )
 
     await runtime.start(parts)

@@ -20,8 +20,8 @@ import json
 import os
 import random
 import uuid
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol, TypeVar
 
@@ -64,7 +64,9 @@ from booking_service.domain import (
     video_room_window,
 )
 from booking_service.metrics import BookingMetrics
+from booking_service.rules_cache import BookingRules, RulesCache
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
+from service_kit.batching import Coalescer
 from service_kit.connection import Connection
 from service_kit.database import Database, autocommit, in_transaction
 from service_kit.errors import DomainError
@@ -122,6 +124,26 @@ class BookingService:
         self._notifier = notifier if notifier is not None else LogNotifier()
         # None: no video rooms at all (BOOKING_VIDEO_PROVIDER=none).
         self._video = video
+        self._rules = RulesCache(settings.context_cache_size)
+        # The database steps of concurrent bookings travel together (service_kit/batching.py),
+        # each as one call and one transaction for the lot: the claims, the locked decisions,
+        # and the marks of payment.
+        bounds = settings.batching.bounds()
+        observer = self._metrics.batch_finished
+        self._claims: Coalescer[store.ClaimRequest, store.Claim | None] = Coalescer(
+            "claim_attempts", self._claim_batch, observer=observer, **bounds
+        )
+        self._decisions: Coalescer[store.Decision, tuple[str, Booking | None]] = Coalescer(
+            "decide_bookings", self._decide_batch, observer=observer, **bounds
+        )
+        self._payments: Coalescer[uuid.UUID, store.PaidMark | None] = Coalescer(
+            "mark_paid", self._mark_paid_batch, observer=observer, **bounds
+        )
+
+    async def close(self) -> None:
+        """Stops the coalescers (after the server stopped taking calls)."""
+        for coalescer in (self._claims, self._decisions, self._payments):
+            await coalescer.close()
 
     @property
     def _pool(self) -> asyncpg.Pool:
@@ -239,13 +261,30 @@ class BookingService:
     async def _booking_context(
         self, connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
     ) -> tuple[Therapist, SessionType, availability.Schedule]:
+        rules = await self._read_rules(connection, therapist_id, session_type_id)
+        return rules.therapist, rules.session_type, rules.schedule
+
+    async def _read_rules(
+        self, connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
+    ) -> BookingRules:
         context = await store.booking_context(connection, therapist_id, session_type_id)
         if context is None:
             raise TherapistNotFound(therapist_id)
-        therapist, session_type, weekly, overrides = context
+        session_type = context.session_type
         if session_type is None or session_type.therapist_id != therapist_id:
             raise SessionTypeNotFound(session_type_id)
-        return therapist, session_type, schedule_of(therapist, weekly, overrides)
+        schedule = schedule_of(context.therapist, context.weekly, context.overrides)
+        return BookingRules(context.therapist, session_type, schedule, context.schedule_version)
+
+    async def _booking_rules(self, therapist_id: uuid.UUID, session_type_id: uuid.UUID) -> BookingRules:
+        """The rules' inputs from memory when they are there (rules_cache.py: the claim checks
+        their version), from the database otherwise."""
+        rules = self._rules.get(therapist_id, session_type_id)
+        if rules is None:
+            async with self._pool.acquire() as connection:
+                rules = await self._read_rules(connection, therapist_id, session_type_id)
+            self._rules.put(rules)
+        return rules
 
     async def available_slots(
         self, therapist_id: uuid.UUID, session_type_id: uuid.UUID, start: datetime, end: datetime
@@ -278,37 +317,19 @@ class BookingService:
         start: datetime,
     ) -> Booking:
         request_fingerprint = fingerprint(client_id, therapist_id, session_type_id, start.isoformat())
-        async with self._pool.acquire() as connection:
-            therapist, session_type, schedule = await self._booking_context(connection, therapist_id, session_type_id)
-            # The rules that need no database first; their verdicts go with the claim below, which
-            # applies them as before: after the look-up of a finished booking, forgetting the
-            # attempt when a rule or a conflict refuses (so a retry after that starts afresh).
-            blocked, blocked_error = _attempt(
-                lambda: availability.session_blocked_interval(schedule, start, session_type.duration)
-            )
-            _, bookable_error = _attempt(
-                lambda: availability.check_bookable(schedule, start, session_type.duration, self._clock())
-            )
-            claim = await self._claim_attempt(
-                connection,
-                request_id,
-                request_fingerprint,
-                therapist_id,
-                None if blocked is None else (blocked.start, blocked.end),
-                bookable=bookable_error is None,
-            )
-            booking_id = claim.booking_id
-            if claim.finished:
-                finished = await store.fetch_booking(connection, booking_id)
-                assert finished is not None  # sessions are never deleted
-                return finished  # a repeat of a request that already made its booking
-        if blocked_error is not None:
-            raise blocked_error
+        claim, rules, blocked, refusal = await self._claim_attempt(
+            request_id, request_fingerprint, therapist_id, session_type_id, start
+        )
+        booking_id = claim.booking_id
+        if claim.finished:
+            return await self.booking(booking_id)  # a repeat of a request that already made its booking
+        if refusal is not None:
+            raise refusal
         assert blocked is not None
-        if bookable_error is not None:
-            raise bookable_error
         if claim.conflict:
             raise SlotUnavailable(start)
+        session_type = rules.session_type
+        now = self._clock()
         draft = Booking(
             booking_id=booking_id,
             request_id=request_id,
@@ -317,7 +338,7 @@ class BookingService:
             session_type_id=session_type_id,
             starts_at=start,
             ends_at=start + session_type.duration,
-            time_zone=therapist.time_zone,
+            time_zone=rules.therapist.time_zone,
             credit_cost=session_type.credit_cost,
             status=BookingStatus.CONFIRMED,
             payment_status=PaymentStatus.COMMITTING,
@@ -326,8 +347,8 @@ class BookingService:
             refunded_credits=0,
             cancelled_at=None,
             reschedule_count=0,
-            created_at=self._clock(),
-            updated_at=self._clock(),
+            created_at=now,
+            updated_at=now,
         )
         await self._reserve(draft)
         self._crash_if("after_reserve")
@@ -337,28 +358,68 @@ class BookingService:
 
     async def _claim_attempt(
         self,
-        connection: Connection,
         request_id: str,
         request_fingerprint: str,
         therapist_id: uuid.UUID,
-        blocked: tuple[datetime, datetime] | None,
-        *,
-        bookable: bool,
-    ) -> store.Claim:
-        """Binds request_id to a booking id and pre-checks the slot, in one call (migration 0003)."""
+        session_type_id: uuid.UUID,
+        start: datetime,
+    ) -> tuple[store.Claim, BookingRules, availability.Interval | None, DomainError | None]:
+        """Checks the rules that need no database, then binds request_id to a booking id and
+        pre-checks the slot (booking.claim_attempts, migration 0004, with other bookings' claims).
+        Returns the claim, the rules' inputs, the blocked range and the rules' refusal, which the
+        caller raises after the look-up of a finished booking: the claim applies the verdicts as
+        before, forgetting the attempt when a rule or a conflict refuses (so a retry starts afresh)."""
+        stale = False
         for _ in range(CLAIM_ATTEMPTS):
-            claim = await store.claim_attempt_and_precheck(
-                connection, request_id, uuid.uuid4(), request_fingerprint, therapist_id, blocked, bookable
+            rules = await self._booking_rules(therapist_id, session_type_id)
+            blocked, blocked_error, bookable_error = self._rule_verdicts(rules, start)
+            claim = await self._claims.submit(
+                store.ClaimRequest(
+                    request_id=request_id,
+                    booking_id=uuid.uuid4(),
+                    fingerprint=request_fingerprint,
+                    therapist_id=therapist_id,
+                    blocked=None if blocked is None else (blocked.start, blocked.end),
+                    bookable=bookable_error is None,
+                    schedule_version=rules.schedule_version,
+                )
             )
+            stale = claim is None
+            if claim is None:
+                self._rules.forget(therapist_id)  # the schedule changed since it was read: again
+                continue
             if claim.fingerprint != request_fingerprint:
                 raise RequestIdReused(request_id)
             if not claim.aborted:
-                return claim
+                return claim, rules, blocked, blocked_error or bookable_error
             # An earlier try of this request was aborted (by the reconciler, after a crash or a
             # long outage): its booking id can never commit, so this try starts over with a new
             # one. Whoever replaces it first wins; the next claim returns the winner's id.
-            await store.replace_attempt(connection, request_id, claim.booking_id, uuid.uuid4())
+            async with self._pool.acquire() as connection:
+                await store.replace_attempt(connection, request_id, claim.booking_id, uuid.uuid4())
+        if stale:
+            raise BookingAborted("the therapist's schedule kept changing during this booking; retry")
         raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
+
+    def _rule_verdicts(
+        self, rules: BookingRules, start: datetime
+    ) -> tuple[availability.Interval | None, DomainError | None, DomainError | None]:
+        """The rules that need no database: the blocked range (or why it cannot be computed), and
+        whether the schedule takes a booking then (or why not)."""
+        duration = rules.session_type.duration
+        blocked, blocked_error = _attempt(
+            lambda: availability.session_blocked_interval(rules.schedule, start, duration)
+        )
+        _, bookable_error = _attempt(
+            lambda: availability.check_bookable(rules.schedule, start, duration, self._clock())
+        )
+        return blocked, blocked_error, bookable_error
+
+    async def _claim_batch(self, claims: Sequence[store.ClaimRequest]) -> list[store.Claim | None]:
+        async def work(connection: Connection) -> list[store.Claim | None]:
+            return await store.claim_attempts(connection, claims)
+
+        return await autocommit(self._pool, work)
 
     async def _reserve(self, draft: Booking) -> None:
         reference = f"{RESERVATION_REFERENCE_PREFIX}{draft.booking_id}"
@@ -373,20 +434,15 @@ class BookingService:
         # continues with the same id; if nobody retries, the reconciler releases the hold.
 
     async def _decide(self, draft: Booking, blocked: tuple[datetime, datetime]) -> Booking:
-        """The commit point, in one call (booking.decide_booking, migration 0003): under the
-        therapist's lock, the conflict check again, the decision, the session, the outbox rows
-        (CommitReservation's retry, and the side effects, which commit with the booking and
-        nothing waits for)."""
+        """The commit point (booking.decide_bookings, migration 0004, with other bookings'
+        decisions): under the therapist's lock, the conflict check again, the decision, the
+        session, the outbox rows (CommitReservation's retry, and the side effects, which commit
+        with the booking and nothing waits for). A conflict is decided `abort` in the same
+        transaction; what is left here is to release the hold."""
         confirmed = notification("booking.confirmed", draft, self._clock())
         room_name = None if self._video is None else video_room_name(draft.booking_id)
-
-        async def work(connection: Connection) -> tuple[str, Booking | None]:
-            return await store.decide_booking(
-                connection, self._settings.lock_timeout_ms, draft, blocked, confirmed, room_name
-            )
-
         try:
-            outcome, booking = await autocommit(self._pool, work)
+            outcome, booking = await self._decisions.submit(store.Decision(draft, blocked, confirmed, room_name))
         except asyncpg.ExclusionViolationError as error:
             if error.constraint_name != "sessions_no_overlap":
                 raise
@@ -396,19 +452,52 @@ class BookingService:
             await self._abort(draft)
             raise BookingAborted("the therapist's calendar is busy; retry with a new request_id") from None
         if outcome == "conflict":
-            await self._abort(draft)
+            await self._release(draft)
             raise SlotUnavailable(draft.starts_at)
         if outcome == "aborted":
             await self._abort(draft)
             raise BookingAborted("this booking attempt was aborted; retry with a new request_id")
         if booking is None:  # "existing": a concurrent repeat of this request got here first
-            async with self._pool.acquire() as connection:
-                booking = await store.fetch_booking(connection, draft.booking_id)
-            assert booking is not None
+            booking = await self.booking(draft.booking_id)
         elif room_name is not None:
             booking = replace(booking, video_room=VideoRoom(VideoRoomState.PENDING, None, None))
         log.info("booking_confirmed", booking_id=str(booking.booking_id), therapist_id=str(booking.therapist_id))
         return booking
+
+    async def _decide_batch(self, decisions: Sequence[store.Decision]) -> list[tuple[str, Booking | None] | Exception]:
+        """The locked step of many bookings in one transaction. A lock timeout or an exclusion
+        violation undoes the whole batch; each booking is then decided on its own, so that only
+        the one it concerns is refused."""
+        try:
+            return list(await self._decide_together(decisions))
+        except (asyncpg.LockNotAvailableError, asyncpg.ExclusionViolationError) as error:
+            if len(decisions) == 1:
+                return [error]
+            log.info("decide_batch_split", size=len(decisions), error=type(error).__name__)
+        outcomes: list[tuple[str, Booking | None] | Exception] = []
+        for decision in decisions:
+            try:
+                (outcome,) = await self._decide_together([decision])
+            except (asyncpg.LockNotAvailableError, asyncpg.ExclusionViolationError) as error:
+                outcomes.append(error)
+            else:
+                outcomes.append(outcome)
+        return outcomes
+
+    async def _decide_together(self, decisions: Sequence[store.Decision]) -> list[tuple[str, Booking | None]]:
+        async def work(connection: Connection) -> list[tuple[str, Booking | None]]:
+            return await store.decide_bookings(
+                connection, self._settings.lock_timeout_ms, self._settings.commit_retry_after_s, decisions
+            )
+
+        return await autocommit(self._pool, work)
+
+    async def _release(self, draft: Booking) -> None:
+        """Releases the hold of a booking decided `abort`; what fails here the reconciler finishes."""
+        try:
+            await self._credits.cancel(draft.booking_id)
+        except Exception as error:  # noqa: BLE001  # the refusal stands; recovery is the reconciler's
+            log.warning("booking_abort_deferred", booking_id=str(draft.booking_id), error=repr(error))
 
     async def _abort(self, draft: Booking) -> None:
         """Records `abort` and releases the hold; what fails here the reconciler finishes."""
@@ -423,30 +512,35 @@ class BookingService:
 
     async def _commit_payment_or_defer(self, booking: Booking) -> Booking:
         try:
-            return await self._commit_payment(booking.booking_id)
+            marked = await self._commit_payment(booking.booking_id)
         except DomainError as error:
             log.warning("reservation_commit_deferred", booking_id=str(booking.booking_id), reason=error.reason)
             return booking
+        if marked is None:  # no longer COMMITTING: the outbox marked it first, or it was cancelled
+            return await self.booking(booking.booking_id)
+        return replace(
+            booking, payment_status=PaymentStatus.PAID, updated_at=marked.updated_at, video_room=marked.video_room
+        )
 
-    async def _commit_payment(self, booking_id: uuid.UUID) -> Booking:
-        """Commits the hold of a decided booking and marks it paid; idempotent. A hold that can
-        no longer be committed (it expired) cancels the booking: no session stays unpaid."""
+    async def _commit_payment(self, booking_id: uuid.UUID) -> store.PaidMark | None:
+        """Commits the hold of a decided booking and marks it paid; idempotent. Returns the mark,
+        or None when the booking was not COMMITTING any more (read it again). A hold that can no
+        longer be committed (it expired) cancels the booking: no session stays unpaid."""
         self._crash_if("before_commit_reservation")
         try:
             await self._credits.commit(booking_id)
         except ReservationGone as gone:
             log.error("reservation_lost_before_commit", booking_id=str(booking_id), reason=gone.reason)
-            return await self._cancel_unpaid(booking_id)
-        async with self._pool.acquire() as connection:
-            booking = await store.mark_payment_delivered(
-                connection,
-                booking_id,
-                expected=PaymentStatus.COMMITTING,
-                new=PaymentStatus.PAID,
-                delivered=("commit_reservation",),
-            )
-        assert booking is not None
-        return booking
+            await self._cancel_unpaid(booking_id)
+            return None
+        return await self._payments.submit(booking_id)
+
+    async def _mark_paid_batch(self, booking_ids: Sequence[uuid.UUID]) -> list[store.PaidMark | None]:
+        async def work(connection: Connection) -> dict[uuid.UUID, store.PaidMark]:
+            return await store.mark_paid(connection, booking_ids)
+
+        marked = await autocommit(self._pool, work)
+        return [marked.get(booking_id) for booking_id in booking_ids]
 
     async def _cancel_unpaid(self, booking_id: uuid.UUID) -> Booking:
         async def work(connection: Connection) -> Booking:
@@ -672,22 +766,40 @@ class BookingService:
 
         Events of different bookings go out concurrently (the batch takes about one timeout, well
         inside the lease); those of one booking in order, so a room is never moved or deleted by
-        two workers of this process at once."""
+        two workers of this process at once. The bookings the video rooms follow are read once
+        for the batch, and every delivered event is marked so (with its room's new state) in one
+        statement at the end: a worker that dies before that leaves them to be delivered again
+        when their lease runs out (at-least-once, as always)."""
         async with self._pool.acquire() as connection:
             events = await store.lease_due_events(
                 connection, self._settings.outbox_batch_size, self._settings.outbox_lease_s
             )
+            room_bookings = {event.booking_id for event in events if event.kind in VIDEO_ROOM_KINDS}
+            bookings = await store.fetch_bookings(connection, list(room_bookings)) if room_bookings else {}
         by_booking: dict[uuid.UUID, list[store.OutboxEvent]] = {}
         for event in events:
             by_booking.setdefault(event.booking_id, []).append(event)
-        await asyncio.gather(*(self._deliver_in_order(group) for group in by_booking.values()))
+        delivered = Delivered()
+        await asyncio.gather(
+            *(
+                self._deliver_in_order(group, bookings.get(booking_id), delivered)
+                for booking_id, group in by_booking.items()
+            )
+        )
+        if delivered.event_ids:
+            async with self._pool.acquire() as connection:
+                await store.finish_events(connection, delivered.event_ids, delivered.rooms)
+            for booking_id, kind, state in delivered.synced:
+                log.info("video_room_synced", booking_id=str(booking_id), kind=kind, state=state.value)
         return len(events) == self._settings.outbox_batch_size
 
-    async def _deliver_in_order(self, events: list[store.OutboxEvent]) -> None:
+    async def _deliver_in_order(
+        self, events: list[store.OutboxEvent], booking: Booking | None, delivered: Delivered
+    ) -> None:
         for event in events:
-            await self._deliver(event)
+            await self._deliver(event, booking, delivered)
 
-    async def _deliver(self, event: store.OutboxEvent) -> None:
+    async def _deliver(self, event: store.OutboxEvent, booking: Booking | None, delivered: Delivered) -> None:
         try:
             if event.kind == "commit_reservation":
                 await self._commit_payment(event.booking_id)
@@ -696,8 +808,7 @@ class BookingService:
             elif event.kind == NOTIFICATION:
                 await self._notify(event)
             elif event.kind in VIDEO_ROOM_KINDS:
-                await self._sync_video_room(event)
-                return  # finished together with the room's state
+                await self._sync_video_room(event, booking, delivered)
             else:
                 raise AssertionError(f"unknown outbox event kind {event.kind}")
         except RetryLater as later:
@@ -710,8 +821,7 @@ class BookingService:
         except Exception as error:  # noqa: BLE001  # any failure counts as an attempt, so a poison event dead-letters
             await self._failed(event, repr(error), self._backoff_s(event.attempts))
             return
-        async with self._pool.acquire() as connection:
-            await store.finish_event(connection, event.event_id)
+        delivered.event_ids.append(event.event_id)
 
     def _backoff_s(self, attempts: int) -> float:
         """Exponential backoff with jitter (half to all of the doubled delay), bounded."""
@@ -741,11 +851,10 @@ class BookingService:
         body = json.dumps({"id": str(event.event_id), **event.payload}, sort_keys=True, separators=(",", ":"))
         await self._notifier.send(str(event.event_id), str(event.payload.get("type")), body.encode())
 
-    async def _sync_video_room(self, event: store.OutboxEvent) -> None:
-        """Brings the room to the booking's current state, whatever the event's kind: events of
-        one booking may be delivered late or retried out of order, the booking row is the truth."""
-        async with self._pool.acquire() as connection:
-            booking = await store.fetch_booking(connection, event.booking_id)
+    async def _sync_video_room(self, event: store.OutboxEvent, booking: Booking | None, delivered: Delivered) -> None:
+        """Brings the room to the booking's state as read for this batch, whatever the event's
+        kind: events of one booking may be delivered late or retried out of order, the booking
+        row is the truth. The room's new state is written with the event's delivery."""
         state, url = VideoRoomState.DELETED, None
         if booking is not None and booking.video_room is not None and self._video is not None:
             name = video_room_name(booking.booking_id)
@@ -757,11 +866,9 @@ class BookingService:
                 )
                 room = await self._video.ensure_room(name, opens_at, expires_at)
                 state, url = VideoRoomState.READY, room.url
-        async with self._pool.acquire() as connection, connection.transaction():
-            if booking is not None and booking.video_room is not None:
-                await store.set_video_room(connection, event.booking_id, state, url=url)
-            await store.finish_event(connection, event.event_id)
-        log.info("video_room_synced", booking_id=str(event.booking_id), kind=event.kind, state=state.value)
+        if booking is not None and booking.video_room is not None:
+            delivered.rooms[event.booking_id] = (state, url)
+        delivered.synced.append((event.booking_id, event.kind, state))
 
     # --- dead letters (admin) ---
 
@@ -780,6 +887,16 @@ class BookingService:
                 await store.set_video_room(connection, revived.booking_id, VideoRoomState.PENDING)
         log.info("dead_letter_retried", event_id=str(event_id), kind=revived.kind)
         return revived
+
+
+@dataclass
+class Delivered:
+    """What one outbox pass delivered, written back in one statement at its end."""
+
+    event_ids: list[uuid.UUID] = field(default_factory=list)
+    # The rooms' new states, by booking: the last event of a booking decides.
+    rooms: dict[uuid.UUID, tuple[VideoRoomState, str | None]] = field(default_factory=dict)
+    synced: list[tuple[uuid.UUID, str, VideoRoomState]] = field(default_factory=list)
 
 
 def _attempt(action: Callable[[], T]) -> tuple[T | None, DomainError | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -190,14 +191,25 @@ async def overrides(
     ]
 
 
+@dataclass(frozen=True)
+class BookingContext:
+    """What a booking's rules read, as of `schedule_version` (migration 0004)."""
+
+    therapist: Therapist
+    session_type: SessionType | None  # whoever's it is: the caller checks
+    weekly: list[WeeklyWindowMinutes]
+    overrides: list[DateOverride]
+    schedule_version: int
+
+
 async def booking_context(
     connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
-) -> tuple[Therapist, SessionType | None, list[WeeklyWindowMinutes], list[DateOverride]] | None:
+) -> BookingContext | None:
     """Everything a booking's rules need, in one round trip: the therapist (None: not found), the
-    session type if it exists (whoever's it is: the caller checks), the weekly windows and every
-    date override. Windows of overrides come flattened, as (date, start, end) in array order."""
+    session type if it exists, the weekly windows and every date override, and the version of
+    them all. Windows of overrides come flattened, as (date, start, end) in array order."""
     row = await connection.fetchrow(
-        f"""SELECT {", ".join(f"t.{column}" for column in _THERAPIST_FIELDS)},
+        f"""SELECT {", ".join(f"t.{column}" for column in _THERAPIST_FIELDS)}, t.schedule_version,
                    st.session_type_id AS st_session_type_id, st.therapist_id AS st_therapist_id,
                    st.name AS st_name, st.duration_minutes AS st_duration_minutes, st.credit_cost AS st_credit_cost,
                    ARRAY(SELECT ROW(w.weekday, w.start_minute, w.end_minute) FROM booking.weekly_windows w
@@ -224,7 +236,7 @@ async def booking_context(
     for local_date, start, end in row["override_windows"]:
         windows[local_date].append((start, end))
     overrides = [DateOverride(local_date.isoformat(), tuple(spans)) for local_date, spans in windows.items()]
-    return therapist, session_type, weekly, overrides
+    return BookingContext(therapist, session_type, weekly, overrides, row["schedule_version"])
 
 
 # --- session types ---
@@ -382,6 +394,144 @@ async def decide_booking(
     values = dict(row)
     del values["outcome"]
     return outcome, _booking_from(values)
+
+
+@dataclass(frozen=True)
+class ClaimRequest:
+    """One booking's claim (booking.claim_attempts, migration 0004): bind `request_id` to
+    `booking_id` unless it is bound already, and pre-check `blocked` (None: the range could not
+    be computed) if `bookable`, all as of the therapist's `schedule_version`."""
+
+    request_id: str
+    booking_id: uuid.UUID
+    fingerprint: str
+    therapist_id: uuid.UUID
+    blocked: tuple[datetime, datetime] | None
+    bookable: bool
+    schedule_version: int
+
+
+async def claim_attempts(connection: Connection, claims: Sequence[ClaimRequest]) -> list[Claim | None]:
+    """Claims for many bookings in one call and one transaction, in order; None for a claim made
+    against a schedule version that is no longer current (nothing happened for it)."""
+    rows = await connection.fetch(
+        """SELECT item_position, stale, booking_id, fingerprint, aborted, finished, conflict
+             FROM booking.claim_attempts($1::text[], $2::uuid[], $3::text[], $4::uuid[], $5::timestamptz[],
+                                         $6::timestamptz[], $7::boolean[], $8::bigint[])""",
+        [claim.request_id for claim in claims],
+        [claim.booking_id for claim in claims],
+        [claim.fingerprint for claim in claims],
+        [claim.therapist_id for claim in claims],
+        [claim.blocked[0] if claim.blocked else None for claim in claims],
+        [claim.blocked[1] if claim.blocked else None for claim in claims],
+        [claim.bookable for claim in claims],
+        [claim.schedule_version for claim in claims],
+    )
+    assert len(rows) == len(claims), (len(rows), len(claims))
+    found: list[Claim | None] = [None] * len(claims)
+    for row in rows:
+        if not row["stale"]:
+            found[row["item_position"] - 1] = Claim(
+                row["booking_id"], row["fingerprint"], row["aborted"], row["finished"], row["conflict"]
+            )
+    return found
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One booking's locked step (booking.decide_bookings, migration 0004)."""
+
+    draft: Booking
+    blocked: tuple[datetime, datetime]
+    notification: dict[str, object]
+    video_room_name: str | None
+
+
+async def decide_bookings(
+    connection: Connection, lock_timeout_ms: int, commit_retry_after_s: float, decisions: Sequence[Decision]
+) -> list[tuple[str, Booking | None]]:
+    """The locked step of many bookings in one call and one transaction, in order: ('inserted',
+    the new session), ('existing', None: a concurrent repeat of this request got there first),
+    ('conflict', None: the slot is taken; `abort` is recorded) or ('aborted', None). A lock
+    timeout or an exclusion violation refuses the whole batch (the caller splits it)."""
+    drafts = [decision.draft for decision in decisions]
+    rows = await connection.fetch(
+        f"""SELECT item_position, outcome, {_BOOKING_COLUMNS}
+              FROM booking.decide_bookings($1, $2, $3::uuid[], $4::text[], $5::uuid[], $6::uuid[], $7::uuid[],
+                                           $8::timestamptz[], $9::timestamptz[], $10::timestamptz[],
+                                           $11::timestamptz[], $12::text[], $13::bigint[], $14::text[], $15::text[])""",
+        lock_timeout_ms,
+        commit_retry_after_s,
+        [draft.booking_id for draft in drafts],
+        [draft.request_id for draft in drafts],
+        [draft.client_id for draft in drafts],
+        [draft.therapist_id for draft in drafts],
+        [draft.session_type_id for draft in drafts],
+        [draft.starts_at for draft in drafts],
+        [draft.ends_at for draft in drafts],
+        [decision.blocked[0] for decision in decisions],
+        [decision.blocked[1] for decision in decisions],
+        [draft.time_zone for draft in drafts],
+        [draft.credit_cost for draft in drafts],
+        [json.dumps(decision.notification) for decision in decisions],
+        [decision.video_room_name for decision in decisions],
+    )
+    assert len(rows) == len(decisions), (len(rows), len(decisions))
+    outcomes: list[tuple[str, Booking | None]] = [("", None)] * len(decisions)
+    for row in rows:
+        values = dict(row)
+        position = values.pop("item_position")
+        outcome = str(values.pop("outcome"))
+        outcomes[position - 1] = (outcome, _booking_from(values) if outcome == "inserted" else None)
+    assert all(outcome for outcome, _ in outcomes)
+    return outcomes
+
+
+@dataclass(frozen=True)
+class PaidMark:
+    """A booking just marked PAID: when, and its video room as it is now."""
+
+    updated_at: datetime
+    video_room: VideoRoom | None
+
+
+async def mark_paid(connection: Connection, booking_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, PaidMark]:
+    """In one statement for many bookings whose holds were just committed: each that is still
+    COMMITTING becomes PAID, and their pending commit_reservation outbox rows are marked delivered
+    (the work was done inline). Returns when each marked booking was updated; a booking not in
+    the result was no longer COMMITTING (read it again, in a statement of its own: see
+    `mark_payment_delivered`)."""
+    rows = await connection.fetch(
+        """WITH marked AS (
+               UPDATE booking.sessions SET payment_status = 'paid', updated_at = now()
+                WHERE booking_id = ANY($1::uuid[]) AND payment_status = 'committing'
+            RETURNING booking_id, updated_at
+           ), delivered AS (
+               UPDATE booking.outbox SET status = 'delivered', updated_at = now()
+                WHERE booking_id = ANY($1::uuid[]) AND kind = 'commit_reservation' AND status = 'pending'
+           )
+           SELECT m.booking_id, m.updated_at, v.state, v.url, v.failure_reason
+             FROM marked m LEFT JOIN booking.video_rooms v USING (booking_id)""",
+        list(booking_ids),
+    )
+    return {
+        row["booking_id"]: PaidMark(
+            row["updated_at"],
+            None
+            if row["state"] is None
+            else VideoRoom(VideoRoomState(row["state"]), row["url"], row["failure_reason"]),
+        )
+        for row in rows
+    }
+
+
+async def fetch_bookings(connection: Connection, booking_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Booking]:
+    rows = await connection.fetch(
+        f"SELECT {_BOOKING_WITH_ROOM} FROM {_SESSIONS_WITH_ROOM} WHERE s.booking_id = ANY($1::uuid[])",
+        list(booking_ids),
+    )
+    bookings = [_booking(row) for row in rows]
+    return {booking.booking_id: booking for booking in bookings}
 
 
 async def replace_attempt(connection: Connection, request_id: str, old: uuid.UUID, new: uuid.UUID) -> bool:
@@ -639,11 +789,26 @@ async def lease_due_events(connection: Connection, limit: int, lease_s: float) -
     ]
 
 
-async def finish_event(connection: Connection, event_id: uuid.UUID) -> None:
+async def finish_events(
+    connection: Connection,
+    event_ids: Sequence[uuid.UUID],
+    rooms: dict[uuid.UUID, tuple[VideoRoomState, str | None]],
+) -> None:
+    """Marks many events delivered and sets the video rooms' new states, in one statement (so
+    atomically): a room's state never says more than its events' delivery does."""
     await connection.execute(
-        """UPDATE booking.outbox SET status = 'delivered', attempts = attempts + 1, updated_at = now()
-            WHERE event_id = $1""",
-        event_id,
+        """WITH rooms AS (
+               UPDATE booking.video_rooms v
+                  SET state = r.state, url = r.url, failure_reason = NULL, updated_at = now()
+                 FROM unnest($2::uuid[], $3::text[], $4::text[]) AS r(booking_id, state, url)
+                WHERE v.booking_id = r.booking_id
+           )
+           UPDATE booking.outbox SET status = 'delivered', attempts = attempts + 1, updated_at = now()
+            WHERE event_id = ANY($1::uuid[])""",
+        list(event_ids),
+        list(rooms),
+        [state.value for state, _ in rooms.values()],
+        [url for _, url in rooms.values()],
     )
 
 

@@ -7,7 +7,7 @@ account's CHECK refuses it atomically when too few credits are available (failur
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 
 import asyncpg
@@ -30,11 +30,18 @@ from credit_service.domain import (
 )
 from service_kit.connection import Connection
 from service_kit.database import Database, autocommit, in_transaction
+from service_kit.errors import DomainError
 from service_kit.pagination import Page
 
 log = structlog.get_logger()
 # Reads and compare-and-sets of one transition: the state machine moves at most twice after a read.
 TRANSITION_ATTEMPTS = 4
+# A transition that happened: the reservation before it and after it.
+Moved = tuple[Reservation, Reservation]
+
+
+def _committing(amount: int | None) -> Callable[[Reservation], Transition]:
+    return lambda reservation: reservation.plan_commit(amount)
 
 
 class CreditService:
@@ -80,30 +87,46 @@ class CreditService:
     async def reserve(
         self, reservation_id: uuid.UUID, owner_id: uuid.UUID, amount: int, reference: str
     ) -> tuple[Reservation, Balance]:
-        async def work(connection: Connection) -> tuple[Reservation, bool, Balance | None]:
-            return await store.reserve(connection, reservation_id, owner_id, amount, reference, self._reservation_ttl_s)
+        (result,) = await self.reserve_many([store.ReserveItem(reservation_id, owner_id, amount, reference)])
+        if isinstance(result, DomainError):
+            raise result
+        return result
 
-        try:
-            # One call does it all (migration 0002), so no explicit transaction is needed.
-            reservation, created, balance = await autocommit(self._database.pool, work)
-        except asyncpg.ForeignKeyViolationError as error:
-            if error.constraint_name == "reservations_owner_id_fkey":
-                raise NoAccountToReserveFrom(owner_id) from None
-            raise
-        except asyncpg.CheckViolationError as error:
-            if error.constraint_name != "accounts_available_nonnegative":
-                raise
-            current = await self.balance(owner_id)
-            raise InsufficientCredits(owner_id, amount, current.available) from None
-        if not reservation.same_request(owner_id, amount, reference):
-            raise ReservationIdReused(reservation)
-        if created:
-            log.info("credits_reserved", reservation_id=str(reservation_id), amount=amount)
-        assert balance is not None, owner_id  # the hold's own owner has an account
-        return reservation, balance
+    async def reserve_many(self, items: Sequence[store.ReserveItem]) -> list[tuple[Reservation, Balance] | DomainError]:
+        """Holds for many reservations in one call and one transaction (migration 0003); each
+        item's outcome in order: the reservation and its owner's balance, or its refusal. The
+        caller gives each reservation id once."""
+        assert len({item.reservation_id for item in items}) == len(items), "a reservation id twice in one batch"
+
+        async def work(connection: Connection) -> list[store.ReserveOutcome]:
+            return await store.reserve_many(connection, items, self._reservation_ttl_s)
+
+        # One call does it all, so no explicit transaction is needed.
+        outcomes = await autocommit(self._database.pool, work)
+        return [self._reserve_result(item, outcome) for item, outcome in zip(items, outcomes, strict=True)]
+
+    def _reserve_result(
+        self, item: store.ReserveItem, outcome: store.ReserveOutcome
+    ) -> tuple[Reservation, Balance] | DomainError:
+        if outcome.outcome == "no_account":
+            return NoAccountToReserveFrom(item.owner_id)
+        if outcome.outcome == "insufficient":
+            assert outcome.balance is not None, item
+            return InsufficientCredits(item.owner_id, item.amount, outcome.balance.available)
+        assert outcome.outcome in ("created", "existing") and outcome.reservation is not None, outcome
+        if not outcome.reservation.same_request(item.owner_id, item.amount, item.reference):
+            return ReservationIdReused(outcome.reservation)
+        if outcome.outcome == "created":
+            log.info("credits_reserved", reservation_id=str(item.reservation_id), amount=item.amount)
+        assert outcome.balance is not None, item  # the hold's own owner has an account
+        return outcome.reservation, outcome.balance
 
     async def commit(self, reservation_id: uuid.UUID, amount: int | None) -> Reservation:
         return await self._transition(reservation_id, lambda r: r.plan_commit(amount))
+
+    async def commit_many(self, items: Sequence[tuple[uuid.UUID, int | None]]) -> list[Reservation | DomainError]:
+        """Commits many reservations in one compare-and-set statement; each item's outcome in order."""
+        return await self._transition_many([(reservation_id, _committing(amount)) for reservation_id, amount in items])
 
     async def cancel(self, reservation_id: uuid.UUID) -> Reservation:
         return await self._transition(reservation_id, lambda r: r.plan_cancel())
@@ -112,34 +135,67 @@ class CreditService:
         return await self._transition(reservation_id, lambda r: r.plan_refund(amount))
 
     async def _transition(self, reservation_id: uuid.UUID, plan: Callable[[Reservation], Transition]) -> Reservation:
-        """Reads, plans in the domain, then applies the plan as one compare-and-set statement
-        (`store.apply_transition`): two round trips and no explicit transaction. When another
-        transition wins between the read and the write, it plans again from the new state; the
-        state machine moves at most twice, so a bounded number of tries always suffices."""
+        (result,) = await self._transition_many([(reservation_id, plan)])
+        if isinstance(result, DomainError):
+            raise result
+        return result
 
-        async def work(connection: Connection) -> tuple[Reservation, Reservation | None]:
+    async def _transition_many(
+        self, plans: Sequence[tuple[uuid.UUID, Callable[[Reservation], Transition]]]
+    ) -> list[Reservation | DomainError]:
+        """Reads, plans each in the domain, then applies every plan as one compare-and-set
+        statement (`store.apply_transitions`): two round trips for the lot, and no explicit
+        transaction. A reservation that another transition moved between the read and the write
+        is planned again from its new state; the state machine moves at most twice, so a bounded
+        number of rounds always suffices."""
+        assert len({reservation_id for reservation_id, _ in plans}) == len(plans), "a reservation id twice"
+
+        async def work(connection: Connection) -> tuple[dict[int, Reservation | DomainError], list[Moved]]:
+            results: dict[int, Reservation | DomainError] = {}
+            moved: list[Moved] = []
+            waiting = list(range(len(plans)))
             for _ in range(TRANSITION_ATTEMPTS):
-                current = await store.fetch_reservation(connection, reservation_id)
-                if current is None:
-                    raise ReservationNotFound(reservation_id)
-                transition = plan(current)
-                if not transition.changes_anything:
-                    return current, None  # a repeat of a finished transition
-                after = await store.apply_transition(connection, transition, planned_from=current.status)
-                if after is not None:
-                    return current, after
-            raise AssertionError(f"reservation {reservation_id} changed more often than its state machine allows")
+                current = await store.fetch_reservations(connection, [plans[i][0] for i in waiting])
+                planned: list[tuple[int, Transition, Reservation]] = []
+                for i in waiting:
+                    reservation_id, plan = plans[i]
+                    reservation = current.get(reservation_id)
+                    if reservation is None:
+                        results[i] = ReservationNotFound(reservation_id)
+                        continue
+                    try:
+                        transition = plan(reservation)
+                    except DomainError as refusal:
+                        results[i] = refusal
+                        continue
+                    if not transition.changes_anything:
+                        results[i] = reservation  # a repeat of a finished transition
+                        continue
+                    planned.append((i, transition, reservation))
+                if not planned:
+                    return results, moved
+                after = await store.apply_transitions(connection, [(t, before.status) for _, t, before in planned])
+                waiting = []
+                for i, transition, before in planned:
+                    moved_to = after.get(transition.after.reservation_id)
+                    if moved_to is None:
+                        waiting.append(i)  # another transition got there first: plan again
+                    else:
+                        results[i] = moved_to
+                        moved.append((before, moved_to))
+                if not waiting:
+                    return results, moved
+            raise AssertionError(f"reservations changed more often than their state machine allows: {waiting}")
 
-        before, after = await autocommit(self._database.pool, work)
-        if after is None:
-            return before
-        log.info(
-            "reservation_transitioned",
-            reservation_id=str(reservation_id),
-            from_status=before.status.value,
-            to_status=after.status.value,
-        )
-        return after
+        results, moved = await autocommit(self._database.pool, work)
+        for before, after in moved:
+            log.info(
+                "reservation_transitioned",
+                reservation_id=str(after.reservation_id),
+                from_status=before.status.value,
+                to_status=after.status.value,
+            )
+        return [results[i] for i in range(len(plans))]
 
     async def get_reservation(self, reservation_id: uuid.UUID) -> Reservation:
         async with self._database.pool.acquire() as connection:

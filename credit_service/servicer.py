@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
+from google.rpc import status_pb2
 
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from credit_service import domain
 from credit_service.domain import MAX_AMOUNT, MAX_NOTE_LENGTH, MAX_REFERENCE_LENGTH
 from credit_service.service import CreditService
+from credit_service.store import ReserveItem
 from service_kit import pagination
 from service_kit.auth import ADMIN, CLIENT, SERVICE, AccessRules, anyone_with, either, own
-from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
+from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable, status_message_for
+from service_kit.interceptor import code_for
 from service_kit.validation import Checks
 
 SERVICE_NAME = credit_pb2.DESCRIPTOR.services_by_name["CreditService"].full_name
@@ -22,6 +26,8 @@ ERROR_DOMAIN = SERVICE_NAME
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 MAX_ENTRY_ID = 2**63 - 1  # ledger_entries.entry_id is a bigint
+# Items of one batch RPC: a booking service sends at most its own batch bound (64).
+MAX_BATCH_ITEMS = 100
 
 # The one table from domain errors to status codes (subclasses inherit their parent's code).
 # Who may call what (docs/security.md). Only the booking service (role `service`) moves credits
@@ -31,7 +37,9 @@ ACCESS_RULES: AccessRules = {
     "GetBalance": either(anyone_with(ADMIN), own(CLIENT, "owner_id")),
     "ListLedgerEntries": either(anyone_with(ADMIN), own(CLIENT, "owner_id")),
     "ReserveCredits": anyone_with(SERVICE),
+    "BatchReserveCredits": anyone_with(SERVICE),
     "CommitReservation": anyone_with(SERVICE),
+    "BatchCommitReservations": anyone_with(SERVICE),
     "CancelReservation": anyone_with(SERVICE),
     "RefundReservation": anyone_with(SERVICE),
     "GetReservation": anyone_with(SERVICE, ADMIN),
@@ -128,10 +136,38 @@ def entry_message(entry: domain.LedgerEntry) -> credit_pb2.LedgerEntry:
     )
 
 
-def _optional_amount(checks: Checks, request: Any) -> int | None:
+def _optional_amount(checks: Checks, request: Any, prefix: str = "") -> int | None:
     if not request.HasField("amount"):
         return None
-    return checks.integer("amount", request.amount, minimum=1, maximum=MAX_AMOUNT)
+    return checks.integer(f"{prefix}amount", request.amount, minimum=1, maximum=MAX_AMOUNT)
+
+
+def _reserve_item(checks: Checks, request: credit_pb2.ReserveCreditsRequest, prefix: str = "") -> ReserveItem:
+    return ReserveItem(
+        reservation_id=checks.uuid(f"{prefix}reservation_id", request.reservation_id),
+        owner_id=checks.uuid(f"{prefix}owner_id", request.owner_id),
+        amount=checks.integer(f"{prefix}amount", request.amount, minimum=1, maximum=MAX_AMOUNT),
+        reference=checks.text(f"{prefix}reference", request.reference, max_length=MAX_REFERENCE_LENGTH),
+    )
+
+
+def _batch_size(checks: Checks, size: int) -> None:
+    if not 1 <= size <= MAX_BATCH_ITEMS:
+        checks.fail("requests", f"must hold 1 to {MAX_BATCH_ITEMS} items, got {size}")
+
+
+def _distinct_ids(checks: Checks, reservation_ids: list[uuid.UUID]) -> None:
+    """Each reservation id at most once in a batch: two outcomes for one id would contradict."""
+    seen: set[uuid.UUID] = set()
+    for i, reservation_id in enumerate(reservation_ids):
+        if reservation_id in seen and reservation_id.int != 0:  # the nil UUID is refused already
+            checks.fail(f"requests[{i}].reservation_id", "appears twice in the batch")
+        seen.add(reservation_id)
+
+
+def _item_status(error: DomainError) -> status_pb2.Status:
+    """One item's refusal, as ReserveCredits or CommitReservation alone would have answered it."""
+    return status_message_for(error, code_for(error, ERROR_CODES), domain=ERROR_DOMAIN)
 
 
 class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
@@ -163,15 +199,34 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         self, request: credit_pb2.ReserveCreditsRequest, context: Context
     ) -> credit_pb2.ReserveCreditsResponse:
         checks = Checks()
-        reservation_id = checks.uuid("reservation_id", request.reservation_id)
-        owner_id = checks.uuid("owner_id", request.owner_id)
-        amount = checks.integer("amount", request.amount, minimum=1, maximum=MAX_AMOUNT)
-        reference = checks.text("reference", request.reference, max_length=MAX_REFERENCE_LENGTH)
+        item = _reserve_item(checks, request)
         checks.done()
-        reservation, balance = await self._service.reserve(reservation_id, owner_id, amount, reference)
+        reservation, balance = await self._service.reserve(
+            item.reservation_id, item.owner_id, item.amount, item.reference
+        )
         return credit_pb2.ReserveCreditsResponse(
             reservation=reservation_message(reservation), balance=balance_message(balance)
         )
+
+    async def BatchReserveCredits(
+        self, request: credit_pb2.BatchReserveCreditsRequest, context: Context
+    ) -> credit_pb2.BatchReserveCreditsResponse:
+        checks = Checks()
+        _batch_size(checks, len(request.requests))
+        items = [_reserve_item(checks, one, f"requests[{i}].") for i, one in enumerate(request.requests)]
+        _distinct_ids(checks, [item.reservation_id for item in items])
+        checks.done()
+        results = []
+        for outcome in await self._service.reserve_many(items):
+            if isinstance(outcome, DomainError):
+                results.append(credit_pb2.ReserveCreditsResult(error=_item_status(outcome)))
+            else:
+                reservation, balance = outcome
+                response = credit_pb2.ReserveCreditsResponse(
+                    reservation=reservation_message(reservation), balance=balance_message(balance)
+                )
+                results.append(credit_pb2.ReserveCreditsResult(response=response))
+        return credit_pb2.BatchReserveCreditsResponse(results=results)
 
     async def CommitReservation(
         self, request: credit_pb2.CommitReservationRequest, context: Context
@@ -182,6 +237,29 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         checks.done()
         reservation = await self._service.commit(reservation_id, amount)
         return credit_pb2.CommitReservationResponse(reservation=reservation_message(reservation))
+
+    async def BatchCommitReservations(
+        self, request: credit_pb2.BatchCommitReservationsRequest, context: Context
+    ) -> credit_pb2.BatchCommitReservationsResponse:
+        checks = Checks()
+        _batch_size(checks, len(request.requests))
+        items = [
+            (
+                checks.uuid(f"requests[{i}].reservation_id", one.reservation_id),
+                _optional_amount(checks, one, f"requests[{i}]."),
+            )
+            for i, one in enumerate(request.requests)
+        ]
+        _distinct_ids(checks, [reservation_id for reservation_id, _ in items])
+        checks.done()
+        results = []
+        for outcome in await self._service.commit_many(items):
+            if isinstance(outcome, DomainError):
+                results.append(credit_pb2.CommitReservationResult(error=_item_status(outcome)))
+            else:
+                response = credit_pb2.CommitReservationResponse(reservation=reservation_message(outcome))
+                results.append(credit_pb2.CommitReservationResult(response=response))
+        return credit_pb2.BatchCommitReservationsResponse(results=results)
 
     async def CancelReservation(
         self, request: credit_pb2.CancelReservationRequest, context: Context

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 
 import asyncpg
@@ -184,6 +185,119 @@ async def reserve(
             updated_at=row["balance_updated_at"],
         )
     return _reservation(row), row["created"], balance
+
+
+@dataclass(frozen=True)
+class ReserveItem:
+    reservation_id: uuid.UUID
+    owner_id: uuid.UUID
+    amount: int
+    reference: str
+
+
+@dataclass(frozen=True)
+class ReserveOutcome:
+    """One item of credit.reserve_many (migration 0003): `outcome` is created, existing,
+    no_account or insufficient; `reservation` is the one that stands under the item's id (None
+    when nothing was held), `balance` the item owner's after it (None: no account)."""
+
+    outcome: str
+    reservation: Reservation | None
+    balance: Balance | None
+
+
+async def reserve_many(connection: Connection, items: Sequence[ReserveItem], ttl_s: float) -> list[ReserveOutcome]:
+    """Holds for many reservations in one call and one transaction, outcomes in item order."""
+    rows = await connection.fetch(
+        "SELECT * FROM credit.reserve_many($1::uuid[], $2::uuid[], $3::bigint[], $4::text[], $5)",
+        [item.reservation_id for item in items],
+        [item.owner_id for item in items],
+        [item.amount for item in items],
+        [item.reference for item in items],
+        ttl_s,
+    )
+    assert len(rows) == len(items), (len(rows), len(items))
+    outcomes: list[ReserveOutcome | None] = [None] * len(items)
+    for row in rows:
+        balance = None
+        if row["balance_available"] is not None:
+            balance = Balance(
+                owner_id=items[row["item_position"] - 1].owner_id,
+                available=row["balance_available"],
+                held=row["balance_held"],
+                spent=row["balance_spent"],
+                granted=row["balance_granted"],
+                updated_at=row["balance_updated_at"],
+            )
+        reservation = None if row["reservation_id"] is None else _reservation(row)
+        outcomes[row["item_position"] - 1] = ReserveOutcome(row["outcome"], reservation, balance)
+    assert all(outcome is not None for outcome in outcomes)
+    return outcomes  # type: ignore[return-value]  # every position was filled, as asserted
+
+
+async def fetch_reservations(
+    connection: Connection, reservation_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Reservation]:
+    rows = await connection.fetch(
+        f"SELECT {_RESERVATION_COLUMNS} FROM credit.reservations WHERE reservation_id = ANY($1::uuid[])",
+        list(reservation_ids),
+    )
+    return {row["reservation_id"]: _reservation(row) for row in rows}
+
+
+async def apply_transitions(
+    connection: Connection, planned: Sequence[tuple[Transition, ReservationStatus]]
+) -> dict[uuid.UUID, Reservation]:
+    """Many planned transitions as one compare-and-set statement (see `apply_transition`): each
+    reservation moves, and its movements go to the ledger, only if it is still in the status its
+    plan was made from. Returns the reservations that moved; the others lost a race (plan again).
+    Entries are written in the order of their owners, so concurrent statements lock accounts in
+    one order."""
+    moves = [transition.after for transition, _ in planned]
+    movement_rows = [
+        (transition.after.reservation_id, transition.after.owner_id, position, movement.kind.value, movement.deltas())
+        for transition, _ in planned
+        for position, movement in enumerate(transition.movements)
+    ]
+    rows = await connection.fetch(
+        f"""WITH planned AS (
+                SELECT * FROM unnest($1::uuid[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::text[])
+                       AS p(reservation_id, status, committed_amount, refunded_amount, release_reason, planned_from)
+            ), moved AS (
+                UPDATE credit.reservations r
+                   SET status = p.status, committed_amount = p.committed_amount,
+                       refunded_amount = p.refunded_amount, release_reason = p.release_reason, updated_at = now()
+                  FROM planned p
+                 WHERE r.reservation_id = p.reservation_id AND r.status = p.planned_from
+             RETURNING {", ".join(f"r.{column.strip()}" for column in _RESERVATION_COLUMNS.split(","))}
+            ), entries AS (
+                INSERT INTO credit.ledger_entries
+                       (owner_id, kind, available_delta, held_delta, spent_delta, granted_delta, reservation_id)
+                SELECT moved.owner_id, m.kind, m.available, m.held, m.spent, m.granted, moved.reservation_id
+                  FROM moved
+                  JOIN unnest($7::uuid[], $8::uuid[], $9::integer[], $10::text[], $11::bigint[], $12::bigint[],
+                              $13::bigint[], $14::bigint[])
+                       AS m(reservation_id, owner_id, position, kind, available, held, spent, granted)
+                    ON m.reservation_id = moved.reservation_id
+                 ORDER BY m.owner_id, m.reservation_id, m.position
+            )
+            SELECT {_RESERVATION_COLUMNS} FROM moved""",
+        [after.reservation_id for after in moves],
+        [after.status.value for after in moves],
+        [after.committed_amount for after in moves],
+        [after.refunded_amount for after in moves],
+        [after.release_reason.value if after.release_reason else None for after in moves],
+        [planned_from.value for _, planned_from in planned],
+        [row[0] for row in movement_rows],
+        [row[1] for row in movement_rows],
+        [row[2] for row in movement_rows],
+        [row[3] for row in movement_rows],
+        [row[4][0] for row in movement_rows],
+        [row[4][1] for row in movement_rows],
+        [row[4][2] for row in movement_rows],
+        [row[4][3] for row in movement_rows],
+    )
+    return {row["reservation_id"]: _reservation(row) for row in rows}
 
 
 async def apply_transition(

@@ -85,6 +85,21 @@ def rich_status(
     violations: Sequence[FieldViolation] = (),
 ) -> grpc.Status:
     """A status with one ErrorInfo and, for bad input, a BadRequest."""
+    return rpc_status.to_status(
+        status_message(code, reason, message, domain=domain, metadata=metadata, violations=violations)
+    )
+
+
+def status_message(
+    code: grpc.StatusCode,
+    reason: str,
+    message: str,
+    *,
+    domain: str,
+    metadata: Mapping[str, str] | None = None,
+    violations: Sequence[FieldViolation] = (),
+) -> status_pb2.Status:
+    """The google.rpc.Status of `rich_status`, as a message (the outcome of one item of a batch)."""
     assert reason.isupper() and len(reason) <= MAX_REASON_LENGTH, reason
     details = []
     info = any_pb2.Any()
@@ -101,8 +116,7 @@ def rich_status(
             )
         )
         details.append(bad_request)
-    status = status_pb2.Status(code=_code_number(code), message=message, details=details)
-    return rpc_status.to_status(status)
+    return status_pb2.Status(code=_code_number(code), message=message, details=details)
 
 
 def _code_number(code: grpc.StatusCode) -> int:
@@ -113,8 +127,14 @@ def _code_number(code: grpc.StatusCode) -> int:
 
 
 def status_for(error: DomainError, code: grpc.StatusCode, *, domain: str) -> grpc.Status:
+    return rpc_status.to_status(status_message_for(error, code, domain=domain))
+
+
+def status_message_for(error: DomainError, code: grpc.StatusCode, *, domain: str) -> status_pb2.Status:
     violations = error.violations if isinstance(error, InvalidArgument) else ()
-    return rich_status(code, error.reason, error.message, domain=domain, metadata=error.metadata, violations=violations)
+    return status_message(
+        code, error.reason, error.message, domain=domain, metadata=error.metadata, violations=violations
+    )
 
 
 @dataclass(frozen=True)
@@ -132,11 +152,21 @@ class ErrorDetails:
 def error_details(error: grpc.aio.AioRpcError | grpc.RpcError) -> ErrorDetails:
     """Reads ErrorInfo and BadRequest from a failed call (client side)."""
     status = rpc_status.from_call(error)  # type: ignore[arg-type]  # AioRpcError has the same accessors
-    code = error.code()
+    return _details(error.code(), error.details() or "", status)
+
+
+_CODES_BY_NUMBER = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def status_message_details(status: status_pb2.Status) -> ErrorDetails:
+    """Reads ErrorInfo and BadRequest from a google.rpc.Status message (one item of a batch)."""
+    return _details(_CODES_BY_NUMBER.get(status.code, grpc.StatusCode.UNKNOWN), status.message, status)
+
+
+def _details(code: grpc.StatusCode, message: str, status: status_pb2.Status | None) -> ErrorDetails:
     reason = domain = None
     metadata: dict[str, str] = {}
     violations: dict[str, str] = {}
-    message = error.details() or ""
     if status is not None:
         message = status.message
         for detail in status.details:

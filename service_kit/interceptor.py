@@ -92,6 +92,20 @@ _SHARED_CODES: dict[type[DomainError], grpc.StatusCode] = {
 }
 
 
+def code_for(error: DomainError, error_codes: ErrorTable) -> grpc.StatusCode:
+    """The status code of a domain error: the service's table first, then the shared one."""
+    for kind in type(error).__mro__:
+        code = error_codes.get(kind)
+        if code is not None:
+            return code
+    for kind in type(error).__mro__:
+        code = _SHARED_CODES.get(kind)
+        if code is not None:
+            return code
+    log.error("unmapped_domain_error", error_type=type(error).__name__)
+    return grpc.StatusCode.INTERNAL
+
+
 @dataclass(frozen=True)
 class Outcome:
     code: grpc.StatusCode
@@ -224,16 +238,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         return Outcome(code, reason, rich_status(code, reason, message, domain=self._domain))
 
     def _code_for(self, error: DomainError) -> grpc.StatusCode:
-        for kind in type(error).__mro__:
-            code = self._error_codes.get(kind)
-            if code is not None:
-                return code
-        for kind in type(error).__mro__:
-            code = _SHARED_CODES.get(kind)
-            if code is not None:
-                return code
-        log.error("unmapped_domain_error", error_type=type(error).__name__)
-        return grpc.StatusCode.INTERNAL
+        return code_for(error, self._error_codes)
 
     def _finish(self, service: str, rpc: str, outcome: Outcome, duration_s: float) -> None:
         duration_ms = round(duration_s * 1000, 2)

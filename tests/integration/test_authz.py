@@ -69,6 +69,9 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "GetBalance": {"client_self": OK, "admin": OK},
     "ListLedgerEntries": {"client_self": OK, "admin": OK},
     "ReserveCredits": {"service": OK},
+    "BatchReserveCredits": {"service": OK},
+    # The batch is answered; its one item says the reservation does not exist.
+    "BatchCommitReservations": {"service": OK},
     # The service may; the reservation does not exist.
     "CommitReservation": {"service": MISSING},
     "CancelReservation": {"service": MISSING},
@@ -231,8 +234,24 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
             c.ReserveCredits,
             credit_pb2.ReserveCreditsRequest(reservation_id=rid, owner_id=w.client_id, amount=1, reference="authz"),
         ),
+        "BatchReserveCredits": lambda: plain(
+            c.BatchReserveCredits,
+            credit_pb2.BatchReserveCreditsRequest(
+                requests=[
+                    credit_pb2.ReserveCreditsRequest(
+                        reservation_id=rid, owner_id=w.client_id, amount=1, reference="authz"
+                    )
+                ]
+            ),
+        ),
         "CommitReservation": lambda: plain(
             c.CommitReservation, credit_pb2.CommitReservationRequest(reservation_id=rid)
+        ),
+        "BatchCommitReservations": lambda: plain(
+            c.BatchCommitReservations,
+            credit_pb2.BatchCommitReservationsRequest(
+                requests=[credit_pb2.CommitReservationRequest(reservation_id=rid)]
+            ),
         ),
         "CancelReservation": lambda: plain(
             c.CancelReservation, credit_pb2.CancelReservationRequest(reservation_id=rid)

@@ -230,7 +230,22 @@ def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: 
         "ReserveCredits": credit_pb2.ReserveCreditsRequest(
             reservation_id=str(uuid.uuid4()), owner_id=client_id, amount=1, reference="hostile"
         ),
+        "BatchReserveCredits": credit_pb2.BatchReserveCreditsRequest(
+            requests=[
+                credit_pb2.ReserveCreditsRequest(
+                    reservation_id=str(uuid.uuid4()), owner_id=client_id, amount=1, reference="hostile batch"
+                )
+                for _ in range(2)
+            ]
+        ),
         "CommitReservation": credit_pb2.CommitReservationRequest(reservation_id=reservation_id, amount=5),
+        # The batch is answered OK whatever its items' outcomes are (each has its own).
+        "BatchCommitReservations": credit_pb2.BatchCommitReservationsRequest(
+            requests=[
+                credit_pb2.CommitReservationRequest(reservation_id=reservation_id, amount=5),
+                credit_pb2.CommitReservationRequest(reservation_id=str(uuid.uuid4())),
+            ]
+        ),
         "CancelReservation": credit_pb2.CancelReservationRequest(reservation_id=reservation_to_cancel_id),
         "RefundReservation": credit_pb2.RefundReservationRequest(reservation_id=reservation_id, amount=1),
         "GetReservation": credit_pb2.GetReservationRequest(reservation_id=reservation_id),

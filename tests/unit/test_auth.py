@@ -107,6 +107,31 @@ def test_keys_rotate_both_old_and_new_verify() -> None:
     assert verifier.verify(mint(new)).subject == SUBJECT
 
 
+def test_a_verified_token_is_remembered_but_still_expires_on_time() -> None:
+    key = Ed25519PrivateKey.generate()
+    now_s = [time.time()]
+    verifier = TokenVerifier(settings_for(key, skew_s=30), clock=lambda: now_s[0])
+    token = mint(key, ttl_s=60)
+    first = verifier.verify(token)
+    assert verifier.verify(token) is first  # the second use is the remembered principal
+    now_s[0] += 60 + 29
+    assert verifier.verify(token) is first  # inside the skew
+    now_s[0] += 2
+    assert reason_of(verifier, token) == "TOKEN_EXPIRED"
+
+
+def test_refused_tokens_are_not_remembered_and_the_memory_is_bounded() -> None:
+    key = Ed25519PrivateKey.generate()
+    verifier = TokenVerifier(settings_for(key), cache_size=2)
+    forged = mint(Ed25519PrivateKey.generate())
+    for _ in range(2):
+        assert reason_of(verifier, forged) == "TOKEN_INVALID"
+    tokens = [mint(key, subject=f"00000000-0000-4000-8000-00000000000{n}") for n in range(3)]
+    principals = [verifier.verify(token) for token in tokens]
+    assert len(verifier._verified) == 2 and tokens[0] not in verifier._verified
+    assert [verifier.verify(token) for token in tokens] == principals  # an evicted token verifies again
+
+
 def test_the_bearer_header_must_be_one_and_well_formed() -> None:
     assert bearer_token([("authorization", "Bearer abc")]) == "abc"
     assert bearer_token([("authorization", "bearer abc ")]) == "abc"

@@ -62,6 +62,16 @@ class CreditServiceStub:
                 request_serializer=credit_dot_v1_dot_credit__pb2.CommitReservationRequest.SerializeToString,
                 response_deserializer=credit_dot_v1_dot_credit__pb2.CommitReservationResponse.FromString,
                 _registered_method=True)
+        self.BatchReserveCredits = channel.unary_unary(
+                '/credit.v1.CreditService/BatchReserveCredits',
+                request_serializer=credit_dot_v1_dot_credit__pb2.BatchReserveCreditsRequest.SerializeToString,
+                response_deserializer=credit_dot_v1_dot_credit__pb2.BatchReserveCreditsResponse.FromString,
+                _registered_method=True)
+        self.BatchCommitReservations = channel.unary_unary(
+                '/credit.v1.CreditService/BatchCommitReservations',
+                request_serializer=credit_dot_v1_dot_credit__pb2.BatchCommitReservationsRequest.SerializeToString,
+                response_deserializer=credit_dot_v1_dot_credit__pb2.BatchCommitReservationsResponse.FromString,
+                _registered_method=True)
         self.CancelReservation = channel.unary_unary(
                 '/credit.v1.CreditService/CancelReservation',
                 request_serializer=credit_dot_v1_dot_credit__pb2.CancelReservationRequest.SerializeToString,
@@ -132,6 +142,25 @@ class CreditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def BatchReserveCredits(self, request, context):
+        """ReserveCredits for many reservations in one call (the booking service coalesces concurrent
+        bookings into one). Each item is independent and idempotent exactly as ReserveCredits is:
+        one item's refusal leaves the others alone, and `results[i]` is the outcome of
+        `requests[i]`. An invalid request (too many items, a malformed field, an id twice) is
+        refused as a whole with INVALID_ARGUMENT naming `requests[i].field`, and nothing happens.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def BatchCommitReservations(self, request, context):
+        """CommitReservation for many reservations in one call; independent, idempotent items, as in
+        BatchReserveCredits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelReservation(self, request, context):
         """Releases a pending hold back to available. Idempotent.
         """
@@ -190,6 +219,16 @@ def add_CreditServiceServicer_to_server(servicer, server):
                     servicer.CommitReservation,
                     request_deserializer=credit_dot_v1_dot_credit__pb2.CommitReservationRequest.FromString,
                     response_serializer=credit_dot_v1_dot_credit__pb2.CommitReservationResponse.SerializeToString,
+            ),
+            'BatchReserveCredits': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchReserveCredits,
+                    request_deserializer=credit_dot_v1_dot_credit__pb2.BatchReserveCreditsRequest.FromString,
+                    response_serializer=credit_dot_v1_dot_credit__pb2.BatchReserveCreditsResponse.SerializeToString,
+            ),
+            'BatchCommitReservations': grpc.unary_unary_rpc_method_handler(
+                    servicer.BatchCommitReservations,
+                    request_deserializer=credit_dot_v1_dot_credit__pb2.BatchCommitReservationsRequest.FromString,
+                    response_serializer=credit_dot_v1_dot_credit__pb2.BatchCommitReservationsResponse.SerializeToString,
             ),
             'CancelReservation': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelReservation,
@@ -333,6 +372,60 @@ class CreditService:
             '/credit.v1.CreditService/CommitReservation',
             credit_dot_v1_dot_credit__pb2.CommitReservationRequest.SerializeToString,
             credit_dot_v1_dot_credit__pb2.CommitReservationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchReserveCredits(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credit.v1.CreditService/BatchReserveCredits',
+            credit_dot_v1_dot_credit__pb2.BatchReserveCreditsRequest.SerializeToString,
+            credit_dot_v1_dot_credit__pb2.BatchReserveCreditsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def BatchCommitReservations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/credit.v1.CreditService/BatchCommitReservations',
+            credit_dot_v1_dot_credit__pb2.BatchCommitReservationsRequest.SerializeToString,
+            credit_dot_v1_dot_credit__pb2.BatchCommitReservationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

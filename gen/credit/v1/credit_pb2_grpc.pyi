@@ -57,6 +57,17 @@ class CreditServiceStub:
     """Moves the whole hold, or part of it, from held to spent; the rest goes back to available.
     Idempotent: repeating it returns the committed reservation.
     """
+    BatchReserveCredits: _grpc.UnaryUnaryMultiCallable[_credit_pb2.BatchReserveCreditsRequest, _credit_pb2.BatchReserveCreditsResponse]
+    """ReserveCredits for many reservations in one call (the booking service coalesces concurrent
+    bookings into one). Each item is independent and idempotent exactly as ReserveCredits is:
+    one item's refusal leaves the others alone, and `results[i]` is the outcome of
+    `requests[i]`. An invalid request (too many items, a malformed field, an id twice) is
+    refused as a whole with INVALID_ARGUMENT naming `requests[i].field`, and nothing happens.
+    """
+    BatchCommitReservations: _grpc.UnaryUnaryMultiCallable[_credit_pb2.BatchCommitReservationsRequest, _credit_pb2.BatchCommitReservationsResponse]
+    """CommitReservation for many reservations in one call; independent, idempotent items, as in
+    BatchReserveCredits.
+    """
     CancelReservation: _grpc.UnaryUnaryMultiCallable[_credit_pb2.CancelReservationRequest, _credit_pb2.CancelReservationResponse]
     """Releases a pending hold back to available. Idempotent."""
     RefundReservation: _grpc.UnaryUnaryMultiCallable[_credit_pb2.RefundReservationRequest, _credit_pb2.RefundReservationResponse]
@@ -98,6 +109,17 @@ class CreditServiceAsyncStub(CreditServiceStub):
     CommitReservation: _aio.UnaryUnaryMultiCallable[_credit_pb2.CommitReservationRequest, _credit_pb2.CommitReservationResponse]  # type: ignore[assignment]
     """Moves the whole hold, or part of it, from held to spent; the rest goes back to available.
     Idempotent: repeating it returns the committed reservation.
+    """
+    BatchReserveCredits: _aio.UnaryUnaryMultiCallable[_credit_pb2.BatchReserveCreditsRequest, _credit_pb2.BatchReserveCreditsResponse]  # type: ignore[assignment]
+    """ReserveCredits for many reservations in one call (the booking service coalesces concurrent
+    bookings into one). Each item is independent and idempotent exactly as ReserveCredits is:
+    one item's refusal leaves the others alone, and `results[i]` is the outcome of
+    `requests[i]`. An invalid request (too many items, a malformed field, an id twice) is
+    refused as a whole with INVALID_ARGUMENT naming `requests[i].field`, and nothing happens.
+    """
+    BatchCommitReservations: _aio.UnaryUnaryMultiCallable[_credit_pb2.BatchCommitReservationsRequest, _credit_pb2.BatchCommitReservationsResponse]  # type: ignore[assignment]
+    """CommitReservation for many reservations in one call; independent, idempotent items, as in
+    BatchReserveCredits.
     """
     CancelReservation: _aio.UnaryUnaryMultiCallable[_credit_pb2.CancelReservationRequest, _credit_pb2.CancelReservationResponse]  # type: ignore[assignment]
     """Releases a pending hold back to available. Idempotent."""
@@ -161,6 +183,29 @@ class CreditServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_credit_pb2.CommitReservationResponse, _abc.Awaitable[_credit_pb2.CommitReservationResponse]]:
         """Moves the whole hold, or part of it, from held to spent; the rest goes back to available.
         Idempotent: repeating it returns the committed reservation.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchReserveCredits(
+        self,
+        request: _credit_pb2.BatchReserveCreditsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_pb2.BatchReserveCreditsResponse, _abc.Awaitable[_credit_pb2.BatchReserveCreditsResponse]]:
+        """ReserveCredits for many reservations in one call (the booking service coalesces concurrent
+        bookings into one). Each item is independent and idempotent exactly as ReserveCredits is:
+        one item's refusal leaves the others alone, and `results[i]` is the outcome of
+        `requests[i]`. An invalid request (too many items, a malformed field, an id twice) is
+        refused as a whole with INVALID_ARGUMENT naming `requests[i].field`, and nothing happens.
+        """
+
+    @_abc_1.abstractmethod
+    def BatchCommitReservations(
+        self,
+        request: _credit_pb2.BatchCommitReservationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_credit_pb2.BatchCommitReservationsResponse, _abc.Awaitable[_credit_pb2.BatchCommitReservationsResponse]]:
+        """CommitReservation for many reservations in one call; independent, idempotent items, as in
+        BatchReserveCredits.
         """
 
     @_abc_1.abstractmethod
