@@ -465,29 +465,43 @@ class BookingService:
         return booking
 
     async def _decide_batch(self, decisions: Sequence[store.Decision]) -> list[tuple[str, Booking | None] | Exception]:
-        """The locked step of many bookings in one transaction. A lock timeout or an exclusion
-        violation undoes the whole batch; each booking is then decided on its own, so that only
-        the one it concerns is refused."""
+        """The locked step of many bookings in one transaction. A batch of several never waits
+        for a therapist's lock: a booking whose therapist another transaction holds ('busy'), and
+        every booking of a batch that an exclusion violation undid, is decided again on its own,
+        waiting for the lock then, so that a refusal reaches only the booking it concerns."""
+        if len(decisions) == 1:
+            return await self._decide_alone(decisions[0])
         try:
-            return list(await self._decide_together(decisions))
-        except (asyncpg.LockNotAvailableError, asyncpg.ExclusionViolationError) as error:
-            if len(decisions) == 1:
-                return [error]
+            outcomes: list[tuple[str, Booking | None] | Exception] = list(
+                await self._decide_together(decisions, wait=False)
+            )
+        except asyncpg.ExclusionViolationError as error:
             log.info("decide_batch_split", size=len(decisions), error=type(error).__name__)
-        outcomes: list[tuple[str, Booking | None] | Exception] = []
-        for decision in decisions:
-            try:
-                (outcome,) = await self._decide_together([decision])
-            except (asyncpg.LockNotAvailableError, asyncpg.ExclusionViolationError) as error:
-                outcomes.append(error)
-            else:
-                outcomes.append(outcome)
+            outcomes = [("busy", None)] * len(decisions)
+        again = [i for i, outcome in enumerate(outcomes) if isinstance(outcome, tuple) and outcome[0] == "busy"]
+        if again:
+            log.info("decide_batch_busy", size=len(decisions), busy=len(again))
+            alone = await asyncio.gather(*(self._decide_alone(decisions[i]) for i in again))
+            for i, (outcome,) in zip(again, alone, strict=True):
+                outcomes[i] = outcome
         return outcomes
 
-    async def _decide_together(self, decisions: Sequence[store.Decision]) -> list[tuple[str, Booking | None]]:
+    async def _decide_alone(self, decision: store.Decision) -> list[tuple[str, Booking | None] | Exception]:
+        try:
+            return list(await self._decide_together([decision], wait=True))
+        except (asyncpg.LockNotAvailableError, asyncpg.ExclusionViolationError) as error:
+            return [error]
+
+    async def _decide_together(
+        self, decisions: Sequence[store.Decision], *, wait: bool
+    ) -> list[tuple[str, Booking | None]]:
         async def work(connection: Connection) -> list[tuple[str, Booking | None]]:
             return await store.decide_bookings(
-                connection, self._settings.lock_timeout_ms, self._settings.commit_retry_after_s, decisions
+                connection,
+                self._settings.lock_timeout_ms,
+                self._settings.commit_retry_after_s,
+                decisions,
+                wait=wait,
             )
 
         return await autocommit(self._pool, work)

@@ -448,20 +448,27 @@ class Decision:
 
 
 async def decide_bookings(
-    connection: Connection, lock_timeout_ms: int, commit_retry_after_s: float, decisions: Sequence[Decision]
+    connection: Connection,
+    lock_timeout_ms: int,
+    commit_retry_after_s: float,
+    decisions: Sequence[Decision],
+    *,
+    wait: bool,
 ) -> list[tuple[str, Booking | None]]:
     """The locked step of many bookings in one call and one transaction, in order: ('inserted',
     the new session), ('existing', None: a concurrent repeat of this request got there first),
-    ('conflict', None: the slot is taken; `abort` is recorded) or ('aborted', None). A lock
-    timeout or an exclusion violation refuses the whole batch (the caller splits it)."""
+    ('conflict', None: the slot is taken; `abort` is recorded), ('aborted', None), or, when not
+    `wait`ing, ('busy', None: another transaction holds the therapist's lock; nothing happened).
+    A lock timeout (when waiting) or an exclusion violation refuses the whole batch."""
     drafts = [decision.draft for decision in decisions]
     rows = await connection.fetch(
         f"""SELECT item_position, outcome, {_BOOKING_COLUMNS}
-              FROM booking.decide_bookings($1, $2, $3::uuid[], $4::text[], $5::uuid[], $6::uuid[], $7::uuid[],
-                                           $8::timestamptz[], $9::timestamptz[], $10::timestamptz[],
-                                           $11::timestamptz[], $12::text[], $13::bigint[], $14::text[], $15::text[])""",
+              FROM booking.decide_bookings($1, $2, $3, $4::uuid[], $5::text[], $6::uuid[], $7::uuid[], $8::uuid[],
+                                           $9::timestamptz[], $10::timestamptz[], $11::timestamptz[],
+                                           $12::timestamptz[], $13::text[], $14::bigint[], $15::text[], $16::text[])""",
         lock_timeout_ms,
         commit_retry_after_s,
+        wait,
         [draft.booking_id for draft in drafts],
         [draft.request_id for draft in drafts],
         [draft.client_id for draft in drafts],

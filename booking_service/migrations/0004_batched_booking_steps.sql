@@ -85,7 +85,10 @@ END;
 $$;
 
 -- Step 4 for one booking, under the therapist's advisory lock: as booking.decide_booking (0003),
--- with two differences.
+-- with three differences.
+--   * With p_wait false the lock is only tried: when another transaction holds it, the outcome
+--     is 'busy' and nothing happens (a batch never waits for one therapist's lock with the other
+--     bookings aboard: the caller decides a busy booking again on its own, waiting then).
 --   * A refusal is decided here too: on 'conflict' the decision `abort` is recorded and the
 --     attempt forgotten (so a retry starts afresh) in this same transaction; the caller only
 --     releases the hold. (0003 left both to the caller, one round trip each.)
@@ -95,7 +98,7 @@ $$;
 CREATE FUNCTION booking.decide_one(
     p_booking_id uuid, p_request_id text, p_client_id uuid, p_therapist_id uuid, p_session_type_id uuid,
     p_starts_at timestamptz, p_ends_at timestamptz, p_blocked tstzrange, p_time_zone text, p_credit_cost bigint,
-    p_notification jsonb, p_video_room_name text, p_commit_retry_after_s double precision
+    p_notification jsonb, p_video_room_name text, p_commit_retry_after_s double precision, p_wait boolean
 ) RETURNS TABLE (
     outcome text, booking_id uuid, request_id text, client_id uuid, therapist_id uuid, session_type_id uuid,
     starts_at timestamptz, ends_at timestamptz, time_zone text, credit_cost bigint, status text,
@@ -106,7 +109,15 @@ CREATE FUNCTION booking.decide_one(
 DECLARE
     v_decision text;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtextextended('therapist:' || p_therapist_id::text, 0));
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(hashtextextended('therapist:' || p_therapist_id::text, 0));
+    ELSIF NOT pg_try_advisory_xact_lock(hashtextextended('therapist:' || p_therapist_id::text, 0)) THEN
+        RETURN QUERY SELECT 'busy'::text, NULL::uuid, NULL::text, NULL::uuid, NULL::uuid, NULL::uuid,
+                            NULL::timestamptz, NULL::timestamptz, NULL::text, NULL::bigint, NULL::text, NULL::text,
+                            NULL::text, NULL::text, NULL::bigint, NULL::timestamptz, NULL::integer,
+                            NULL::timestamptz, NULL::timestamptz;
+        RETURN;
+    END IF;
 
     IF EXISTS (SELECT 1 FROM booking.sessions s WHERE s.booking_id = p_booking_id) THEN
         RETURN QUERY SELECT 'existing'::text, s.booking_id, s.request_id, s.client_id, s.therapist_id,
@@ -164,14 +175,16 @@ END;
 $$;
 
 -- Step 4 for many bookings in one transaction: booking.decide_one per item, in the order of the
--- therapists (then of the bookings), so that concurrent batches take therapists' locks in one
--- order and never deadlock each other. Two items for one therapist see each other: the second's
+-- therapists (then of the bookings). Two items for one therapist see each other: the second's
 -- conflict check runs after the first's insert, in the same transaction.
--- A lock wait beyond p_lock_timeout_ms raises lock_not_available and a slot taken despite the
--- check raises the exclusion violation of sessions_no_overlap, for the whole batch: the caller
--- then decides each item on its own, to give that refusal to its own item only.
+-- With p_wait false (a batch of several), a therapist whose lock another transaction holds is
+-- 'busy' for its items: the batch never waits, so it cannot deadlock with another either. With
+-- p_wait true (one booking alone), the lock is waited for: beyond p_lock_timeout_ms that raises
+-- lock_not_available. A slot taken despite the check raises the exclusion violation of
+-- sessions_no_overlap, for the whole batch: the caller then decides each item on its own, to give
+-- that refusal to its own item only.
 CREATE FUNCTION booking.decide_bookings(
-    p_lock_timeout_ms integer, p_commit_retry_after_s double precision,
+    p_lock_timeout_ms integer, p_commit_retry_after_s double precision, p_wait boolean,
     p_booking_ids uuid[], p_request_ids text[], p_client_ids uuid[], p_therapist_ids uuid[],
     p_session_type_ids uuid[], p_starts_ats timestamptz[], p_ends_ats timestamptz[],
     p_blocked_lowers timestamptz[], p_blocked_uppers timestamptz[], p_time_zones text[], p_credit_costs bigint[],
@@ -209,7 +222,13 @@ BEGIN
                        v_item.session_type_id, v_item.starts_at, v_item.ends_at,
                        tstzrange(v_item.blocked_lower, v_item.blocked_upper, '[)'), v_item.time_zone,
                        v_item.credit_cost, v_item.notification::jsonb, v_item.video_room_name,
-                       p_commit_retry_after_s) d;
+                       p_commit_retry_after_s, p_wait) d;
     END LOOP;
 END;
 $$;
+
+-- Room on each page for the next version of a row, so that updates that change no indexed
+-- column stay on the page (HOT: no new index entries): a session is marked PAID right after it
+-- is inserted, a video room turns ready. Applies to pages written from now on.
+ALTER TABLE booking.sessions SET (fillfactor = 80);
+ALTER TABLE booking.video_rooms SET (fillfactor = 80);

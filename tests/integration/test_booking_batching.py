@@ -99,8 +99,8 @@ async def test_a_schedule_changed_behind_the_services_back_is_obeyed_by_the_next
 async def patient_booking(
     booking_database_url: str, credit_address: str, booking_server: Runtime
 ) -> AsyncIterator[booking_pb2_grpc.BookingServiceStub]:
-    """A second booking replica on the same database: one decide batch in flight at a time, and a
-    short lock timeout, so that bookings queued behind a stuck batch leave as one batch."""
+    """A second booking replica on the same database: one batch in flight at a time, and a short
+    lock timeout, so that bookings queued behind a booking stuck on a lock leave as one batch."""
     settings = BookingSettings.from_environment(
         server_environment(
             "BOOKING",
@@ -120,7 +120,7 @@ async def patient_booking(
         await runtime.stop()
 
 
-async def test_one_bookings_lock_timeout_in_a_batch_refuses_that_booking_only(
+async def test_a_therapist_locked_elsewhere_holds_up_only_its_own_bookings_in_a_batch(
     patient_booking: booking_pb2_grpc.BookingServiceStub,
     credit_stub: credit_pb2_grpc.CreditServiceStub,
     booking_db: asyncpg.Pool,
@@ -152,9 +152,10 @@ async def test_one_bookings_lock_timeout_in_a_batch_refuses_that_booking_only(
     booked = answers[2]
     assert isinstance(booked, booking_pb2.CreateBookingResponse), booked
     assert booked.booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
-    # The second and third bookings queued behind the stuck batch and left together; the lock
-    # timeout undid that batch, and each was then decided alone.
-    assert [e["size"] for e in logs if e["event"] == "decide_batch_split"] == [2], logs
+    # The second and third bookings queued behind the stuck one and left together; that batch
+    # did not wait for the held lock: the free therapist's booking was decided in it, and the
+    # stuck one's again alone, waiting for the lock until its timeout.
+    assert [(e["size"], e["busy"]) for e in logs if e["event"] == "decide_batch_busy"] == [(2, 1)], logs
     await assert_books_consistent(
         booking_db,
         credit_db,

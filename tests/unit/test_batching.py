@@ -158,8 +158,8 @@ async def test_close_refuses_what_waits_and_cancels_what_runs() -> None:
 
 def test_settings_are_read_with_bounds() -> None:
     assert BatchSettings.from_environment({}, "BOOKING") == BatchSettings()
-    env = {"BOOKING_BATCH_MAX_SIZE": "8", "BOOKING_BATCH_MAX_IN_FLIGHT": "1", "BOOKING_BATCH_MAX_QUEUED": "64"}
-    assert BatchSettings.from_environment(env, "BOOKING") == BatchSettings(8, 1, 64)
+    env = {"BOOKING_BATCH_MAX_SIZE": "8", "BOOKING_BATCH_MAX_IN_FLIGHT": "2", "BOOKING_BATCH_MAX_QUEUED": "64"}
+    assert BatchSettings.from_environment(env, "BOOKING") == BatchSettings(8, 2, 64)
     with pytest.raises(ConfigError, match="BOOKING_BATCH_MAX_SIZE"):
         BatchSettings.from_environment({"BOOKING_BATCH_MAX_SIZE": "0"}, "BOOKING")
     with pytest.raises(ConfigError, match="BOOKING_BATCH_MAX_QUEUED"):
