@@ -28,6 +28,7 @@ from credit.v1 import credit_pb2, credit_pb2_grpc
 from service_kit.auth import ServiceToken
 from service_kit.errors import DomainError, error_details
 from service_kit.interceptor import outgoing_metadata, remaining_budget_s
+from service_kit.tls import ClientTls, aio_channel
 
 T = TypeVar("T")
 
@@ -97,13 +98,16 @@ class CreditClient:
         call_timeout_s: float,
         interceptors: Sequence[grpc.aio.ClientInterceptor] = (),
         token: ServiceToken | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         """`interceptors` see every call (the client metrics); each call carries the request id
         and the trace of the RPC being served (`outgoing_metadata`), and this service's own token
-        (never the caller's: the credit service trusts the booking service, not its callers)."""
+        (never the caller's: the credit service trusts the booking service, not its callers).
+        `tls`: the channel's TLS (service_kit/tls.py); None: plaintext."""
         self._token = token
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = aio_channel(
             target,
+            tls,
             options=[
                 ("grpc.service_config", _SERVICE_CONFIG),
                 ("grpc.enable_retries", 1),
