@@ -81,7 +81,7 @@ def test_with_tls_the_health_port_is_on_by_default_and_configurable(pki: Pki) ->
     assert credit(server_files(pki)).server.health_address == "127.0.0.1:8082"
     assert booking(server_files(pki, "BOOKING")).server.health_address == "127.0.0.1:8081"
     assert credit({**server_files(pki), "CREDIT_HEALTH_ADDRESS": "0.0.0.0:9000"}).server.health_address == (
-        "0.0.0.0:9000"  # noqa: S104  # parsed, not bound
+        "0.0.0.0:9000"  # parsed, not bound
     )
     assert credit({**server_files(pki), "CREDIT_HEALTH_ADDRESS": "off"}).server.health_address is None
     # Asked for explicitly, a plaintext server gets one too.
