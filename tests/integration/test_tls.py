@@ -39,9 +39,11 @@ from credit.v1 import credit_pb2, credit_pb2_grpc
 from credit_service.config import CreditSettings
 from credit_service.server import start as start_credit
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
+from devstack.gateway import UpstreamTls
 from service_kit.errors import error_details
 from service_kit.server import Runtime
 from tests.support.auth import authorized_channel, token
+from tests.support.gateway import request_json, running_gateway
 from tests.support.pki import Leaf, Pki, make_pki
 from tests.support.processes import Stack, StackTls, log_events, running_stack
 from tests.support.stack import GRPCURL, ROOT, fresh_database, server_environment, wait_serving
@@ -253,6 +255,29 @@ async def test_grpcurl_with_the_client_certificate_lists_the_services_through_tl
     plaintext = await asyncio.to_thread(grpcurl, *refused, "-plaintext", address(mtls_credit), "list")
     assert plaintext.returncode != 0
     assert CREDIT_SERVICE_NAME not in plaintext.stdout + without_certificate.stdout
+
+
+@pytest.mark.parametrize("certificate", ["from the CA", "from another CA"])
+async def test_the_gateway_reaches_a_mutual_tls_service_only_with_a_certificate_from_the_ca(
+    mtls_credit: Runtime, pki: Pki, tmp_path: Path, certificate: str
+) -> None:
+    # The production overlay's gateway: the real Envoy, mutual TLS to the services.
+    leaf = pki.client if certificate == "from the CA" else pki.rogue_client
+    upstream_tls = UpstreamTls(
+        ca_file=str(pki.ca.certificate_file),
+        certificate_file=str(leaf.certificate_file),
+        key_file=str(leaf.key_file),
+        server_name="localhost",
+    )
+    async with running_gateway(
+        tmp_path, booking_upstream="127.0.0.1:1", credit_upstream=address(mtls_credit), upstream_tls=upstream_tls
+    ) as gateway:
+        response = await request_json("GET", f"{gateway.url}/v1/accounts/{uuid.uuid4()}/balance")
+    if leaf is pki.client:
+        assert response.status == 404, response.text
+        assert "ACCOUNT_NOT_FOUND" in response.text
+    else:
+        assert response.status == 503, response.text  # the handshake failed: no upstream
 
 
 # --- the plaintext health port ---------------------------------------------------------------------
