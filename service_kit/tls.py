@@ -172,8 +172,7 @@ def aio_channel(
 def _read(env: Mapping[str, str], name: str, *, required_with: str | None = None) -> tuple[Path, bytes]:
     raw = (env.get(name) or "").strip()
     if not raw:
-        assert required_with is not None
-        raise ConfigError(f"{name} is required with {required_with}")
+        raise ConfigError(f"{name} is required with {required_with}" if required_with else f"{name} is blank")
     path = Path(raw)
     try:
         with path.open("rb") as file:

@@ -151,6 +151,8 @@ def test_unreadable_files_are_refused_naming_the_variable(pki: Pki, tmp_path: Pa
     assert message.startswith("CREDIT_TLS_KEY_FILE: cannot read")
     message = refusal("credit", {**server_files(pki), "CREDIT_TLS_CLIENT_CA_FILE": missing})
     assert message.startswith("CREDIT_TLS_CLIENT_CA_FILE: cannot read")
+    blank = refusal("credit", {**server_files(pki), "CREDIT_TLS_CLIENT_CA_FILE": "  "})
+    assert blank == "CREDIT_TLS_CLIENT_CA_FILE is blank"
     huge = write(tmp_path, "huge.pem", b"A" * (1024 * 1024 + 1))
     assert "larger than" in refusal("credit", {**server_files(pki), "CREDIT_TLS_CERT_FILE": huge})
 
