@@ -13,10 +13,13 @@ from service_kit import config
 from service_kit.auth import AuthSettings, load_private_key
 from service_kit.batching import BatchSettings
 from service_kit.config import ServerSettings
+from service_kit.tls import ClientTls
 
 DEFAULT_GRPC_ADDRESS = "127.0.0.1:50051"
 # The metrics side port (deploy/k8s names it `metrics`); BOOKING_METRICS_ADDRESS=off turns it off.
 DEFAULT_METRICS_ADDRESS = "127.0.0.1:9465"
+# The plaintext health-only port, served by default only when the gRPC port is TLS.
+DEFAULT_HEALTH_ADDRESS = "127.0.0.1:8081"
 DEFAULT_CREDIT_TARGET = "127.0.0.1:50052"
 # Crash points exist for fault-injection tests only (`BOOKING_CRASH_POINTS`); production never sets them.
 CRASH_POINTS = ("after_reserve", "after_booking_commit", "before_commit_reservation")
@@ -40,6 +43,8 @@ class BookingSettings:
     server: ServerSettings
     auth: AuthSettings
     credit_target: str
+    # None: the channel to credit is plaintext. Else TLS, mutual with a client certificate.
+    credit_tls: ClientTls | None
     credit_call_timeout_s: float
     # Holding the therapist's lock longer than this means something is wrong: refuse, don't queue.
     lock_timeout_ms: int
@@ -96,9 +101,12 @@ class BookingSettings:
                 f"BOOKING_CRASH_POINTS has unknown points {sorted(unknown)}; known: {CRASH_POINTS}"
             )
         return cls(
-            server=ServerSettings.from_environment(env, "BOOKING", DEFAULT_GRPC_ADDRESS, DEFAULT_METRICS_ADDRESS),
+            server=ServerSettings.from_environment(
+                env, "BOOKING", DEFAULT_GRPC_ADDRESS, DEFAULT_METRICS_ADDRESS, DEFAULT_HEALTH_ADDRESS
+            ),
             auth=AuthSettings.from_environment(env),
             credit_target=config.text(env, "BOOKING_CREDIT_TARGET", DEFAULT_CREDIT_TARGET),
+            credit_tls=ClientTls.from_environment(env, "BOOKING_CREDIT"),
             credit_call_timeout_s=config.number(env, "BOOKING_CREDIT_CALL_TIMEOUT_S", 3.0, minimum=0.05, maximum=60.0),
             lock_timeout_ms=config.integer(env, "BOOKING_LOCK_TIMEOUT_MS", 3000, minimum=10, maximum=60_000),
             free_cancellation_hours=config.number(

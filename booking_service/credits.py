@@ -35,6 +35,7 @@ from service_kit.auth import ServiceToken
 from service_kit.batching import DEFAULT_BATCHING, BatchObserver, BatchSettings, Coalescer
 from service_kit.errors import DomainError, ErrorDetails, error_details, status_message_details
 from service_kit.interceptor import outgoing_metadata, remaining_budget_s
+from service_kit.tls import ClientTls, aio_channel
 
 T = TypeVar("T")
 M = TypeVar("M", bound=message.Message)
@@ -107,13 +108,16 @@ class CreditClient:
         token: ServiceToken | None = None,
         batching: BatchSettings = DEFAULT_BATCHING,
         batch_observer: BatchObserver | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         """`interceptors` see every call (the client metrics); each call carries the request id
         and the trace of the RPC being served (`outgoing_metadata`), and this service's own token
-        (never the caller's: the credit service trusts the booking service, not its callers)."""
+        (never the caller's: the credit service trusts the booking service, not its callers).
+        `tls`: the channel's TLS (service_kit/tls.py); None: plaintext."""
         self._token = token
-        self._channel = grpc.aio.insecure_channel(
+        self._channel = aio_channel(
             target,
+            tls,
             options=[
                 ("grpc.service_config", _SERVICE_CONFIG),
                 ("grpc.enable_retries", 1),

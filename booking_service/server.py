@@ -16,6 +16,7 @@ from service_kit import migrations
 from service_kit.auth import ServiceToken
 from service_kit.database import Database
 from service_kit.server import Runtime, ServiceDefinition, ServiceParts, Worker
+from service_kit.tls import channel_transport
 from service_kit.workers import periodic
 
 log = structlog.get_logger()
@@ -41,6 +42,19 @@ def service_token(settings: BookingSettings) -> ServiceToken | None:
     )
 
 
+def _log_credit_channel(settings: BookingSettings) -> None:
+    """Whether the calls to credit are plaintext, TLS or mutual TLS (never any key material)."""
+    tls = settings.credit_tls
+    certificate = tls.certificate if tls is not None else None
+    log.info(
+        "credit_client_configured",
+        target=settings.credit_target,
+        transport=channel_transport(tls).value,
+        server_name=tls.server_name if tls is not None else None,
+        **(certificate.log_fields("client_certificate") if certificate is not None else {}),
+    )
+
+
 async def start(settings: BookingSettings) -> Runtime:
     """Starts serving; returns the runtime (its `port`, its `stop()`)."""
     database = Database(settings.server, SCHEMA, migrations.load("booking_service"))
@@ -53,7 +67,9 @@ async def start(settings: BookingSettings) -> Runtime:
         token=service_token(settings),
         batching=settings.batching,
         batch_observer=metrics.batch_finished,
+        tls=settings.credit_tls,
     )
+    _log_credit_channel(settings)
     notifier = side_effects.notifier_from(settings)
     video = side_effects.video_provider_from(settings)
     service = BookingService(database, credits, settings, metrics=metrics, notifier=notifier, video=video)

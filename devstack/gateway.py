@@ -28,6 +28,7 @@ _HTTP_CONNECTION_MANAGER = (
 _TRANSCODER = _TYPE_PREFIX + "envoy.extensions.filters.http.grpc_json_transcoder.v3.GrpcJsonTranscoder"
 _ROUTER = _TYPE_PREFIX + "envoy.extensions.filters.http.router.v3.Router"
 _UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+_UPSTREAM_TLS_CONTEXT = _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
 _STDOUT_ACCESS_LOG = _TYPE_PREFIX + "envoy.extensions.access_loggers.stream.v3.StdoutAccessLog"
 _DOWNSTREAM_CONNECTIONS_MONITOR = "envoy.resource_monitors.global_downstream_max_connections"
 _DOWNSTREAM_CONNECTIONS_CONFIG = (
@@ -47,6 +48,19 @@ _ACCESS_LOG_FORMAT = (
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """Mutual TLS from the gateway to the services (docs/security.md): the CA that signed their
+    certificates, and the gateway's own certificate and key, as files Envoy reads at start."""
+
+    ca_file: str
+    certificate_file: str
+    key_file: str
+    # The name checked in every service's certificate and sent as SNI. None: each upstream's own
+    # host name (`credit`, `booking`: the Services' names, which their certificates carry).
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
 class GatewaySettings:
     """Where the gateway listens and where it sends each service's calls.
 
@@ -63,6 +77,8 @@ class GatewaySettings:
     route_timeout_s: int = 15
     upstream_connect_timeout_s: int = 1
     max_downstream_connections: int = 1000
+    # None: plaintext HTTP/2 to the services (`make run`, the dev overlay).
+    upstream_tls: UpstreamTls | None = None
 
     def __post_init__(self) -> None:
         for port in (self.listen_port, self.admin_port):
@@ -291,7 +307,7 @@ def _transcoder(settings: GatewaySettings) -> dict[str, object]:
 
 def _cluster(name: str, upstream: str, settings: GatewaySettings) -> dict[str, object]:
     host, port = split_host_port(upstream)
-    return {
+    cluster: dict[str, object] = {
         "name": name,
         # STATIC takes only IP addresses; a host name (e.g. a container name) needs DNS.
         "type": "STATIC" if _is_ip_address(host) else "STRICT_DNS",
@@ -306,6 +322,34 @@ def _cluster(name: str, upstream: str, settings: GatewaySettings) -> dict[str, o
         "load_assignment": {
             "cluster_name": name,
             "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _socket_address(host, port)}}]}],
+        },
+    }
+    if settings.upstream_tls is not None:
+        cluster["transport_socket"] = _upstream_tls(settings.upstream_tls, settings.upstream_tls.server_name or host)
+    return cluster
+
+
+def _upstream_tls(tls: UpstreamTls, server_name: str) -> dict[str, object]:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {
+            "@type": _UPSTREAM_TLS_CONTEXT,
+            "sni": server_name,
+            "common_tls_context": {
+                # gRPC servers refuse a TLS connection that did not negotiate HTTP/2 by ALPN.
+                "alpn_protocols": ["h2"],
+                "tls_certificates": [
+                    {
+                        "certificate_chain": {"filename": tls.certificate_file},
+                        "private_key": {"filename": tls.key_file},
+                    }
+                ],
+                "validation_context": {
+                    "trusted_ca": {"filename": tls.ca_file},
+                    # Envoy checks the chain only unless told which name to expect.
+                    "match_typed_subject_alt_names": [{"san_type": "DNS", "matcher": {"exact": server_name}}],
+                },
+            },
         },
     }
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import shutil
 import signal
 import sys
@@ -44,6 +45,10 @@ PROGRESS_INTERVAL_S = 5
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _GATEWAY_PORT_ENV = "DEVSTACK_GATEWAY_PORT"
 _GATEWAY_ADMIN_PORT_ENV = "DEVSTACK_GATEWAY_ADMIN_PORT"
+# `make run` is plaintext on loopback, and says so: its probes, the gateway and the printed
+# commands all speak plaintext. TLS settings in the developer's shell would half-apply (a service
+# on TLS that nothing here can talk to), so they are refused rather than passed on.
+_TLS_VARIABLE = re.compile(r"(CREDIT|BOOKING)_(CREDIT_)?TLS_[A-Z_]+")
 
 
 class StartupError(Exception):
@@ -88,6 +93,12 @@ class StackPlan:
 
 def plan_stack(repo_root: Path, data_dir: Path, *, gateway: bool, env: Mapping[str, str]) -> StackPlan:
     """What to run where, from the environment contract of the services (ValueError if malformed)."""
+    tls_variables = sorted(name for name, value in env.items() if value and _TLS_VARIABLE.fullmatch(name))
+    if tls_variables:
+        raise ValueError(
+            f"`make run` serves plaintext gRPC on loopback; unset {', '.join(tls_variables)} "
+            "(TLS is for deployments: docs/security.md)"
+        )
     credit = ServiceSpec(
         "credit", "credit_service", CREDIT_SERVICE, env.get("CREDIT_GRPC_ADDRESS") or "127.0.0.1:50052",
         "CREDIT_GRPC_ADDRESS", "credit", "CREDIT_DATABASE_URL",

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service_kit.tls import ServerTls
 
 
 class ConfigError(Exception):
@@ -78,6 +82,11 @@ class ServerSettings:
     """What every service needs to serve: address, database, limits. Units are in the names."""
 
     grpc_address: str
+    # None: the gRPC port is plaintext. Else TLS, mutual when it names a client CA (service_kit/tls.py).
+    tls: ServerTls | None
+    # A second, plaintext port serving grpc.health.v1 only, for probes that cannot speak TLS
+    # (Kubernetes' native gRPC probes); None: not served. On by default only with TLS.
+    health_address: str | None
     database_url: str
     database_pool_min_size: int
     database_pool_max_size: int
@@ -103,12 +112,22 @@ class ServerSettings:
 
     @classmethod
     def from_environment(
-        cls, env: Mapping[str, str], prefix: str, default_address: str, default_metrics_address: str = "off"
+        cls,
+        env: Mapping[str, str],
+        prefix: str,
+        default_address: str,
+        default_metrics_address: str = "off",
+        default_health_address: str = "off",
     ) -> ServerSettings:
-        """Reads `<PREFIX>_*` variables; DATABASE_URL is the fallback for the database."""
+        """Reads `<PREFIX>_*` variables; DATABASE_URL is the fallback for the database.
+        `default_health_address` applies only when the gRPC port is TLS."""
+        # Here rather than at the top: service_kit.tls imports ConfigError from this module.
+        from service_kit.tls import ServerTls  # noqa: PLC0415
 
         def key(name: str) -> str:
             return f"{prefix}_{name}"
+
+        tls = ServerTls.from_environment(env, prefix)
 
         database_url = env.get(key("DATABASE_URL")) or env.get("DATABASE_URL")
         if not database_url:
@@ -116,6 +135,10 @@ class ServerSettings:
         pool_max = integer(env, key("DATABASE_POOL_MAX_SIZE"), 10, minimum=1, maximum=200)
         return cls(
             grpc_address=text(env, key("GRPC_ADDRESS"), default_address),
+            tls=tls,
+            health_address=listen_address(
+                env, key("HEALTH_ADDRESS"), default_health_address if tls is not None else "off"
+            ),
             database_url=database_url,
             database_pool_min_size=integer(env, key("DATABASE_POOL_MIN_SIZE"), 1, minimum=0, maximum=pool_max),
             database_pool_max_size=pool_max,

@@ -5,6 +5,12 @@ is at the version this build needs; a readiness loop keeps checking. On SIGTERM 
 server enters graceful shutdown (health NOT_SERVING so balancers drain it), stops accepting
 calls, lets running ones finish within the grace period, stops its workers, closes the pool.
 Metrics (service_kit/metrics.py) are served on a side port from start to the end of shutdown.
+
+The gRPC port is plaintext, TLS or mutual TLS (service_kit/tls.py); reflection is served there,
+behind the same TLS as the services. Probes that cannot speak TLS (Kubernetes' native gRPC
+probes) get a second, plaintext port that serves grpc.health.v1 and nothing else, backed by the
+same HealthServicer, so it reports the same statuses and the same graceful shutdown; it closes
+last, after the main server has drained.
 """
 
 from __future__ import annotations
@@ -28,8 +34,14 @@ from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
 from service_kit.metrics import GrpcMetrics, MetricsServer, PoolCollector, new_registry
+from service_kit.tls import Transport
 
 log = structlog.get_logger()
+
+# The health-only port takes tiny requests from a few probes: bounds of its own, far below the
+# service's (a Watch stream held open by a stranger costs one of these slots, no more).
+HEALTH_MAX_CONCURRENT_RPCS = 100
+HEALTH_MAX_MESSAGE_BYTES = 4096
 
 Worker = Callable[[], Coroutine[Any, Any, None]]
 
@@ -68,6 +80,7 @@ class Runtime:
         self.database = database
         self.health = health.aio.HealthServicer()
         self.port = 0
+        self.health_port = 0  # the plaintext health-only port, when there is one
         # This runtime's metrics; the service registers its own here too.
         self.registry = new_registry()
         self.grpc_metrics = GrpcMetrics(self.registry)
@@ -75,6 +88,7 @@ class Runtime:
         self.metrics_port = 0
         self._metrics_server: MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._parts: ServiceParts | None = None
         self._workers_started = False
@@ -110,13 +124,15 @@ class Runtime:
                 (self.definition.service_name, health.SERVICE_NAME, reflection.SERVICE_NAME), server
             )
         await self._set_serving(False)
+        tls = self.settings.tls
+        self.port = _bind(server, self.settings.grpc_address, tls.credentials() if tls is not None else None)
+        # Bound before either server starts: a health port that cannot listen stops the start
+        # with nothing left running.
         try:
-            self.port = server.add_insecure_port(self.settings.grpc_address)
-        except RuntimeError:
-            # grpcio raises (rather than returning 0, as older versions did) when it cannot bind.
-            self.port = 0
-        if self.port == 0:
-            raise OSError(f"cannot listen on {self.settings.grpc_address}: address in use or invalid")
+            health_server = self._health_only_server()
+        except OSError:
+            await server.stop(None)
+            raise
         await server.start()
         self._server = server
         host = self.settings.grpc_address.rsplit(":", 1)[0]
@@ -124,13 +140,43 @@ class Runtime:
             "grpc_server_started",
             service=self.definition.service_name,
             address=f"{host}:{self.port}",
+            transport=(tls.transport if tls is not None else Transport.PLAINTEXT).value,
             auth="required" if self.auth.required else "disabled",
+            **(tls.certificate.log_fields() if tls is not None else {}),
         )
+        if health_server is not None:
+            await health_server.start()
+            self._health_server = health_server
+            health_host = (self.settings.health_address or "").rsplit(":", 1)[0]
+            log.info(
+                "health_server_started",
+                address=f"{health_host}:{self.health_port}",
+                transport=Transport.PLAINTEXT.value,
+                services=[health.SERVICE_NAME],
+            )
         if not self.auth.required:
             log.warning("auth_disabled", detail="every caller acts with every role: development only")
         self.grpc_metrics.initialize_service(self.definition.service_name)
         await self._start_metrics_server()
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
+
+    def _health_only_server(self) -> grpc.aio.Server | None:
+        """The plaintext port for probes: grpc.health.v1 only (no reflection, no interceptor: there
+        is nothing behind it to authorize), bound but not started; None when not configured."""
+        address = self.settings.health_address
+        if address is None:
+            return None
+        server = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 0),
+                ("grpc.max_receive_message_length", HEALTH_MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", HEALTH_MAX_MESSAGE_BYTES),
+            ],
+            maximum_concurrent_rpcs=HEALTH_MAX_CONCURRENT_RPCS,
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        self.health_port = _bind(server, address, None)
+        return server
 
     async def _start_metrics_server(self) -> None:
         address = self.settings.metrics_address
@@ -197,6 +243,11 @@ class Runtime:
             for hook in self._parts.on_shutdown:
                 await hook()
         await self.database.close()
+        if self._health_server is not None:
+            # Last of the gRPC ports: until here probes read NOT_SERVING rather than a refused
+            # connection, as on the main port during its grace.
+            await self._health_server.stop(0)
+            self._health_server = None
         if self._metrics_server is not None:
             await self._metrics_server.stop()
             self._metrics_server = None
@@ -210,6 +261,21 @@ class Runtime:
             loop.add_signal_handler(signum, stop_requested.set)
         await stop_requested.wait()
         await self.stop()
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Binds `address` (TLS with `credentials`, else plaintext); the port (OSError if it cannot)."""
+    try:
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
+    except RuntimeError:
+        # grpcio raises (rather than returning 0, as older versions did) when it cannot bind.
+        port = 0
+    if port == 0:
+        raise OSError(f"cannot listen on {address}: address in use or invalid")
+    return port
 
 
 def run_main(main: Callable[[], Coroutine[Any, Any, None]]) -> None:

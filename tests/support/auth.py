@@ -88,8 +88,16 @@ class _AttachToken(grpc.aio.UnaryUnaryClientInterceptor):
 
 
 def authorized_channel(
-    target: str, *, token_value: str | None = None, options: Sequence[tuple[str, Any]] | None = None
+    target: str,
+    *,
+    token_value: str | None = None,
+    options: Sequence[tuple[str, Any]] | None = None,
+    credentials: grpc.ChannelCredentials | None = None,
 ) -> grpc.aio.Channel:
-    """An insecure channel whose calls carry `token_value` (default: the operator's token)."""
+    """A channel whose calls carry `token_value` (default: the operator's token): plaintext, or
+    TLS with `credentials`."""
     value = token_value or token()
-    return grpc.aio.insecure_channel(target, options=options, interceptors=[_AttachToken(lambda: value)])
+    interceptors = [_AttachToken(lambda: value)]
+    if credentials is not None:
+        return grpc.aio.secure_channel(target, credentials, options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

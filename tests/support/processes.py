@@ -10,6 +10,10 @@ kill, freeze, thaw, restart keeping ports and data, with environment overrides).
 Each booking replica talks to every credit replica (a round_robin target); all booking replicas
 share one booking database and all credit replicas one credit database, as DESIGN.md's "Scale"
 section has it.
+
+With `tls=StackTls(pki)` the stack runs as the production overlay does: every process serves
+mutual TLS on its gRPC port and plaintext health on a port of its own (where readiness is
+checked), booking calls credit with its client certificate, and the stack's stubs present one.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from credit.v1 import credit_pb2_grpc
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from tests.support.auth import authorized_channel
 from tests.support.invariants import credit_invariant_violations
+from tests.support.pki import Pki
 from tests.support.stack import ServiceProcess, free_port, fresh_database, server_environment, wait_serving
 
 if TYPE_CHECKING:
@@ -48,6 +53,10 @@ TEARDOWN_STOP_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.05
 PORT_ATTEMPTS = 3
 ADDRESS_VARIABLES = {CREDIT_MODULE: "CREDIT_GRPC_ADDRESS", BOOKING_MODULE: "BOOKING_GRPC_ADDRESS"}
+HEALTH_VARIABLES = {CREDIT_MODULE: "CREDIT_HEALTH_ADDRESS", BOOKING_MODULE: "BOOKING_HEALTH_ADDRESS"}
+# The name the test servers' certificate carries and every TLS client here checks: targets are
+# IP addresses, or lists of them (a round_robin target has no single host name to check).
+TLS_SERVER_NAME = "localhost"
 
 # A booking service that resolves stale holds within about a second and a half: a hold older
 # than 1 s is stale, and the reconciler looks every 0.3 s; the outbox looks every 0.2 s.
@@ -67,6 +76,36 @@ CLIENT_CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
 )
 
 EnvOverrides = Mapping[str, str | None]  # None removes the variable
+
+
+@dataclass(frozen=True)
+class StackTls:
+    """Mutual TLS between everything in a stack, from one test CA (tests/support/pki.py)."""
+
+    pki: Pki
+
+    def server_env(self, prefix: str, health_port: int) -> dict[str, str]:
+        return {
+            f"{prefix}_TLS_CERT_FILE": str(self.pki.server.certificate_file),
+            f"{prefix}_TLS_KEY_FILE": str(self.pki.server.key_file),
+            f"{prefix}_TLS_CLIENT_CA_FILE": str(self.pki.ca.certificate_file),
+            f"{prefix}_HEALTH_ADDRESS": f"127.0.0.1:{health_port}",
+        }
+
+    def booking_client_env(self) -> dict[str, str]:
+        return {
+            "BOOKING_CREDIT_TLS_CA_FILE": str(self.pki.ca.certificate_file),
+            "BOOKING_CREDIT_TLS_CERT_FILE": str(self.pki.client.certificate_file),
+            "BOOKING_CREDIT_TLS_KEY_FILE": str(self.pki.client.key_file),
+            "BOOKING_CREDIT_TLS_SERVER_NAME": TLS_SERVER_NAME,
+        }
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.pki.ca.certificate_pem,
+            private_key=self.pki.client.key_pem,
+            certificate_chain=self.pki.client.certificate_pem,
+        )
 
 
 def _apply(env: Mapping[str, str], overrides: EnvOverrides) -> dict[str, str]:
@@ -143,6 +182,7 @@ class Stack:
     log_dir: Path
     credit_db: asyncpg.Pool
     booking_db: asyncpg.Pool
+    tls: StackTls | None = None
     _channels: dict[str, grpc.aio.Channel] = field(default_factory=dict)
     _frozen: set[int] = field(default_factory=set)
 
@@ -165,7 +205,11 @@ class Stack:
         channel = self._channels.get(target)
         if channel is None:
             options = [*CLIENT_CHANNEL_OPTIONS, ("grpc.lb_policy_name", "round_robin")]
-            channel = authorized_channel(target, options=options)
+            credentials = None
+            if self.tls is not None:
+                options.append(("grpc.ssl_target_name_override", TLS_SERVER_NAME))
+                credentials = self.tls.channel_credentials()
+            channel = authorized_channel(target, options=options, credentials=credentials)
             self._channels[target] = channel
         return channel
 
@@ -336,10 +380,17 @@ def _end(process: ServiceProcess) -> None:
         process.kill()  # no-op when it is gone
 
 
-def _credit_process(log_dir: Path, index: int, database_url: str, env: EnvOverrides) -> ServiceProcess:
+def _credit_process(
+    log_dir: Path, index: int, database_url: str, env: EnvOverrides, tls: StackTls | None
+) -> ServiceProcess:
     port = free_port()
     base = server_environment("CREDIT", database_url, CREDIT_GRPC_ADDRESS=f"127.0.0.1:{port}")
-    return ServiceProcess(CREDIT_MODULE, _apply(base, env), log_dir / f"credit-{index}.log", port)
+    health_port = None
+    if tls is not None:
+        health_port = free_port()
+        base |= tls.server_env("CREDIT", health_port)
+    log_path = log_dir / f"credit-{index}.log"
+    return ServiceProcess(CREDIT_MODULE, _apply(base, env), log_path, port, health_port=health_port)
 
 
 def _booking_process(stack: Stack, index: int, env: EnvOverrides) -> ServiceProcess:
@@ -350,7 +401,12 @@ def _booking_process(stack: Stack, index: int, env: EnvOverrides) -> ServiceProc
         BOOKING_GRPC_ADDRESS=f"127.0.0.1:{port}",
         BOOKING_CREDIT_TARGET=stack.credit_target,
     )
-    return ServiceProcess(BOOKING_MODULE, _apply(base, env), stack.log_dir / f"booking-{index}.log", port)
+    health_port = None
+    if stack.tls is not None:
+        health_port = free_port()
+        base |= stack.tls.server_env("BOOKING", health_port) | stack.tls.booking_client_env()
+    log_path = stack.log_dir / f"booking-{index}.log"
+    return ServiceProcess(BOOKING_MODULE, _apply(base, env), log_path, port, health_port=health_port)
 
 
 class ProcessExited(AssertionError):
@@ -360,7 +416,8 @@ class ProcessExited(AssertionError):
 async def _wait_serving(process: ServiceProcess, timeout_s: float = START_TIMEOUT_S) -> None:
     """Until SERVING; fails at once, with its output, if the process exits meanwhile."""
     service = BOOKING_SERVICE_NAME if process.module == BOOKING_MODULE else CREDIT_SERVICE_NAME
-    waiting = asyncio.ensure_future(wait_serving(process.address, service, timeout_s=timeout_s))
+    # Plaintext health: the health-only port of a TLS process, else its gRPC port.
+    waiting = asyncio.ensure_future(wait_serving(process.health_address, service, timeout_s=timeout_s))
     try:
         while not waiting.done():
             if not is_running(process):
@@ -389,6 +446,9 @@ async def _launch(process: ServiceProcess) -> None:
                 raise
         process.port = free_port()
         process.env = {**process.env, ADDRESS_VARIABLES[process.module]: f"127.0.0.1:{process.port}"}
+        if process.health_port is not None:
+            process.health_port = free_port()
+            process.env = {**process.env, HEALTH_VARIABLES[process.module]: f"127.0.0.1:{process.health_port}"}
 
 
 async def _pool(database_url: str) -> asyncpg.Pool:
@@ -408,11 +468,12 @@ async def running_stack(
     booking_env: EnvOverrides | None = None,
     credit_env: EnvOverrides | None = None,
     replica_env: Sequence[EnvOverrides] = (),
+    tls: StackTls | None = None,
 ) -> AsyncIterator[Stack]:
     """Starts the stack on fresh databases; ends all of it on exit.
 
     `booking_env` applies to every booking replica, `replica_env[i]` on top of it to replica i;
-    `credit_env` to every credit replica.
+    `credit_env` to every credit replica; `tls` makes every hop mutual TLS.
     """
     assert booking_replicas >= 1 and credit_replicas >= 1
     assert len(replica_env) <= booking_replicas
@@ -427,13 +488,14 @@ async def running_stack(
                 await pool.close()
         raise AssertionError(f"cannot reach the test databases: {credit_db!r}, {booking_db!r}")
     stack = Stack(
-        credits=[_credit_process(log_dir, i, credit_url, credit_env or {}) for i in range(credit_replicas)],
+        credits=[_credit_process(log_dir, i, credit_url, credit_env or {}, tls) for i in range(credit_replicas)],
         bookings=[],
         credit_database_url=credit_url,
         booking_database_url=booking_url,
         log_dir=log_dir,
         credit_db=credit_db,
         booking_db=booking_db,
+        tls=tls,
     )
     try:
         # Credit first: the booking replicas' credit target names the credit ports.
@@ -453,6 +515,7 @@ __all__ = [
     "FAST_RECOVERY",
     "ProcessExited",
     "Stack",
+    "StackTls",
     "balanced_target",
     "is_running",
     "log_events",

@@ -82,11 +82,18 @@ class ServiceProcess:
     log_path: Path
     port: int
     process: subprocess.Popen[bytes] | None = None
+    # The plaintext health-only port of a TLS server (`*_HEALTH_ADDRESS`), if it has one.
+    health_port: int | None = None
     _log_file: object = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def health_address(self) -> str:
+        """Where a plaintext health check reaches it: the health port, else the gRPC port."""
+        return self.address if self.health_port is None else f"127.0.0.1:{self.health_port}"
 
     def start(self) -> None:
         assert self.process is None or self.process.poll() is not None
