@@ -1,4 +1,4 @@
-"""`python -m devstack run | render-envoy`: the developer stack's command line (see `make run`)."""
+"""`python -m devstack run | render-envoy | token`: the developer stack's command line (see `make run`)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from devstack import gateway, runner
+from devstack import gateway, keys, runner
 from devstack.children import Printer
+from service_kit.auth import ADMIN, ROLES, load_private_key, mint_token
+from service_kit.config import ConfigError
+
+# An operator's token: long enough for a runbook, short enough to be harmless when it leaks.
+OPERATOR_TOKEN_TTL_S = 900.0
+MIN_TOKEN_TTL_S = 10.0
+MAX_TOKEN_TTL_S = 24 * 3600.0
 
 
 def repo_root() -> Path:
@@ -27,6 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = _parser().parse_args(argv)
     if arguments.command == "render-envoy":
         return _render_envoy(arguments.output, check=arguments.check)
+    if arguments.command == "token":
+        return _token(arguments)
     return _run(arguments.data_dir, gateway=not arguments.no_gateway)
 
 
@@ -47,7 +56,46 @@ def _parser() -> argparse.ArgumentParser:
     )
     render.add_argument("--output", type=Path, default=checked_in_envoy_config())
     render.add_argument("--check", action="store_true", help="fail if the file differs instead of writing it")
+    token = commands.add_parser(
+        "token",
+        help="print a short-lived bearer token (for operators' grpcurl and curl calls)",
+        description="Signs with an Ed25519 private key the services trust: make run's own by default. "
+        "In production use the key of the issuer the services are configured with.",
+    )
+    token.add_argument("--key-file", type=Path, default=repo_root() / ".data" / "auth" / "signing-key.pem")
+    token.add_argument("--subject", default="operator", help="who is calling (default: operator)")
+    token.add_argument("--roles", default=ADMIN, help=f"comma-separated, of {', '.join(sorted(ROLES))}")
+    token.add_argument("--ttl-s", type=float, default=OPERATOR_TOKEN_TTL_S, help="lifetime (default 900)")
+    token.add_argument("--issuer", default=keys.ISSUER)
+    token.add_argument("--audience", default=keys.AUDIENCE)
     return parser
+
+
+def _token(arguments: argparse.Namespace) -> int:
+    roles = [role.strip() for role in arguments.roles.split(",") if role.strip()]
+    unknown = sorted(set(roles) - ROLES)
+    if not roles or unknown:
+        print(f"--roles: give one or more of {', '.join(sorted(ROLES))} (got {arguments.roles!r})", file=sys.stderr)
+        return 2
+    if not MIN_TOKEN_TTL_S <= arguments.ttl_s <= MAX_TOKEN_TTL_S:
+        print(f"--ttl-s must be between {MIN_TOKEN_TTL_S:.0f} and {MAX_TOKEN_TTL_S:.0f} seconds", file=sys.stderr)
+        return 2
+    try:
+        private_key = load_private_key(arguments.key_file, "--key-file")
+    except ConfigError as error:
+        print(f"{error} (make run creates its key on first start)", file=sys.stderr)
+        return 2
+    print(
+        mint_token(
+            private_key,
+            subject=arguments.subject,
+            roles=roles,
+            issuer=arguments.issuer,
+            audience=arguments.audience,
+            ttl_s=arguments.ttl_s,
+        )
+    )
+    return 0
 
 
 def _render_envoy(output: Path, *, check: bool) -> int:
