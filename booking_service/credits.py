@@ -161,49 +161,86 @@ class CreditClient:
         request = credit_pb2.ReserveCreditsRequest(
             reservation_id=str(reservation_id), owner_id=str(owner_id), amount=amount, reference=reference
         )
-        await self._submit(self._reserves, request)
+        await self._submit(self._reserves, request, reservation_id)
 
     async def commit(self, reservation_id: uuid.UUID) -> None:
         request = credit_pb2.CommitReservationRequest(reservation_id=str(reservation_id))
-        await self._submit(self._commits, request)
+        await self._submit(self._commits, request, reservation_id)
 
-    async def _submit(self, coalescer: Coalescer[_Call[M], None], request: M) -> None:
+    async def _submit(self, coalescer: Coalescer[_Call[M], None], request: M, reservation_id: uuid.UUID) -> None:
         """One item through its coalescer, within this call's own budget: a caller whose budget
         runs out stops waiting with CREDIT_SERVICE_TIMEOUT, whatever the batch it rode in does."""
         timeout_s = self._timeout_s()
         try:
             async with asyncio.timeout(timeout_s):
-                await coalescer.submit(_Call(request, self._metadata(), timeout_s))
+                await coalescer.submit(_Call(request, reservation_id, self._metadata(), timeout_s))
         except TimeoutError:
             raise CreditServiceTimeout("the credit service did not answer in time; retry later") from None
 
     async def _reserve_batch(self, calls: Sequence[_Call[credit_pb2.ReserveCreditsRequest]]) -> list[Exception | None]:
-        if len(calls) == 1:  # alone: the plain RPC, with its caller's request id and trace
-            return [await self._single(self._stub.ReserveCredits, calls[0])]
-        unique, positions = _unique(calls)
-        response = await self._call(
-            self._stub.BatchReserveCredits(
-                credit_pb2.BatchReserveCreditsRequest(requests=[call.request for call in unique]),
-                timeout=max(call.timeout_s for call in unique),
-                metadata=self._batch_metadata(),
+        async def batch(unique: list[_Call[credit_pb2.ReserveCreditsRequest]]) -> list[Exception | None]:
+            response = await self._call(
+                self._stub.BatchReserveCredits(
+                    credit_pb2.BatchReserveCreditsRequest(requests=[call.request for call in unique]),
+                    timeout=max(call.timeout_s for call in unique),
+                    metadata=self._batch_metadata(),
+                )
             )
-        )
-        return _fan_out([_item_outcome(result) for result in response.results], positions, len(unique))
+            return _outcomes(response.results, len(unique))
+
+        return await self._coalesced(calls, self._stub.ReserveCredits, batch)
 
     async def _commit_batch(
         self, calls: Sequence[_Call[credit_pb2.CommitReservationRequest]]
     ) -> list[Exception | None]:
-        if len(calls) == 1:
-            return [await self._single(self._stub.CommitReservation, calls[0])]
-        unique, positions = _unique(calls)
-        response = await self._call(
-            self._stub.BatchCommitReservations(
-                credit_pb2.BatchCommitReservationsRequest(requests=[call.request for call in unique]),
-                timeout=max(call.timeout_s for call in unique),
-                metadata=self._batch_metadata(),
+        async def batch(unique: list[_Call[credit_pb2.CommitReservationRequest]]) -> list[Exception | None]:
+            response = await self._call(
+                self._stub.BatchCommitReservations(
+                    credit_pb2.BatchCommitReservationsRequest(requests=[call.request for call in unique]),
+                    timeout=max(call.timeout_s for call in unique),
+                    metadata=self._batch_metadata(),
+                )
             )
+            return _outcomes(response.results, len(unique))
+
+        return await self._coalesced(calls, self._stub.CommitReservation, batch)
+
+    async def _coalesced(
+        self,
+        calls: Sequence[_Call[M]],
+        single: Callable[..., Awaitable[object]],
+        batch: Callable[[list[_Call[M]]], Awaitable[list[Exception | None]]],
+    ) -> list[Exception | None]:
+        """One batch RPC for the calls, each reservation once: callers asking the very same thing
+        at once (a repeated booking, the outbox and the inline commit) share one item and its
+        answer; another request for an id already in the batch (which the credit service would
+        refuse as a whole) goes on its own. A lone call is the plain RPC, with its caller's request
+        id and trace."""
+        if len(calls) == 1:
+            return [await self._single(single, calls[0])]
+        unique: list[_Call[M]] = []
+        position_of: dict[bytes, int] = {}
+        reservation_ids: set[uuid.UUID] = set()
+        apart: list[int] = []
+        positions: list[int] = []
+        for i, call in enumerate(calls):
+            key = call.request.SerializeToString(deterministic=True)
+            if key not in position_of and call.reservation_id in reservation_ids:
+                apart.append(i)
+                positions.append(-1)
+                continue
+            if key not in position_of:
+                position_of[key] = len(unique)
+                unique.append(call)
+                reservation_ids.add(call.reservation_id)
+            positions.append(position_of[key])
+        together, alone = await asyncio.gather(
+            batch(unique), asyncio.gather(*(self._single(single, calls[i]) for i in apart))
         )
-        return _fan_out([_item_outcome(result) for result in response.results], positions, len(unique))
+        outcomes = [together[position] if position >= 0 else None for position in positions]
+        for i, outcome in zip(apart, alone, strict=True):
+            outcomes[i] = outcome
+        return outcomes
 
     async def _single(self, method: Callable[..., Awaitable[object]], call: _Call[M]) -> Exception | None:
         try:
@@ -253,29 +290,17 @@ class _Call(Generic[M]):
     """One caller's item: its request, the metadata and the timeout it would have called with."""
 
     request: M
+    reservation_id: uuid.UUID
     metadata: tuple[tuple[str, str], ...]
     timeout_s: float
 
 
-def _unique(calls: Sequence[_Call[M]]) -> tuple[list[_Call[M]], list[int]]:
-    """The calls with each request once (two callers may ask for the same reservation at once:
-    a repeated booking, the outbox and the inline commit), and where each call's answer is."""
-    unique: list[_Call[M]] = []
-    index: dict[bytes, int] = {}
-    positions = []
-    for call in calls:
-        key = call.request.SerializeToString(deterministic=True)
-        if key not in index:
-            index[key] = len(unique)
-            unique.append(call)
-        positions.append(index[key])
-    return unique, positions
-
-
-def _fan_out(outcomes: list[Exception | None], positions: list[int], expected: int) -> list[Exception | None]:
-    if len(outcomes) != expected:
-        raise UnexpectedCreditAnswer(f"the credit service answered {len(outcomes)} results for {expected} requests")
-    return [outcomes[position] for position in positions]
+def _outcomes(
+    results: Sequence[credit_pb2.ReserveCreditsResult | credit_pb2.CommitReservationResult], expected: int
+) -> list[Exception | None]:
+    if len(results) != expected:
+        raise UnexpectedCreditAnswer(f"the credit service answered {len(results)} results for {expected} requests")
+    return [_item_outcome(result) for result in results]
 
 
 def _item_outcome(result: credit_pb2.ReserveCreditsResult | credit_pb2.CommitReservationResult) -> Exception | None:

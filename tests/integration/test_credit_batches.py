@@ -15,7 +15,9 @@ from typing import TYPE_CHECKING
 import asyncpg
 import grpc
 
+from booking_service.credits import CreditClient
 from credit.v1 import credit_pb2
+from service_kit.auth import ServiceToken
 from service_kit.errors import ErrorDetails, status_message_details
 from tests.integration.test_credit_service import (
     buckets,
@@ -25,6 +27,7 @@ from tests.integration.test_credit_service import (
     refusal,
     reserve,
 )
+from tests.support.auth import token
 from tests.support.invariants import credit_invariant_violations
 
 if TYPE_CHECKING:
@@ -187,4 +190,30 @@ async def test_more_than_available_in_one_batch_holds_exactly_what_there_is(
     assert sum(outcome is None for outcome in outcomes) == 7
     assert {outcome.reason for outcome in outcomes if outcome is not None} == {"INSUFFICIENT_CREDITS"}
     assert await buckets(credit_stub, owner) == (0, 7, 0, 7)
+    await books_straight(credit_db, owner)
+
+
+async def test_the_booking_services_client_sends_one_item_per_reservation_in_a_batch(
+    credit_address: str, credit_stub: CreditServiceAsyncStub, credit_db: asyncpg.Pool
+) -> None:
+    """Callers asking the very same thing at once share one item of the batch (the credit service
+    refuses an id twice in one batch as a whole), and each still gets its answer."""
+    owner = await funded_owner(credit_stub, 50)
+    client = CreditClient(
+        credit_address,
+        call_timeout_s=5,
+        token=ServiceToken(fixed_token=token(), subject="t", issuer="", audience="", ttl_s=60),
+    )
+    try:
+        holds = [uuid.uuid4() for _ in range(4)]
+        # Each hold asked for three times at once, among others: every call succeeds.
+        await asyncio.gather(
+            *(client.reserve(hold, uuid.UUID(owner), 5, f"booking:{hold}") for hold in holds for _ in range(3))
+        )
+        await asyncio.gather(*(client.commit(hold) for hold in holds for _ in range(3)))
+    finally:
+        await client.close()
+    assert await buckets(credit_stub, owner) == (30, 0, 20, 50)
+    for hold in holds:
+        assert (await get_reservation(credit_stub, str(hold))).status == COMMITTED
     await books_straight(credit_db, owner)
