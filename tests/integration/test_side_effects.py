@@ -32,7 +32,7 @@ from credit.v1 import credit_pb2_grpc
 from service_kit.server import Runtime
 from tests.support.auth import authorized_channel
 from tests.support.fake_daily import API_KEY, Answer, FakeDaily, running_fake_daily
-from tests.support.stack import free_port, fresh_database, server_environment, wait_serving
+from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.webhook_receiver import SECRET, WebhookReceiver, running_webhook_receiver
 from tests.support.world import SETTLE_TIMEOUT_S, World, eventually, future_hour
 
@@ -246,18 +246,41 @@ async def test_dead_letters_are_listed_in_pages(
         assert len(seen) == len(set(seen)) == 5
 
 
-async def test_a_provider_down_throughout_leaves_bookings_confirmed_and_no_slower(
+@asynccontextmanager
+async def hanging_server() -> AsyncIterator[str]:
+    """A provider that accepts connections and never answers: the worst a provider can do."""
+    held: list[asyncio.StreamWriter] = []
+
+    async def hold(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        held.append(writer)  # kept open, never answered, until the test ends
+
+    server = await asyncio.start_server(hold, "127.0.0.1", 0)
+    try:
+        yield f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/v1"
+    finally:
+        for writer in held:
+            writer.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def test_a_provider_that_hangs_throughout_leaves_bookings_confirmed_and_never_waited_for(
     postgres_server_url: str, credit_address: str, credit_stub: credit_pb2_grpc.CreditServiceStub
 ) -> None:
-    nobody_listens = f"http://127.0.0.1:{free_port()}/v1"
-    down_env = {"BOOKING_VIDEO_PROVIDER": "daily", "BOOKING_DAILY_API_URL": nobody_listens}
+    """Each call to the hanging provider takes its whole timeout (2 s), so a booking that waited
+    for it even once would take that long. None does: the slowest booking stays far below it. The
+    medians of both servers are printed (a figure, not a bound: the machine's load moves them)."""
+    provider_timeout_s = 2.0
     async with AsyncExitStack() as stack:
+        hanging_url = await stack.enter_async_context(hanging_server())
         down = await stack.enter_async_context(
             booking_server(
                 await fresh_database(postgres_server_url, "side_effects"),
                 credit_address,
+                BOOKING_VIDEO_PROVIDER="daily",
+                BOOKING_DAILY_API_URL=hanging_url,
                 BOOKING_DAILY_API_KEY=API_KEY,
-                **down_env,
+                BOOKING_SIDE_EFFECT_HTTP_TIMEOUT_S=str(provider_timeout_s),
             )
         )
         local = await stack.enter_async_context(
@@ -281,13 +304,14 @@ async def test_a_provider_down_throughout_leaves_bookings_confirmed_and_no_slowe
                 booking = await world.book(future_hour(3 + index // 10, 1 + index % 10))
                 latencies_s[name].append(time.perf_counter() - began)
                 booked[name].append(booking.booking_id)
+                assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
 
-        median_down = statistics.median(latencies_s["down"])
-        median_local = statistics.median(latencies_s["local"])
-        print("create_booking_median_s", {"down": median_down, "local": median_local})
-        assert median_down <= 1.5 * median_local + 0.005, (median_down, median_local)
+        print(
+            "create_booking_median_s",
+            {name: statistics.median(values) for name, values in latencies_s.items()},
+        )
+        assert max(latencies_s["down"]) < provider_timeout_s / 2, latencies_s["down"]
 
-        await asyncio.sleep(0.5)  # a few failed attempts at the provider
         for booking_id in booked["down"]:
             booking = await worlds["down"].get(booking_id)
             assert booking.status == booking_pb2.BOOKING_STATUS_CONFIRMED
