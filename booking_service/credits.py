@@ -19,7 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf import message, timestamp_pb2
@@ -178,38 +178,41 @@ class CreditClient:
             raise CreditServiceTimeout("the credit service did not answer in time; retry later") from None
 
     async def _reserve_batch(self, calls: Sequence[_Call[credit_pb2.ReserveCreditsRequest]]) -> list[Exception | None]:
-        async def batch(unique: list[_Call[credit_pb2.ReserveCreditsRequest]]) -> list[Exception | None]:
-            response = await self._call(
-                self._stub.BatchReserveCredits(
-                    credit_pb2.BatchReserveCreditsRequest(requests=[call.request for call in unique]),
-                    timeout=max(call.timeout_s for call in unique),
-                    metadata=self._batch_metadata(),
-                )
-            )
-            return _outcomes(response.results, len(unique))
-
-        return await self._coalesced(calls, self._stub.ReserveCredits, batch)
+        return await self._coalesced(
+            calls, self._stub.ReserveCredits, self._stub.BatchReserveCredits, credit_pb2.BatchReserveCreditsRequest
+        )
 
     async def _commit_batch(
         self, calls: Sequence[_Call[credit_pb2.CommitReservationRequest]]
     ) -> list[Exception | None]:
-        async def batch(unique: list[_Call[credit_pb2.CommitReservationRequest]]) -> list[Exception | None]:
-            response = await self._call(
-                self._stub.BatchCommitReservations(
-                    credit_pb2.BatchCommitReservationsRequest(requests=[call.request for call in unique]),
-                    timeout=max(call.timeout_s for call in unique),
-                    metadata=self._batch_metadata(),
-                )
-            )
-            return _outcomes(response.results, len(unique))
+        return await self._coalesced(
+            calls,
+            self._stub.CommitReservation,
+            self._stub.BatchCommitReservations,
+            credit_pb2.BatchCommitReservationsRequest,
+        )
 
-        return await self._coalesced(calls, self._stub.CommitReservation, batch)
+    async def _batch(
+        self,
+        unique: list[_Call[M]],
+        method: Callable[..., Awaitable[Any]],
+        request_type: Callable[..., message.Message],
+    ) -> list[Exception | None]:
+        response = await self._call(
+            method(
+                request_type(requests=[call.request for call in unique]),
+                timeout=max(call.timeout_s for call in unique),
+                metadata=self._batch_metadata(),
+            )
+        )
+        return _outcomes(response.results, len(unique))
 
     async def _coalesced(
         self,
         calls: Sequence[_Call[M]],
         single: Callable[..., Awaitable[object]],
-        batch: Callable[[list[_Call[M]]], Awaitable[list[Exception | None]]],
+        batch_method: Callable[..., Awaitable[Any]],
+        batch_request: Callable[..., message.Message],
     ) -> list[Exception | None]:
         """One batch RPC for the calls, each reservation once: callers asking the very same thing
         at once (a repeated booking, the outbox and the inline commit) share one item and its
@@ -235,7 +238,8 @@ class CreditClient:
                 reservation_ids.add(call.reservation_id)
             positions.append(position_of[key])
         together, alone = await asyncio.gather(
-            batch(unique), asyncio.gather(*(self._single(single, calls[i]) for i in apart))
+            self._batch(unique, batch_method, batch_request),
+            asyncio.gather(*(self._single(single, calls[i]) for i in apart)),
         )
         outcomes = [together[position] if position >= 0 else None for position in positions]
         for i, outcome in zip(apart, alone, strict=True):
