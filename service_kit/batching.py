@@ -161,6 +161,9 @@ class Coalescer(Generic[I, R]):
         started_s = time.perf_counter()
         try:
             results = await self._run_batch([item for item, _ in batch])
+            if len(results) != len(batch):
+                # A bug, but one that must not leave the callers waiting: it becomes their error.
+                raise AssertionError(f"{self.name}: {len(results)} results for {len(batch)} items")
         except asyncio.CancelledError:
             for _, future in batch:
                 future.cancel()
@@ -173,7 +176,6 @@ class Coalescer(Generic[I, R]):
         finally:
             if self._observer is not None:
                 self._observer(self.name, len(batch), time.perf_counter() - started_s)
-        assert len(results) == len(batch), (self.name, len(results), len(batch))
         for (_, future), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its caller stopped waiting

@@ -164,3 +164,15 @@ def test_settings_are_read_with_bounds() -> None:
         BatchSettings.from_environment({"BOOKING_BATCH_MAX_SIZE": "0"}, "BOOKING")
     with pytest.raises(ConfigError, match="BOOKING_BATCH_MAX_QUEUED"):
         BatchSettings.from_environment({"BOOKING_BATCH_MAX_SIZE": "50", "BOOKING_BATCH_MAX_QUEUED": "10"}, "BOOKING")
+
+
+async def test_a_batch_function_that_answers_the_wrong_number_of_items_fails_its_callers() -> None:
+    async def short(items: Sequence[int]) -> list[int | Exception]:
+        return [1]
+
+    batches: Coalescer[int, int] = Coalescer("short", short, max_batch_size=4, max_in_flight=1, max_queued=8)
+    first = asyncio.ensure_future(batches.submit(1))
+    rest = [asyncio.ensure_future(batches.submit(n)) for n in (2, 3)]
+    assert await first == 1  # alone, one answer is the right number
+    outcomes = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), timeout=5)
+    assert all(isinstance(outcome, AssertionError) for outcome in outcomes)
