@@ -519,10 +519,11 @@ class BookingService:
             async with self._pool.acquire() as connection:
                 decision = await store.record_decision(connection, draft.booking_id, "abort")
                 await store.forget_attempt(connection, draft.request_id, draft.booking_id)
-            if decision == "abort":
-                await self._credits.cancel(draft.booking_id)
         except Exception as error:  # noqa: BLE001  # the refusal stands; recovery is the reconciler's
             log.warning("booking_abort_deferred", booking_id=str(draft.booking_id), error=repr(error))
+            return
+        if decision == "abort":
+            await self._release(draft)
 
     async def _commit_payment_or_defer(self, booking: Booking) -> Booking:
         try:

@@ -331,71 +331,6 @@ class Claim:
     conflict: bool  # another session takes the slot (the attempt was forgotten)
 
 
-async def claim_attempt_and_precheck(
-    connection: Connection,
-    request_id: str,
-    booking_id: uuid.UUID,
-    fingerprint: str,
-    therapist_id: uuid.UUID,
-    blocked: tuple[datetime, datetime] | None,
-    bookable: bool,
-) -> Claim:
-    """Binds request_id to a booking id (ours if new) and pre-checks the slot, in one call; see
-    the function's comment for what `blocked` None and `bookable` False do."""
-    row = await connection.fetchrow(
-        """SELECT booking_id, fingerprint, aborted, finished, conflict
-             FROM booking.claim_attempt_and_precheck($1, $2, $3, $4, tstzrange($5, $6, '[)'), $7)""",
-        request_id,
-        booking_id,
-        fingerprint,
-        therapist_id,
-        blocked[0] if blocked else None,
-        blocked[1] if blocked else None,
-        bookable,
-    )
-    assert row is not None
-    return Claim(row["booking_id"], row["fingerprint"], row["aborted"], row["finished"], row["conflict"])
-
-
-async def decide_booking(
-    connection: Connection,
-    lock_timeout_ms: int,
-    booking: Booking,
-    blocked: tuple[datetime, datetime],
-    notification: dict[str, object],
-    video_room_name: str | None,
-) -> tuple[str, Booking | None]:
-    """The locked step in one call (booking.decide_booking, migration 0003): ('inserted', the new
-    session), ('existing', None: a concurrent repeat of this request got here first), or
-    ('conflict' or 'aborted', None)."""
-    row = await connection.fetchrow(
-        f"""SELECT outcome, {_BOOKING_COLUMNS}
-              FROM booking.decide_booking($1, $2, $3, $4, $5, $6, $7, $8, tstzrange($9, $10, '[)'), $11, $12,
-                                          $13::jsonb, $14)""",
-        lock_timeout_ms,
-        booking.booking_id,
-        booking.request_id,
-        booking.client_id,
-        booking.therapist_id,
-        booking.session_type_id,
-        booking.starts_at,
-        booking.ends_at,
-        blocked[0],
-        blocked[1],
-        booking.time_zone,
-        booking.credit_cost,
-        json.dumps(notification),
-        video_room_name,
-    )
-    assert row is not None
-    outcome = str(row["outcome"])
-    if outcome != "inserted":
-        return outcome, None
-    values = dict(row)
-    del values["outcome"]
-    return outcome, _booking_from(values)
-
-
 @dataclass(frozen=True)
 class ClaimRequest:
     """One booking's claim (booking.claim_attempts, migration 0004): bind `request_id` to
@@ -506,8 +441,9 @@ async def mark_paid(connection: Connection, booking_ids: Sequence[uuid.UUID]) ->
     """In one statement for many bookings whose holds were just committed: each that is still
     COMMITTING becomes PAID, and their pending commit_reservation outbox rows are marked delivered
     (the work was done inline). Returns when each marked booking was updated; a booking not in
-    the result was no longer COMMITTING (read it again, in a statement of its own: see
-    `mark_payment_delivered`)."""
+    the result was no longer COMMITTING (the outbox worker marked it first, or it was cancelled):
+    read it again in a statement of its own, because this statement's snapshot may predate the
+    change that made its UPDATE skip the row, and must not be returned as the booking's state."""
     rows = await connection.fetch(
         """WITH marked AS (
                UPDATE booking.sessions SET payment_status = 'paid', updated_at = now()
@@ -601,41 +537,6 @@ async def mark_payment(
         new.value,
     )
     return bool(result == "UPDATE 1")
-
-
-async def mark_payment_delivered(
-    connection: Connection,
-    booking_id: uuid.UUID,
-    *,
-    expected: PaymentStatus,
-    new: PaymentStatus,
-    delivered: tuple[str, ...],
-) -> Booking | None:
-    """In one statement: the payment status moves from `expected` to `new` (if it is still
-    `expected`) and the pending outbox rows of the `delivered` kinds are marked delivered (the work
-    was done inline); returns the booking as it is after that (None: no such booking).
-
-    When the status was no longer `expected` (the outbox worker got there first), the booking is
-    read again by a statement of its own: the first statement's snapshot may predate the change
-    that made its UPDATE skip the row, and must not be returned as the booking's state."""
-    row = await connection.fetchrow(
-        f"""WITH marked AS (
-                UPDATE booking.sessions SET payment_status = $3, updated_at = now()
-                 WHERE booking_id = $1 AND payment_status = $2
-             RETURNING {_BOOKING_COLUMNS}
-            ), delivered AS (
-                UPDATE booking.outbox SET status = 'delivered', updated_at = now()
-                 WHERE booking_id = $1 AND kind = ANY($4::text[]) AND status = 'pending'
-            )
-            SELECT {_BOOKING_WITH_ROOM} FROM marked s LEFT JOIN booking.video_rooms v USING (booking_id)""",
-        booking_id,
-        expected.value,
-        new.value,
-        list(delivered),
-    )
-    if row is None:
-        return await fetch_booking(connection, booking_id)
-    return _booking(row)
 
 
 async def cancel_booking(

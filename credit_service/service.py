@@ -1,7 +1,10 @@
 """Use cases of the credit service. Each runs in one READ COMMITTED transaction.
 
-Nobody pre-checks a balance and then acts on it: a reserve inserts its ledger entry and the
-account's CHECK refuses it atomically when too few credits are available (failure class 1).
+Nobody pre-checks a balance and then acts on it later (failure class 1): a reserve locks the
+owner's account row, compares, and inserts the hold and its ledger entry in the same transaction
+(credit.reserve_many, migration 0003); the account's CHECK refuses anything the comparison let
+through. Reserves and commits take many items at once (the batch RPCs); a single call is a batch
+of one.
 """
 
 from __future__ import annotations

@@ -160,33 +160,6 @@ async def fetch_reservation(
     return None if row is None else _reservation(row)
 
 
-async def reserve(
-    connection: Connection,
-    reservation_id: uuid.UUID,
-    owner_id: uuid.UUID,
-    amount: int,
-    reference: str,
-    ttl_s: float,
-) -> tuple[Reservation, bool, Balance | None]:
-    """The hold and its ledger entry in one call (credit.reserve, migration 0002): the reservation
-    as it stands, whether this call created it, and the owner's balance after it."""
-    row = await connection.fetchrow(
-        "SELECT * FROM credit.reserve($1, $2, $3, $4, $5)", reservation_id, owner_id, amount, reference, ttl_s
-    )
-    assert row is not None, reservation_id
-    balance = None
-    if row["balance_available"] is not None:
-        balance = Balance(
-            owner_id=owner_id,
-            available=row["balance_available"],
-            held=row["balance_held"],
-            spent=row["balance_spent"],
-            granted=row["balance_granted"],
-            updated_at=row["balance_updated_at"],
-        )
-    return _reservation(row), row["created"], balance
-
-
 @dataclass(frozen=True)
 class ReserveItem:
     reservation_id: uuid.UUID
@@ -248,11 +221,12 @@ async def fetch_reservations(
 async def apply_transitions(
     connection: Connection, planned: Sequence[tuple[Transition, ReservationStatus]]
 ) -> dict[uuid.UUID, Reservation]:
-    """Many planned transitions as one compare-and-set statement (see `apply_transition`): each
-    reservation moves, and its movements go to the ledger, only if it is still in the status its
-    plan was made from. Returns the reservations that moved; the others lost a race (plan again).
-    Entries are written in the order of their owners, so concurrent statements lock accounts in
-    one order."""
+    """Many planned transitions as one compare-and-set statement: each reservation moves to its
+    new state, and its movements go to the ledger (whose trigger moves the balance), only if it is
+    still in the status its plan was made from. Returns the reservations that moved; the others
+    lost a race to another transition (plan again). The state machine only moves forward, so the
+    status is all a plan depends on. Entries are written in the order of their owners, so
+    concurrent statements lock accounts in one order."""
     moves = [transition.after for transition, _ in planned]
     movement_rows = [
         (transition.after.reservation_id, transition.after.owner_id, position, movement.kind.value, movement.deltas())
@@ -298,47 +272,6 @@ async def apply_transitions(
         [row[4][3] for row in movement_rows],
     )
     return {row["reservation_id"]: _reservation(row) for row in rows}
-
-
-async def apply_transition(
-    connection: Connection, transition: Transition, *, planned_from: ReservationStatus
-) -> Reservation | None:
-    """A planned transition as one compare-and-set statement: the reservation moves to its new
-    state and the movements go to the ledger (whose trigger moves the balance) only if it is
-    still in `planned_from`; None when another transition got there first (plan again). The
-    state machine only moves forward, so its status is all a plan depends on."""
-    after = transition.after
-    deltas = [movement.deltas() for movement in transition.movements]
-    row = await connection.fetchrow(
-        f"""WITH moved AS (
-                UPDATE credit.reservations
-                   SET status = $2, committed_amount = $3, refunded_amount = $4, release_reason = $5,
-                       updated_at = now()
-                 WHERE reservation_id = $1 AND status = $6
-             RETURNING {_RESERVATION_COLUMNS}
-            ), entries AS (
-                INSERT INTO credit.ledger_entries
-                       (owner_id, kind, available_delta, held_delta, spent_delta, granted_delta, reservation_id)
-                SELECT moved.owner_id, m.kind, m.available, m.held, m.spent, m.granted, moved.reservation_id
-                  FROM moved,
-                       unnest($7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::bigint[])
-                       WITH ORDINALITY AS m(kind, available, held, spent, granted, position)
-                 ORDER BY m.position
-            )
-            SELECT {_RESERVATION_COLUMNS} FROM moved""",
-        after.reservation_id,
-        after.status.value,
-        after.committed_amount,
-        after.refunded_amount,
-        after.release_reason.value if after.release_reason else None,
-        planned_from.value,
-        [movement.kind.value for movement in transition.movements],
-        [d[0] for d in deltas],
-        [d[1] for d in deltas],
-        [d[2] for d in deltas],
-        [d[3] for d in deltas],
-    )
-    return None if row is None else _reservation(row)
 
 
 async def update_reservation(connection: Connection, reservation: Reservation) -> Reservation:
