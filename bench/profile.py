@@ -57,6 +57,7 @@ def top_frames(raw: Path) -> list[tuple[float, str]]:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.profile", description=__doc__)
     parser.add_argument("--duration-s", type=float, default=10.0, help="seconds of sampling (default 10)")
+    parser.add_argument("--concurrency", type=int, default=32, help="calls in flight (default 32)")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "profile")
     arguments = parser.parse_args()
     if not 1 <= arguments.duration_s <= 120:
@@ -71,6 +72,7 @@ def main() -> int:
         [
             *(sys.executable, "-m", "bench", "--designs", "services", "--scenarios", "spread"),
             *("--duration-s", str(load_s), "--quiet", "--out", str(arguments.out)),
+            *("--concurrency", str(arguments.concurrency)),
         ],
         cwd=ROOT,
     )

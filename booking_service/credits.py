@@ -18,7 +18,7 @@ import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 import grpc
@@ -27,8 +27,12 @@ from google.protobuf import message, timestamp_pb2
 from booking_service.domain import (
     CreditServiceTimeout,
     CreditServiceUnavailable,
+    HeldReservation,
+    HoldReused,
     InsufficientCredits,
     NoCreditAccount,
+    ReservationGone,
+    UnexpectedCreditAnswer,
 )
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from service_kit.auth import ServiceToken
@@ -60,42 +64,6 @@ _SERVICE_CONFIG = json.dumps(
         ]
     }
 )
-
-
-@dataclass(frozen=True)
-class HeldReservation:
-    reservation_id: uuid.UUID
-    status: str  # pending, committed, released, refunded
-    release_reason: str  # cancelled, expired, or ""
-    reference: str
-    created_at: datetime
-
-
-class ReservationGone(DomainError):
-    """The credit service refused a transition because of the reservation's state; `reason`
-    says which (RESERVATION_EXPIRED, RESERVATION_NOT_PENDING, ...)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason  # type: ignore[misc]  # the credit service's reason, passed on
-
-
-class UnexpectedCreditAnswer(DomainError):
-    """An answer the protocol does not expect (a bug on one side); mapped to INTERNAL."""
-
-    reason = "CREDIT_SERVICE_ERROR"
-
-
-_STATUS_NAMES = {
-    credit_pb2.RESERVATION_STATUS_PENDING: "pending",
-    credit_pb2.RESERVATION_STATUS_COMMITTED: "committed",
-    credit_pb2.RESERVATION_STATUS_RELEASED: "released",
-    credit_pb2.RESERVATION_STATUS_REFUNDED: "refunded",
-}
-_RELEASE_NAMES = {
-    credit_pb2.RELEASE_REASON_CANCELLED: "cancelled",
-    credit_pb2.RELEASE_REASON_EXPIRED: "expired",
-}
 
 
 class CreditClient:
@@ -278,13 +246,7 @@ class CreditClient:
             self._stub.ListReservations(request, timeout=self._call_timeout_s, metadata=self._metadata())
         )
         return [
-            HeldReservation(
-                reservation_id=uuid.UUID(r.reservation_id),
-                status=_STATUS_NAMES.get(r.status, "unknown"),
-                release_reason=_RELEASE_NAMES.get(r.release_reason, ""),
-                reference=r.reference,
-                created_at=r.create_time.ToDatetime(),
-            )
+            HeldReservation(uuid.UUID(r.reservation_id), r.reference, r.create_time.ToDatetime(tzinfo=UTC))
             for r in response.reservations
         ]
 
@@ -319,7 +281,7 @@ def _translate(error: grpc.aio.AioRpcError) -> DomainError:
     return _translate_details(error_details(error))
 
 
-def _translate_details(details: ErrorDetails) -> DomainError:
+def _translate_details(details: ErrorDetails) -> DomainError:  # noqa: PLR0911  # one answer per case
     code = details.code
     if code == grpc.StatusCode.UNAVAILABLE:
         return CreditServiceUnavailable("the credit service is unavailable; retry later")
@@ -329,6 +291,8 @@ def _translate_details(details: ErrorDetails) -> DomainError:
         return InsufficientCredits(details.message, metadata=details.metadata)
     if details.reason == "ACCOUNT_NOT_FOUND":
         return NoCreditAccount(details.message, metadata=details.metadata)
+    if details.reason == HoldReused.reason:
+        return HoldReused(details.message, metadata=details.metadata)
     if code == grpc.StatusCode.FAILED_PRECONDITION and details.reason:
         return ReservationGone(details.reason, details.message)
     # Anything else is a bug on one side or the other: INTERNAL for our caller, the detail in our log.

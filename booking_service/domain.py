@@ -7,7 +7,6 @@ service's domain errors so the servicer's one table can map them.
 from __future__ import annotations
 
 import enum
-import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import date, datetime, time, timedelta
@@ -129,39 +128,6 @@ class VideoRoom:
     failure_reason: str | None
 
 
-def video_room_name(booking_id: uuid.UUID) -> str:
-    """Deterministic, so a repeated create finds the room it made (idempotent)."""
-    return f"booking-{booking_id.hex}"
-
-
-def video_room_window(booking: Booking, opens_before_s: int, expires_after_s: int) -> tuple[datetime, datetime]:
-    return (
-        booking.starts_at - timedelta(seconds=opens_before_s),
-        booking.ends_at + timedelta(seconds=expires_after_s),
-    )
-
-
-def notification(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:
-    """The payload of a notification event (docs/notifications.md), fixed when the change commits."""
-    data: dict[str, object] = {
-        "booking_id": str(booking.booking_id),
-        "client_id": str(booking.client_id),
-        "therapist_id": str(booking.therapist_id),
-        "session_type_id": str(booking.session_type_id),
-        "start_time": booking.starts_at.isoformat(),
-        "end_time": booking.ends_at.isoformat(),
-        "time_zone": booking.time_zone,
-        "status": booking.status.value,
-        "credit_cost": booking.credit_cost,
-    }
-    if booking.status is BookingStatus.CANCELLED:
-        data["cancelled_by"] = booking.cancelled_by.value if booking.cancelled_by else None
-        data["cancel_reason"] = booking.cancel_reason.value if booking.cancel_reason else None
-        data["refunded_credits"] = booking.refunded_credits
-    data.update(extra)
-    return {"type": event_type, "occurred_at": occurred_at.isoformat(), "data": data}
-
-
 def minute_to_time(minute: int) -> time:
     """Minutes after midnight as a wall-clock time; 1440 (24:00) is the last instant of the day."""
     assert 0 <= minute <= MINUTES_PER_DAY
@@ -198,11 +164,6 @@ def refund_for(booking: Booking, actor: Actor, now: datetime, free_cancellation:
     if actor is not Actor.CLIENT:
         return booking.credit_cost
     return booking.credit_cost if booking.starts_at - now >= free_cancellation else 0
-
-
-def fingerprint(*parts: object) -> str:
-    """What an idempotent request asked for, to refuse a reused key with other values."""
-    return hashlib.sha256("|".join(str(p) for p in parts).encode()).hexdigest()
 
 
 # --- Domain errors. The servicer's table maps each to a status code. ---
@@ -299,10 +260,63 @@ class SessionAlreadyStarted(Refused):
 
 
 class BookingAborted(DomainError):
-    """The booking lost a race it cannot win by waiting (lock timeout, aborted by the
-    reconciler); the hold was released. ABORTED: retry with a new request_id."""
+    """The request was given up after a failure left it unanswered for longer than the
+    reconciler waits (BOOKING_RECONCILE_AFTER_S): its hold was released, and this is its answer
+    for good. ABORTED: book again with a new request_id."""
 
     reason = "BOOKING_ABORTED"
+
+    def __init__(self) -> None:
+        super().__init__(
+            "this booking request was given up after a failure and its credits released; "
+            "book again with a new request_id"
+        )
+
+
+class CalendarBusy(DomainError):
+    """The therapist's calendar stayed locked longer than BOOKING_LOCK_TIMEOUT_MS, or its
+    schedule kept changing: the request has no answer yet, and any hold it made is kept for a
+    retry. ABORTED: retry with the same request_id."""
+
+    reason = "CALENDAR_BUSY"
+
+
+class SessionsOverlap(DomainError):
+    """The exclusion constraint (the last line) refused a session that the locked check let
+    through. Translated from the driver by the store; the calendar answers it as SLOT_UNAVAILABLE."""
+
+    reason = "SLOT_UNAVAILABLE"
+
+
+class HoldReused(DomainError):
+    """The credit service holds this request's key for another amount: the request_id was used
+    for another booking (see RequestIdReused, which the flow raises for it)."""
+
+    reason = "RESERVATION_ID_REUSED"
+
+
+class ReservationGone(DomainError):
+    """The credit service refused a transition because of the reservation's state; `reason`
+    says which (RESERVATION_EXPIRED, RESERVATION_NOT_PENDING, ...)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason  # type: ignore[misc]  # the credit service's reason, passed on
+
+
+class UnexpectedCreditAnswer(DomainError):
+    """An answer the protocol does not expect (a bug on one side); mapped to INTERNAL."""
+
+    reason = "CREDIT_SERVICE_ERROR"
+
+
+@dataclass(frozen=True)
+class HeldReservation:
+    """A credit hold, as the reconciler lists them."""
+
+    reservation_id: uuid.UUID
+    reference: str
+    created_at: datetime
 
 
 class CreditServiceUnavailable(DomainError):
@@ -320,3 +334,34 @@ def domain_error(error: availability.AvailabilityError) -> DomainError:
     invalid = InvalidArgument([FieldViolation(error.field or "request", str(error))], reason=error.reason)
     invalid.metadata.update(error.metadata)
     return invalid
+
+
+# The refusals recorded as a request's answer (booking.request_answers), by reason, so that a
+# repeat raises the very refusal the first copy got. Anything else recorded (a reason of a newer
+# version) comes back as a plain FAILED_PRECONDITION refusal with its own reason and message.
+_RECORDED_REFUSALS: dict[str, type[DomainError]] = {
+    SlotUnavailable.reason: SlotUnavailable,
+    "OUTSIDE_AVAILABILITY": OutsideSchedule,
+    "INSUFFICIENT_NOTICE": OutsideSchedule,
+    "BEYOND_BOOKING_HORIZON": OutsideSchedule,
+    InsufficientCredits.reason: InsufficientCredits,
+    NoCreditAccount.reason: NoCreditAccount,
+    BookingNotActive.reason: BookingNotActive,
+    SessionAlreadyStarted.reason: SessionAlreadyStarted,
+    BookingAborted.reason: BookingAborted,
+}
+
+
+def is_recorded(error: DomainError) -> bool:
+    """Whether a refusal is final for its request id (recorded as its answer). Bad input and
+    unknown ids are not: nothing started under the request, so nothing is recorded."""
+    return isinstance(error, Refused | BookingAborted)
+
+
+def recorded_refusal(reason: str, message: str, metadata: dict[str, str]) -> DomainError:
+    """A recorded refusal, raised again as the same class with the same reason, text and metadata."""
+    kind = _RECORDED_REFUSALS.get(reason, Refused)
+    refusal = kind.__new__(kind)
+    DomainError.__init__(refusal, message, metadata=metadata)
+    refusal.reason = reason  # type: ignore[misc]  # the finer reason of this instance (OutsideSchedule's)
+    return refusal

@@ -17,7 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from booking.v1 import booking_pb2
-from booking_service import store
+from booking_service.store import outbox as store
 from service_kit.config import ServerSettings
 from service_kit.database import Database
 from service_kit.server import Worker

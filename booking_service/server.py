@@ -6,11 +6,12 @@ import structlog
 
 from booking.v1 import booking_pb2_grpc
 from booking_service import side_effects
+from booking_service.access import ACCESS_RULES
 from booking_service.config import BookingSettings
 from booking_service.credits import CreditClient
 from booking_service.metrics import BookingMetrics
 from booking_service.service import BookingService
-from booking_service.servicer import ACCESS_RULES, ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, BookingServicer
+from booking_service.servicer import ERROR_CODES, ERROR_DOMAIN, SERVICE_NAME, BookingServicer
 from booking_service.store import SCHEMA
 from service_kit import migrations
 from service_kit.auth import ServiceToken
@@ -76,10 +77,10 @@ async def start(settings: BookingSettings) -> Runtime:
 
     workers: list[Worker] = []
     if settings.reconciler_enabled:
-        workers.append(periodic("reconciler", settings.reconcile_interval_s, service.reconcile_once))
+        workers.append(periodic("reconciler", settings.reconcile_interval_s, service.reconciler.reconcile_once))
     else:
         log.warning("reconciler_disabled", detail="stale credit holds will not be resolved")
-    workers.append(periodic("outbox", settings.outbox_interval_s, service.deliver_outbox_once))
+    workers.append(periodic("outbox", settings.outbox_interval_s, service.outbox.deliver_once))
     workers.append(metrics.refresher(database, settings.server))
 
     def parts(_: Database) -> ServiceParts:

@@ -16,10 +16,13 @@ import asyncpg
 import grpc
 
 from booking.v1 import booking_pb2
+from booking_service.requests import request_key
 from credit.v1 import credit_pb2
+from tests.support.auth import OPERATOR_ID
 from tests.support.world import (
     World,
     assert_books_consistent,
+    eventually,
     future_hour,
     refusal,
     ts,
@@ -55,6 +58,13 @@ async def client_bookings(world: World, client_id: str) -> list[booking_pb2.Book
     return list(response.bookings)
 
 
+async def paid(world: World, booking_id: str) -> booking_pb2.Booking:
+    """The booking once a read shows it PAID: the mark of payment is written just behind the answer."""
+    return await eventually(
+        lambda: world.get(booking_id), lambda booking: booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
+    )
+
+
 async def assert_untouched(world: World, credit_db: asyncpg.Pool, client_id: str, credits: int) -> None:
     """A refused booking held nothing and made nothing: the balance is whole, no reservation and no
     session exist for the client."""
@@ -78,7 +88,9 @@ async def test_booking_with_enough_credits_is_confirmed_paid_and_stored(
 
     assert booking.status == booking_pb2.BOOKING_STATUS_CONFIRMED
     assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
-    assert uuid.UUID(booking.booking_id).version == 4
+    # The booking id is the request key: derived from the caller (here the admin who booked) and
+    # the request id, so that every copy of the request finds it.
+    assert uuid.UUID(booking.booking_id) == request_key(OPERATOR_ID, request.request_id)
     assert (booking.request_id, booking.client_id, booking.therapist_id, booking.session_type_id) == (
         request.request_id,
         world.client_id,
@@ -91,7 +103,8 @@ async def test_booking_with_enough_credits_is_confirmed_paid_and_stored(
     assert booking.credit_cost == 10
     assert booking.reschedule_count == 0
     assert not booking.HasField("cancellation")
-    assert (await world.get(booking.booking_id)) == booking
+    # A read shows it PAID once the mark, written behind the answer, is in (at once, or shortly).
+    assert (await paid(world, booking.booking_id)) == booking
 
     balance = await world.balance()
     assert (balance.available, balance.held, balance.spent, balance.granted) == (90, 0, 10, 100)
@@ -106,7 +119,7 @@ async def test_booking_with_enough_credits_is_confirmed_paid_and_stored(
     reservation = await world.reservation(booking.booking_id)
     assert reservation.status == credit_pb2.RESERVATION_STATUS_COMMITTED
     assert (reservation.owner_id, reservation.amount, reservation.committed_amount) == (world.client_id, 10, 10)
-    assert reservation.reference == f"booking:{booking.booking_id}"
+    assert reservation.reference == f"therapist:{world.therapist_id}/booking:{booking.booking_id}"
 
     async with booking_db.acquire() as connection:
         row = await connection.fetchrow(
@@ -115,8 +128,12 @@ async def test_booking_with_enough_credits_is_confirmed_paid_and_stored(
                  FROM booking.sessions WHERE booking_id = $1""",
             uuid.UUID(booking.booking_id),
         )
-        decision = await connection.fetchval(
-            "SELECT decision FROM booking.decisions WHERE reservation_id = $1", uuid.UUID(booking.booking_id)
+        # The session is the commit decision: no decision row, no binding row, no answer row.
+        bookkeeping = await connection.fetchval(
+            """SELECT (SELECT count(*) FROM booking.decisions WHERE reservation_id = $1)
+                    + (SELECT count(*) FROM booking.booking_attempts WHERE booking_id = $1)
+                    + (SELECT count(*) FROM booking.request_answers WHERE request_key = $1)""",
+            uuid.UUID(booking.booking_id),
         )
     assert row is not None
     assert row["request_id"] == request.request_id
@@ -137,7 +154,7 @@ async def test_booking_with_enough_credits_is_confirmed_paid_and_stored(
         "paid",
     )
     assert (row["refunded_credits"], row["cancelled_at"]) == (0, None)
-    assert decision == "commit"
+    assert bookkeeping == 0
     await assert_books_consistent(
         booking_db, credit_db, therapist_ids=[world.therapist_id], client_ids=[world.client_id]
     )
@@ -171,13 +188,15 @@ async def test_too_few_credits_is_refused_and_holds_nothing(
     assert error.metadata["available"] == "5"
     await assert_untouched(world, credit_db, poor, 5)
     async with booking_db.acquire() as connection:
-        attempts = await connection.fetchval(
-            "SELECT count(*) FROM booking.booking_attempts WHERE request_id = $1", request.request_id
+        answer = await connection.fetchval(
+            "SELECT refusal_reason FROM booking.request_answers WHERE request_key = $1",
+            request_key(OPERATOR_ID, request.request_id),
         )
         sessions = await connection.fetchval(
             "SELECT count(*) FROM booking.sessions WHERE client_id = $1", uuid.UUID(poor)
         )
-    assert (attempts, sessions) == (0, 0)
+    # The refusal is the request's answer, recorded: a retry gets it again (see test_request_ids.py).
+    assert (answer, sessions) == ("INSUFFICIENT_CREDITS", 0)
     # The slot stays free for someone who can pay.
     assert (await world.book(future_hour(3, 10))).status == booking_pb2.BOOKING_STATUS_CONFIRMED
     await assert_books_consistent(
@@ -300,6 +319,7 @@ async def test_a_repeated_request_returns_the_first_booking_and_pays_once(
     request = world.booking_request(future_hour(3, 10))
 
     first = (await world.booking.CreateBooking(request)).booking
+    await paid(world, first.booking_id)
     again = (await world.booking.CreateBooking(request)).booking
 
     assert again == first
@@ -330,7 +350,7 @@ async def test_a_request_id_reused_with_other_values_is_refused(
         assert (error.code, error.reason) == (grpc.StatusCode.ALREADY_EXISTS, "REQUEST_ID_REUSED")
         assert error.metadata["request_id"] == request.request_id
 
-    assert (await world.get(first.booking_id)) == first
+    assert (await paid(world, first.booking_id)) == first
     assert [b.booking_id for b in await client_bookings(world, world.client_id)] == [first.booking_id]
     assert (await world.balance()).spent == 10
     await assert_books_consistent(
@@ -338,7 +358,7 @@ async def test_a_request_id_reused_with_other_values_is_refused(
     )
 
 
-async def test_a_request_refused_for_credits_succeeds_when_retried_after_a_top_up(
+async def test_a_refusal_for_credits_is_the_requests_answer_and_a_new_request_books_after_a_top_up(
     world: World, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
 ) -> None:
     poor = await world.new_client(credits=5)
@@ -351,11 +371,21 @@ async def test_a_request_refused_for_credits_succeeds_when_retried_after_a_top_u
             request_id=str(uuid.uuid4()), owner_id=poor, amount=20, kind=credit_pb2.GRANT_KIND_PURCHASE
         )
     )
-    booking = (await world.booking.CreateBooking(request)).booking
+    # A request has one answer: the same request id is refused again, with the same refusal...
+    again = await refusal(world.booking.CreateBooking(request))
+    assert (again.code, again.reason, again.message, again.metadata) == (
+        error.code,
+        error.reason,
+        error.message,
+        error.metadata,
+    )
+    # ...and a new request books.
+    retried = world.booking_request(future_hour(3, 10), client_id=poor)
+    booking = (await world.booking.CreateBooking(retried)).booking
 
     assert booking.status == booking_pb2.BOOKING_STATUS_CONFIRMED
     assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
-    assert booking.request_id == request.request_id
+    assert booking.request_id == retried.request_id
     balance = await world.balance(poor)
     assert (balance.available, balance.held, balance.spent, balance.granted) == (15, 0, 10, 25)
     await assert_books_consistent(booking_db, credit_db, therapist_ids=[world.therapist_id], client_ids=[poor])

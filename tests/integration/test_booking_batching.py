@@ -48,7 +48,7 @@ async def test_concurrent_bookings_ride_together_and_each_is_paid_once(
     credit_db: asyncpg.Pool,
 ) -> None:
     worlds = [await World.create(booking_stub, credit_stub) for _ in range(4)]
-    steps = ("claim_attempts", "reserve_credits", "decide_bookings", "commit_reservations", "mark_paid")
+    steps = ("look_up", "reserve_credits", "decide", "commit_reservations", "mark_paid")
     before = {step: batch_totals(booking_server, step) for step in steps}
     calls = [world.book(future_hour(4, hour)) for world in worlds for hour in range(8, 14)]
 
@@ -133,22 +133,21 @@ async def test_a_therapist_locked_elsewhere_holds_up_only_its_own_bookings_in_a_
         await lock.start()
         # Someone holds the stuck therapist's calendar lock (a long reschedule, say).
         await holder.execute(
-            "SELECT pg_advisory_xact_lock(hashtextextended('therapist:' || $1::uuid::text, 0))",
+            "SELECT pg_advisory_xact_lock(booking.calendar_lock_key($1))",
             uuid.UUID(stuck.therapist_id),
         )
+        stuck_requests = [stuck.booking_request(start), stuck.booking_request(start + timedelta(hours=1))]
         with structlog.testing.capture_logs() as logs:
-            first = asyncio.ensure_future(outcome(stuck.booking.CreateBooking(stuck.booking_request(start))))
+            first = asyncio.ensure_future(outcome(stuck.booking.CreateBooking(stuck_requests[0])))
             await asyncio.sleep(LOCK_TIMEOUT_MS / 1000 / 4)  # its decide batch now waits for the lock
-            second = asyncio.ensure_future(
-                outcome(stuck.booking.CreateBooking(stuck.booking_request(start + timedelta(hours=1))))
-            )
+            second = asyncio.ensure_future(outcome(stuck.booking.CreateBooking(stuck_requests[1])))
             third = asyncio.ensure_future(outcome(free.booking.CreateBooking(free.booking_request(start))))
             answers = await asyncio.gather(first, second, third)
         await lock.rollback()
 
     for refused in answers[:2]:
         assert not isinstance(refused, booking_pb2.CreateBookingResponse), refused
-        assert (refused.code, refused.reason) == (grpc.StatusCode.ABORTED, "BOOKING_ABORTED")
+        assert (refused.code, refused.reason) == (grpc.StatusCode.ABORTED, "CALENDAR_BUSY")
     booked = answers[2]
     assert isinstance(booked, booking_pb2.CreateBookingResponse), booked
     assert booked.booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
@@ -156,10 +155,17 @@ async def test_a_therapist_locked_elsewhere_holds_up_only_its_own_bookings_in_a_
     # did not wait for the held lock: the free therapist's booking was decided in it, and the
     # stuck one's again alone, waiting for the lock until its timeout.
     assert [(e["size"], e["busy"]) for e in logs if e["event"] == "decide_batch_busy"] == [(2, 1)], logs
+    # A busy calendar is no answer: the requests kept their holds, and a retry with the same
+    # request id, once the calendar is free, books with them.
+    assert (await stuck.balance()).held == 2 * stuck.credit_cost
+    for request in stuck_requests:
+        retried = await stuck.booking.CreateBooking(request)
+        assert retried.booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
     await assert_books_consistent(
         booking_db,
         credit_db,
         therapist_ids=[stuck.therapist_id, free.therapist_id],
         client_ids=[stuck.client_id, free.client_id],
     )
-    assert (await stuck.balance()).available == 100
+    balance = await stuck.balance()
+    assert (balance.available, balance.held, balance.spent) == (100 - 2 * stuck.credit_cost, 0, 2 * stuck.credit_cost)

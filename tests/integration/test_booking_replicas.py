@@ -44,6 +44,7 @@ ORPHAN_HOLDS = 10
 CLEAN_REFUSALS = {
     (grpc.StatusCode.FAILED_PRECONDITION, "SLOT_UNAVAILABLE"),
     (grpc.StatusCode.ABORTED, "BOOKING_ABORTED"),
+    (grpc.StatusCode.ABORTED, "CALENDAR_BUSY"),
 }
 
 # The graceful-shutdown load: workers booking distinct slots one after another.
@@ -186,7 +187,7 @@ def assert_refusals_were_true(
         request = booked[booking_id].request
         assert (client, therapist) == (request.client_id, request.therapist_id)
         taken[therapist].append((_offset_min(base, start), booked[booking_id].replica))
-    aborted = {o.request.therapist_id for o in outcomes if o.reason == "BOOKING_ABORTED"}
+    aborted = {o.request.therapist_id for o in outcomes if o.reason in ("BOOKING_ABORTED", "CALENDAR_BUSY")}
     for therapist, held_slots in taken.items():
         offsets = sorted(offset for offset, _ in held_slots)
         # Maximal unless some request for this therapist was aborted (lock timeout, or the

@@ -203,7 +203,7 @@ async def test_a_400_fails_the_room_with_its_reason_and_an_operator_can_retry_it
 
             listed = await server.stub.ListDeadLetters(booking_pb2.ListDeadLettersRequest())
             (letter,) = [d for d in listed.dead_letters if d.booking_id == booking.booking_id]
-            assert (letter.kind, letter.attempts) == ("create_video_room", 1)
+            assert (letter.kind, letter.attempts) == ("booking_event", 1)
             assert "exp is in the past" in letter.last_error
 
             retried = await server.stub.RetryDeadLetter(booking_pb2.RetryDeadLetterRequest(event_id=letter.event_id))

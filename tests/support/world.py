@@ -297,8 +297,8 @@ SELECT a.booking_id AS first, b.booking_id AS second
 """
 _SESSIONS_SQL = """
 SELECT s.booking_id, s.client_id, s.credit_cost, s.status, s.payment_status, s.refunded_credits,
-       s.starts_at, s.ends_at, s.blocked, d.decision
-  FROM booking.sessions s LEFT JOIN booking.decisions d ON d.reservation_id = s.booking_id
+       s.starts_at, s.ends_at, s.blocked, a.refusal_reason AS refused
+  FROM booking.sessions s LEFT JOIN booking.request_answers a ON a.request_key = s.booking_id
  WHERE s.therapist_id = ANY($1::uuid[]) OR s.client_id = ANY($2::uuid[])
 """
 _CLIENT_RESERVATIONS_SQL = """
@@ -306,7 +306,9 @@ SELECT reservation_id, owner_id, amount, committed_amount, refunded_amount, stat
   FROM credit.reservations
  WHERE owner_id = ANY($1::uuid[]) OR reservation_id = ANY($2::uuid[])
 """
-_DECISIONS_SQL = "SELECT reservation_id, decision FROM booking.decisions WHERE reservation_id = ANY($1::uuid[])"
+# A booking's hold names its calendar ("therapist:<id>/booking:<id>"; the previous version's holds
+# were "booking:<id>").
+_BOOKING_HOLD_PREFIXES = ("therapist:", "booking:")
 
 
 async def booking_violations(
@@ -314,9 +316,9 @@ async def booking_violations(
 ) -> list[str]:
     """Everything that disagrees between the booking side and the credit side, in words, for the
     sessions of these therapists and the bookings' holds of these clients, once all in-flight work
-    is done: no two confirmed sessions overlap; every session has its `commit` decision and a
-    reservation of its cost from its client whose state matches its payment status; and every
-    booking hold without a session was released, never spent."""
+    is done: no two confirmed sessions overlap; no session's request was also answered with a
+    refusal; every session has a reservation of its cost from its client whose state matches its
+    payment status; and every booking hold without a session was released, never spent."""
     therapists = [uuid.UUID(t) for t in therapist_ids]
     clients = [uuid.UUID(c) for c in client_ids]
     async with booking_db.acquire() as connection:
@@ -328,10 +330,10 @@ async def booking_violations(
             for row in await connection.fetch(_CLIENT_RESERVATIONS_SQL, clients, list(sessions))
         }
     orphans = [
-        rid for rid, row in reservations.items() if rid not in sessions and row["reference"].startswith("booking:")
+        rid
+        for rid, row in reservations.items()
+        if rid not in sessions and row["reference"].startswith(_BOOKING_HOLD_PREFIXES)
     ]
-    async with booking_db.acquire() as connection:
-        decisions = {row["reservation_id"]: row["decision"] for row in await connection.fetch(_DECISIONS_SQL, orphans)}
     found = [f"confirmed sessions {row['first']} and {row['second']} overlap" for row in overlaps]
     for booking_id, session in sessions.items():
         found.extend(_session_violations(session, reservations.get(booking_id)))
@@ -339,16 +341,14 @@ async def booking_violations(
         row = reservations[reservation_id]
         if row["status"] != "released":
             found.append(f"hold {reservation_id} has no session but is {row['status']}, not released")
-        if decisions.get(reservation_id) == "commit":
-            found.append(f"hold {reservation_id} has a commit decision but no session")
     return found
 
 
 def _session_violations(session: asyncpg.Record, reservation: asyncpg.Record | None) -> list[str]:
     booking_id = session["booking_id"]
     found = []
-    if session["decision"] != "commit":
-        found.append(f"session {booking_id} has decision {session['decision']!r}, not 'commit'")
+    if session["refused"] is not None:
+        found.append(f"session {booking_id}: its request was also answered with the refusal {session['refused']}")
     if session["blocked"].lower > session["starts_at"] or session["blocked"].upper < session["ends_at"]:
         found.append(f"session {booking_id}: blocked range {session['blocked']} does not cover the session")
     if reservation is None:

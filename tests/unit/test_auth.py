@@ -9,7 +9,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from booking.v1 import booking_pb2
-from booking_service.servicer import ACCESS_RULES as BOOKING_RULES
+from booking_service.access import ACCESS_RULES as BOOKING_RULES
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2
 from credit_service.servicer import ACCESS_RULES as CREDIT_RULES

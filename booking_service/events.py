@@ -1,0 +1,75 @@
+"""What a booking's events say, and the side effects they carry. No I/O.
+
+A change to a booking writes one outbox row, kind `booking_event`, in its own transaction
+(docs/notifications.md). Its payload is the notification as receivers get it; the worker delivers
+the notification and brings the video room to the booking's state, and, if the booking's payment
+did not settle inline, settles it from the same row.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime, timedelta
+
+from booking_service.domain import Booking, BookingStatus
+
+BOOKING_EVENT = "booking_event"
+# The side effects of a booking event; the payload's `pending_effects` lists those still to deliver
+# after a failed attempt (absent: all of them).
+NOTIFICATION = "notification"
+VIDEO_ROOM = "video_room"
+EFFECTS = (NOTIFICATION, VIDEO_ROOM)
+PENDING_EFFECTS = "pending_effects"
+# Payment retries, and the kinds of the previous version's rows, which this version still delivers
+# (docs/operations.md, "Rolling upgrades").
+COMMIT_RESERVATION = "commit_reservation"
+REFUND_RESERVATION = "refund_reservation"
+LEGACY_VIDEO_ROOM_KINDS = ("create_video_room", "move_video_room", "delete_video_room")
+
+CONFIRMED = "booking.confirmed"
+CANCELLED = "booking.cancelled"
+RESCHEDULED = "booking.rescheduled"
+
+
+def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:
+    """The payload of a booking event (docs/notifications.md), fixed when the change commits."""
+    data: dict[str, object] = {
+        "booking_id": str(booking.booking_id),
+        "client_id": str(booking.client_id),
+        "therapist_id": str(booking.therapist_id),
+        "session_type_id": str(booking.session_type_id),
+        "start_time": booking.starts_at.isoformat(),
+        "end_time": booking.ends_at.isoformat(),
+        "time_zone": booking.time_zone,
+        "status": booking.status.value,
+        "credit_cost": booking.credit_cost,
+    }
+    if booking.status is BookingStatus.CANCELLED:
+        data["cancelled_by"] = booking.cancelled_by.value if booking.cancelled_by else None
+        data["cancel_reason"] = booking.cancel_reason.value if booking.cancel_reason else None
+        data["refunded_credits"] = booking.refunded_credits
+    data.update(extra)
+    return {"type": event_type, "occurred_at": occurred_at.isoformat(), "data": data}
+
+
+def pending_effects(payload: dict[str, object]) -> tuple[str, ...]:
+    """The side effects of a booking event still to deliver."""
+    pending = payload.get(PENDING_EFFECTS)
+    return EFFECTS if pending is None else tuple(str(effect) for effect in pending)  # type: ignore[attr-defined]
+
+
+def notification_body(event_id: uuid.UUID, payload: dict[str, object]) -> dict[str, object]:
+    """What a receiver gets: the event's id and its payload, without the worker's bookkeeping."""
+    return {"id": str(event_id), **{key: value for key, value in payload.items() if key != PENDING_EFFECTS}}
+
+
+def video_room_name(booking_id: uuid.UUID) -> str:
+    """Deterministic, so a repeated create finds the room it made (idempotent)."""
+    return f"booking-{booking_id.hex}"
+
+
+def video_room_window(booking: Booking, opens_before_s: int, expires_after_s: int) -> tuple[datetime, datetime]:
+    return (
+        booking.starts_at - timedelta(seconds=opens_before_s),
+        booking.ends_at + timedelta(seconds=expires_after_s),
+    )

@@ -1,0 +1,296 @@
+"""booking.v1 messages and domain values: the servicer's translations, both ways.
+
+Domain values become messages (`*_message`); request fields become domain values, each bad field
+a BadRequest violation (`service_kit.validation.Checks`)."""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, date, datetime
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from booking.v1 import booking_pb2
+from booking_service import availability, domain
+from booking_service.domain import MINUTES_PER_DAY, DateOverride, SessionType, Therapist, WeeklyWindowMinutes
+from booking_service.store.outbox import DeadLetter
+from service_kit.errors import FieldViolation, InvalidArgument
+from service_kit.validation import Checks
+
+MAX_NAME_LENGTH = 200
+MAX_SHOWN_NAMES = 5
+MAX_SHOWN_NAME_LENGTH = 64
+
+_HOUR_MINUTE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
+# How availability's schedule rules name a window (see booking_service.availability.Schedule).
+_SCHEDULE_PATH = re.compile(r"\b(?:weekly|overrides\[[^\]]*\])\[(\d+)\]")
+_LOCAL_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$")
+UPDATABLE_FIELDS = (
+    "display_name",
+    "time_zone",
+    "buffer_before_minutes",
+    "buffer_after_minutes",
+    "minimum_notice_minutes",
+    "booking_horizon_days",
+)
+_STATUS_TO_PROTO = {
+    domain.BookingStatus.CONFIRMED: booking_pb2.BOOKING_STATUS_CONFIRMED,
+    domain.BookingStatus.CANCELLED: booking_pb2.BOOKING_STATUS_CANCELLED,
+}
+STATUS_FROM_PROTO = {number: status for status, number in _STATUS_TO_PROTO.items()}
+_PAYMENT_TO_PROTO = {
+    domain.PaymentStatus.COMMITTING: booking_pb2.PAYMENT_STATUS_COMMITTING,
+    domain.PaymentStatus.PAID: booking_pb2.PAYMENT_STATUS_PAID,
+    domain.PaymentStatus.REFUNDING: booking_pb2.PAYMENT_STATUS_REFUNDING,
+    domain.PaymentStatus.REFUNDED: booking_pb2.PAYMENT_STATUS_REFUNDED,
+}
+_ACTOR_TO_PROTO = {
+    domain.Actor.CLIENT: booking_pb2.CANCELLATION_ACTOR_CLIENT,
+    domain.Actor.THERAPIST: booking_pb2.CANCELLATION_ACTOR_THERAPIST,
+    domain.Actor.ADMIN: booking_pb2.CANCELLATION_ACTOR_ADMIN,
+    domain.Actor.SYSTEM: booking_pb2.CANCELLATION_ACTOR_SYSTEM,
+}
+ACTOR_FROM_PROTO = {number: actor for actor, number in _ACTOR_TO_PROTO.items() if actor is not domain.Actor.SYSTEM}
+_REASON_TO_PROTO = {
+    domain.CancelReason.SCHEDULE_CONFLICT: booking_pb2.CANCELLATION_REASON_SCHEDULE_CONFLICT,
+    domain.CancelReason.ILLNESS: booking_pb2.CANCELLATION_REASON_ILLNESS,
+    domain.CancelReason.NO_LONGER_NEEDED: booking_pb2.CANCELLATION_REASON_NO_LONGER_NEEDED,
+    domain.CancelReason.THERAPIST_UNAVAILABLE: booking_pb2.CANCELLATION_REASON_THERAPIST_UNAVAILABLE,
+    domain.CancelReason.ADMINISTRATIVE: booking_pb2.CANCELLATION_REASON_ADMINISTRATIVE,
+    domain.CancelReason.OTHER: booking_pb2.CANCELLATION_REASON_OTHER,
+    domain.CancelReason.PAYMENT_FAILED: booking_pb2.CANCELLATION_REASON_PAYMENT_FAILED,
+}
+REASON_FROM_PROTO = {
+    number: reason for reason, number in _REASON_TO_PROTO.items() if reason is not domain.CancelReason.PAYMENT_FAILED
+}
+_VIDEO_ROOM_TO_PROTO = {
+    domain.VideoRoomState.PENDING: booking_pb2.VIDEO_ROOM_STATE_PENDING,
+    domain.VideoRoomState.READY: booking_pb2.VIDEO_ROOM_STATE_READY,
+    domain.VideoRoomState.FAILED: booking_pb2.VIDEO_ROOM_STATE_FAILED,
+    domain.VideoRoomState.DELETED: booking_pb2.VIDEO_ROOM_STATE_DELETED,
+}
+_DISAMBIGUATION = {
+    booking_pb2.DISAMBIGUATION_UNSPECIFIED: availability.Disambiguation.UNSPECIFIED,
+    booking_pb2.DISAMBIGUATION_EARLIER: availability.Disambiguation.EARLIER,
+    booking_pb2.DISAMBIGUATION_LATER: availability.Disambiguation.LATER,
+}
+
+
+def timestamp(instant: datetime) -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(instant.astimezone(UTC))
+    return message
+
+
+def therapist_message(therapist: Therapist) -> booking_pb2.Therapist:
+    return booking_pb2.Therapist(
+        therapist_id=str(therapist.therapist_id),
+        display_name=therapist.display_name,
+        time_zone=therapist.time_zone,
+        buffer_before_minutes=therapist.buffer_before_minutes,
+        buffer_after_minutes=therapist.buffer_after_minutes,
+        minimum_notice_minutes=therapist.minimum_notice_minutes,
+        booking_horizon_days=therapist.booking_horizon_days,
+        create_time=timestamp(therapist.created_at),
+        update_time=timestamp(therapist.updated_at),
+    )
+
+
+def session_type_message(session_type: SessionType) -> booking_pb2.SessionType:
+    return booking_pb2.SessionType(
+        session_type_id=str(session_type.session_type_id),
+        therapist_id=str(session_type.therapist_id),
+        name=session_type.name,
+        duration_minutes=session_type.duration_minutes,
+        credit_cost=session_type.credit_cost,
+    )
+
+
+def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
+    message = booking_pb2.Booking(
+        booking_id=str(booking.booking_id),
+        request_id=booking.request_id,
+        client_id=str(booking.client_id),
+        therapist_id=str(booking.therapist_id),
+        session_type_id=str(booking.session_type_id),
+        start_time=timestamp(booking.starts_at),
+        end_time=timestamp(booking.ends_at),
+        local_start=availability.local_rendering(booking.starts_at, booking.time_zone),
+        time_zone=booking.time_zone,
+        status=_STATUS_TO_PROTO[booking.status],
+        credit_cost=booking.credit_cost,
+        payment_status=_PAYMENT_TO_PROTO[booking.payment_status],
+        create_time=timestamp(booking.created_at),
+        update_time=timestamp(booking.updated_at),
+        reschedule_count=booking.reschedule_count,
+        video_room=video_room_message(booking.video_room),
+    )
+    if booking.cancelled_at is not None:
+        assert booking.cancelled_by is not None and booking.cancel_reason is not None
+        message.cancellation.CopyFrom(
+            booking_pb2.Cancellation(
+                actor=_ACTOR_TO_PROTO[booking.cancelled_by],
+                reason=_REASON_TO_PROTO[booking.cancel_reason],
+                refunded_credits=booking.refunded_credits,
+                cancel_time=timestamp(booking.cancelled_at),
+            )
+        )
+    return message
+
+
+def video_room_message(room: domain.VideoRoom | None) -> booking_pb2.VideoRoom:
+    if room is None:
+        return booking_pb2.VideoRoom(state=booking_pb2.VIDEO_ROOM_STATE_DISABLED)
+    return booking_pb2.VideoRoom(
+        state=_VIDEO_ROOM_TO_PROTO[room.state], url=room.url or "", failure_reason=room.failure_reason or ""
+    )
+
+
+def dead_letter_message(letter: DeadLetter) -> booking_pb2.DeadLetter:
+    return booking_pb2.DeadLetter(
+        event_id=str(letter.event_id),
+        kind=letter.kind,
+        booking_id=str(letter.booking_id),
+        attempts=letter.attempts,
+        last_error=letter.last_error or "",
+        create_time=timestamp(letter.created_at),
+        update_time=timestamp(letter.updated_at),
+    )
+
+
+def _minute_text(minute: int) -> str:
+    return f"{minute // 60:02d}:{minute % 60:02d}"
+
+
+def window_message(start_minute: int, end_minute: int) -> booking_pb2.TimeWindow:
+    return booking_pb2.TimeWindow(start_time=_minute_text(start_minute), end_time=_minute_text(end_minute))
+
+
+def _parse_minute(checks: Checks, field: str, text: str, *, allow_end_of_day: bool) -> int:
+    match = _HOUR_MINUTE.match(text)
+    if match is None:
+        checks.fail(field, 'must be "HH:MM" (24-hour), e.g. "09:30"')
+        return 0
+    minute = int(match.group(1)) * 60 + int(match.group(2))
+    if minute > MINUTES_PER_DAY or (minute == MINUTES_PER_DAY and not allow_end_of_day):
+        checks.fail(field, "must be at most 24:00 (as an end) or 23:59 (as a start)")
+        return 0
+    return minute
+
+
+def parse_window(checks: Checks, field: str, window: booking_pb2.TimeWindow) -> tuple[int, int]:
+    start = _parse_minute(checks, f"{field}.start_time", window.start_time, allow_end_of_day=False)
+    end = _parse_minute(checks, f"{field}.end_time", window.end_time, allow_end_of_day=True)
+    if start >= end and _HOUR_MINUTE.match(window.start_time) and _HOUR_MINUTE.match(window.end_time):
+        checks.fail(f"{field}.end_time", "must be after start_time")
+    return start, end
+
+
+def parse_date(checks: Checks, field: str, text: str) -> str:
+    try:
+        parsed = date.fromisoformat(text)
+    except ValueError:
+        checks.fail(field, 'must be a date "YYYY-MM-DD"')
+        return "2000-01-01"
+    if len(text) != len("YYYY-MM-DD") or not 2000 <= parsed.year < 2100:
+        checks.fail(field, 'must be a date "YYYY-MM-DD" between 2000 and 2099')
+    return parsed.isoformat()
+
+
+def therapist_fields(
+    checks: Checks, field: str, message: booking_pb2.Therapist, paths: tuple[str, ...]
+) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    for path in paths:
+        value = getattr(message, path)
+        name = f"{field}.{path}"
+        if path == "display_name":
+            values[path] = checks.text(name, value, max_length=MAX_NAME_LENGTH, required=True)
+        elif path == "time_zone":
+            values[path] = checks.text(name, value, max_length=64, required=True)
+        elif path in ("buffer_before_minutes", "buffer_after_minutes"):
+            values[path] = checks.integer(name, value, minimum=0, maximum=240)
+        elif path == "minimum_notice_minutes":
+            values[path] = checks.integer(name, value, minimum=0, maximum=43200)
+        elif path == "booking_horizon_days":
+            values[path] = checks.integer(name, value, minimum=1, maximum=730)
+    return values
+
+
+def check_therapist_zone(values: dict[str, Any]) -> None:
+    """The zone, checked here so the refusal names the request's field, therapist.time_zone
+    (the service checks again and names its own parameter, time_zone, which is no request field)."""
+    if "time_zone" not in values:
+        return
+    try:
+        availability.zone(values["time_zone"])
+    except availability.UnknownTimeZone as error:
+        error.field = "therapist.time_zone"
+        raise domain.domain_error(error) from None
+
+
+def start_of(checks: Checks, request: Any) -> datetime:
+    """The `start` oneof: an instant, or a local time in a named zone, resolved here at the edge."""
+    which = request.WhichOneof("start")
+    if which == "start_time":
+        return checks.instant("start_time", request.start_time)
+    if which != "local_start":
+        checks.fail("start_time", "is required: give start_time (an instant) or local_start")
+        return datetime(2000, 1, 1, tzinfo=UTC)
+    local = request.local_start
+    if not _LOCAL_DATE_TIME.match(local.date_time):
+        checks.fail("local_start.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
+        return datetime(2000, 1, 1, tzinfo=UTC)
+    disambiguation = checks.enum(
+        "local_start.disambiguation",
+        local.disambiguation,
+        booking_pb2.Disambiguation.Name,
+        allow_unspecified=True,
+    )
+    checks.done()  # resolve only a well-formed local time
+    try:
+        naive = datetime.fromisoformat(local.date_time)
+        return availability.resolve_local(naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start")
+    except ValueError:
+        checks.fail("local_start.date_time", "is not a valid date and time")
+    except availability.AvailabilityError as error:
+        if isinstance(error, availability.UnknownTimeZone):
+            # availability names its own parameter; the request's field is local_start.time_zone.
+            error.field = "local_start.time_zone"
+        raise domain.domain_error(error) from None
+    return datetime(2000, 1, 1, tzinfo=UTC)
+
+
+def in_request_terms(error: InvalidArgument) -> InvalidArgument:
+    """A schedule rule's refusal with its paths (weekly[1], overrides[2030-01-02][1]) renamed to
+    the request's field, windows[1]: the service receives the request's windows in order."""
+
+    def rename(text: str) -> str:
+        return _SCHEDULE_PATH.sub(r"windows[\1]", text)
+
+    renamed = InvalidArgument(
+        [FieldViolation(rename(v.field), rename(v.description)) for v in error.violations], reason=error.reason
+    )
+    renamed.metadata.update({key: rename(value) for key, value in error.metadata.items() if key != "field"})
+    return renamed
+
+
+def shown(names: list[str]) -> str:
+    """Names from a request, cut short: echoing them whole let a huge update_mask path blow the
+    status past the client's metadata limit (a bare RESOURCE_EXHAUSTED instead of the refusal)."""
+    shown = ", ".join(repr(name[:MAX_SHOWN_NAME_LENGTH]) for name in names[:MAX_SHOWN_NAMES])
+    return shown + (", ..." if len(names) > MAX_SHOWN_NAMES else "")
+
+
+def weekly_message(window: WeeklyWindowMinutes) -> booking_pb2.WeeklyWindow:
+    return booking_pb2.WeeklyWindow(
+        day_of_week=window.weekday,  # type: ignore[arg-type]  # ISO weekday == DayOfWeek number
+        window=window_message(window.start_minute, window.end_minute),
+    )
+
+
+def override_message(override: DateOverride) -> booking_pb2.DateOverride:
+    return booking_pb2.DateOverride(
+        date=override.local_date, windows=[window_message(start, end) for start, end in override.windows]
+    )

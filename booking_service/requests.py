@@ -1,0 +1,114 @@
+"""Request ids, and what a request asked for. No I/O.
+
+A `request_id` is an idempotency key scoped to its caller (docs/design.md, "One answer per
+request"). The request key is derived from the two, so every copy of a request, on any replica,
+after any crash, finds the same key without a row written first: a create's booking id is its
+request key, and so is the reservation id of its hold. The fingerprint is what the request asked
+for, so that the same key with other values is refused (REQUEST_ID_REUSED) rather than answered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+
+# Fixed for ever: another namespace would give every request already answered a new key.
+REQUEST_KEY_NAMESPACE = uuid.UUID("5e8303a7-000e-444e-b17e-69b28e0f3f79")
+# Holds made by this protocol name their therapist and booking. The previous version's holds are
+# "booking:<id>" (see `hold_of`); its reconciler takes only those, so it never touches ours.
+_HOLD_PREFIX = "therapist:"
+_HOLD_SEPARATOR = "/booking:"
+_LEGACY_HOLD_PREFIX = "booking:"
+
+
+def canonical_caller(subject: str) -> str:
+    """A caller's identity as keys use it: UUIDs in one form, whatever form the token spelt."""
+    try:
+        return str(uuid.UUID(subject))
+    except ValueError:
+        return subject
+
+
+def request_key(caller: str, request_id: str) -> uuid.UUID:
+    """The key of `request_id` sent by `caller` (a name-based UUID, RFC 9562 version 5)."""
+    return uuid.uuid5(REQUEST_KEY_NAMESPACE, f"{canonical_caller(caller)}\n{request_id}")
+
+
+def fingerprint(*parts: object) -> str:
+    """What an idempotent request asked for, to refuse a reused key with other values."""
+    return hashlib.sha256("|".join(str(part) for part in parts).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class NewBooking:
+    """What a CreateBooking asks for, and who asks."""
+
+    caller: str
+    request_id: str
+    client_id: uuid.UUID
+    therapist_id: uuid.UUID
+    session_type_id: uuid.UUID
+    start: datetime
+
+    @property
+    def key(self) -> uuid.UUID:
+        return request_key(self.caller, self.request_id)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(
+            "create_booking", self.client_id, self.therapist_id, self.session_type_id, self.start.isoformat()
+        )
+
+
+@dataclass(frozen=True)
+class NewStart:
+    """What a RescheduleBooking asks for, and who asks."""
+
+    caller: str
+    request_id: str
+    booking_id: uuid.UUID
+    start: datetime
+
+    @property
+    def key(self) -> uuid.UUID:
+        return request_key(self.caller, self.request_id)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint("reschedule_booking", self.booking_id, self.start.isoformat())
+
+
+def hold_reference(therapist_id: uuid.UUID, booking_id: uuid.UUID) -> str:
+    """The reference of a booking's credit hold: the reconciler reads whose calendar decides it."""
+    return f"{_HOLD_PREFIX}{therapist_id}{_HOLD_SEPARATOR}{booking_id}"
+
+
+@dataclass(frozen=True)
+class HoldOwner:
+    """The booking a hold pays for, and the therapist whose calendar lock decides it."""
+
+    therapist_id: uuid.UUID
+    booking_id: uuid.UUID
+
+
+@dataclass(frozen=True)
+class LegacyHold:
+    """A hold of the previous version ("booking:<id>"), decided through booking.decisions."""
+
+    booking_id: uuid.UUID
+
+
+def hold_of(reference: str) -> HoldOwner | LegacyHold | None:
+    """Whose hold a credit reservation is, from its reference; None: not a booking's."""
+    try:
+        if reference.startswith(_HOLD_PREFIX) and _HOLD_SEPARATOR in reference:
+            therapist, booking = reference.removeprefix(_HOLD_PREFIX).split(_HOLD_SEPARATOR, 1)
+            return HoldOwner(uuid.UUID(therapist), uuid.UUID(booking))
+        if reference.startswith(_LEGACY_HOLD_PREFIX):
+            return LegacyHold(uuid.UUID(reference.removeprefix(_LEGACY_HOLD_PREFIX)))
+    except ValueError:
+        return None
+    return None
