@@ -3,8 +3,8 @@
 The load generator's own counts are checked against each other (every call attempted ended
 exactly one way) and against the databases: no two confirmed sessions overlap, the credit books
 hold (tests/support/invariants.py, the same checker the test suite uses), every acknowledged
-booking is confirmed and PAID with its `commit` decision and a committed reservation of its
-cost, every hold without a session was released, and each client's spent credits equal the cost
+booking is confirmed and PAID, its request never also answered with a refusal, with a committed
+reservation of its cost, every hold without a session was released, and each client's spent credits equal the cost
 of its sessions. Refusals must carry an expected reason; errors must not happen at all.
 """
 
@@ -27,8 +27,8 @@ SETTLE_TIMEOUT_S = 120.0
 SETTLE_POLL_S = 0.2
 
 _SESSIONS_SQL = """
-SELECT s.booking_id, s.client_id, s.credit_cost, s.status, s.payment_status, d.decision
-  FROM booking.sessions s LEFT JOIN booking.decisions d ON d.reservation_id = s.booking_id
+SELECT s.booking_id, s.client_id, s.credit_cost, s.status, s.payment_status, a.refusal_reason AS refused
+  FROM booking.sessions s LEFT JOIN booking.request_answers a ON a.request_key = s.booking_id
  WHERE s.therapist_id = ANY($1::uuid[])
 """
 _OVERLAPS_SQL = """
@@ -142,8 +142,8 @@ def _session_violations(
     problems: Counter[str] = Counter()
     for booking_id in booked & sessions.keys():
         row = sessions[booking_id]
-        if (row["status"], row["payment_status"], row["decision"]) != ("confirmed", "paid", "commit"):
-            problems[f"acknowledged session {row['status']}/{row['payment_status']}/decision {row['decision']}"] += 1
+        if (row["status"], row["payment_status"], row["refused"]) != ("confirmed", "paid", None):
+            problems[f"acknowledged session {row['status']}/{row['payment_status']}/refused {row['refused']}"] += 1
         held = reservations.get(booking_id)
         if held is None or (held["status"], held["committed_amount"]) != ("committed", row["credit_cost"]):
             state = "none" if held is None else f"{held['status']} {held['committed_amount']}"

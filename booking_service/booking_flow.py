@@ -21,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import datetime
 
+import structlog
+
 from booking_service import availability, events
 from booking_service.calendar import Calendar
 from booking_service.catalogue import Catalogue, checked
@@ -40,6 +42,8 @@ from booking_service.domain import (
 from booking_service.payments import Credits, Payments
 from booking_service.requests import NewBooking, hold_reference
 from booking_service.rules_cache import BookingRules
+
+log = structlog.get_logger()
 
 # Tries of a booking whose therapist's schedule changes under it (each read it afresh).
 RULES_ATTEMPTS = 3
@@ -84,6 +88,7 @@ class BookingFlow:
             self._crash_if("after_reserve")
             decision = await self._calendar.decide(self._place(request, rules, blocked))
             if isinstance(decision, Placed):
+                log.info("booking_confirmed", booking_id=str(request.key), therapist_id=str(request.therapist_id))
                 self._crash_if("after_booking_commit")
                 return await self._payments.pay(decision.booking)
             if isinstance(decision, Answered):

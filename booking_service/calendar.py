@@ -1,9 +1,10 @@
 """The booking database's steps of the protocol, one request at a time.
 
 `look_up` (read-only: a request's answer, or whether its slot is taken), `decide` (the locked
-step, booking.decide: the one place where a request gets its answer) and `mark_paid`. The flow calls them for one request; concurrent requests' steps
-travel together (service_kit/batching.py), one statement and one transaction per batch, each
-request with its own outcome, as `credits.py` does for the credit calls.
+step, booking.decide: the one place where a request gets its answer) and `mark_paid`. The flow
+calls them for one request; concurrent requests' steps travel together (service_kit/batching.py),
+one statement and one transaction per batch, each request with its own outcome, as `credits.py`
+does for the credit calls.
 
 A batch never waits for one therapist's calendar: it only tries each lock, and a proposal whose
 calendar another transaction holds comes back `Busy` and is decided again alone, waiting then (at

@@ -82,6 +82,8 @@ WARMUP_S = 3.0
 FAULT_TAIL_S = 5.0
 SETTLE_POLL_S = 0.5
 CHECK_ATTEMPTS = 5
+# Answered booking requests sent again after the run, so many at a time.
+ASK_AGAIN_CONCURRENCY = 8
 SHOWN_VIOLATIONS = 5
 
 _UNSETTLED_SQL = {
@@ -482,11 +484,28 @@ async def _exercise(
         report.notes.append(f"settled in {report.timings_s['settle']:.1f} s: no hold pending, no payment in flight")
     else:
         report.notes.append(f"did NOT settle within {config.settle_timeout_s:g} s: {await _unsettled(stack)}")
+    asked_again = await _ask_again([*clients, prober])
     snapshot = await _with_retries(lambda: invariants.read_snapshot(stack.credit_db, stack.booking_db))
-    report.invariants = invariants.check_all(snapshot, records, config.hold_bound_s)
+    report.invariants = [
+        *invariants.check_all(snapshot, records, config.hold_bound_s),
+        invariants.answers_stand(records, asked_again),
+    ]
     report.unknown_bookings = invariants.unknown_outcomes(snapshot, records)
     report.minimums = _minimums(config, report, injector, postgres is not None)
     report.server_errors = _server_errors(stack)
+
+
+async def _ask_again(clients: list[Client]) -> dict[str, str]:
+    """Every answered booking request sent once more, once the run has settled: request id -> the
+    answer (a request has one answer, so it must be the one the client got)."""
+    gate = asyncio.Semaphore(ASK_AGAIN_CONCURRENCY)
+
+    async def ask(client: Client, request_id: str) -> tuple[str, str]:
+        async with gate:
+            return request_id, await client.ask_again(client.record.answered_requests[request_id])
+
+    asked = [ask(client, request_id) for client in clients for request_id in client.record.answered_requests]
+    return dict(await asyncio.gather(*asked))
 
 
 async def _calendar(stack: Stack) -> Calendar:

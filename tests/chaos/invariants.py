@@ -1,8 +1,8 @@
 """What must hold after a chaos run, checked from outside with SQL on both databases.
 
 Nothing the services say about themselves is trusted: each invariant reads the credit schema
-(accounts, reservations, the ledger) and the booking schema (sessions, decisions, attempts, the
-outbox) directly, and holds them to DESIGN.md and to what the clients were told
+(accounts, reservations, the ledger) and the booking schema (sessions, the recorded answers of
+requests, the outbox) directly, and holds them to DESIGN.md and to what the clients were told
 (`ClientRecord`s). Each returns every offending row in words; the report shows the first few.
 """
 
@@ -37,8 +37,10 @@ SELECT booking_id, request_id, client_id, therapist_id, starts_at, status, payme
        cancel_reason, refunded_credits, credit_cost
   FROM booking.sessions
 """
-_DECISIONS_SQL = "SELECT reservation_id, decision FROM booking.decisions"
-_ATTEMPTS_SQL = "SELECT request_id, booking_id FROM booking.booking_attempts"
+_REFUSALS_SQL = "SELECT request_key, refusal_reason FROM booking.request_answers WHERE refusal_reason IS NOT NULL"
+# A booking's hold names its calendar ("therapist:<id>/booking:<id>"); the previous version's
+# holds were "booking:<id>".
+BOOKING_HOLD_PREFIXES = ("therapist:", "booking:")
 _DEAD_EVENTS_SQL = "SELECT kind, booking_id, attempts, last_error FROM booking.outbox WHERE status = 'dead'"
 _OVERLAPS_SQL = """
 SELECT a.therapist_id, a.booking_id AS first, b.booking_id AS second, a.blocked AS first_blocked,
@@ -72,8 +74,7 @@ class Snapshot:
     refunds: dict[uuid.UUID, asyncpg.Record]
     granted: dict[uuid.UUID, int]
     sessions: dict[uuid.UUID, asyncpg.Record]
-    decisions: dict[uuid.UUID, str]
-    attempts: dict[str, uuid.UUID]
+    refusals: dict[uuid.UUID, str]  # request key -> the refusal recorded as the request's answer
     dead_events: list[asyncpg.Record]
     overlaps: list[asyncpg.Record]
     sessions_by_request: dict[str, list[asyncpg.Record]] = field(default_factory=dict)
@@ -95,8 +96,7 @@ async def read_snapshot(credit_db: asyncpg.Pool, booking_db: asyncpg.Pool) -> Sn
             accounts = await connection.fetch(_ACCOUNTS_SQL, timeout=QUERY_TIMEOUT_S)
     async with booking_db.acquire() as connection, connection.transaction(isolation="repeatable_read", readonly=True):
         sessions = await connection.fetch(_SESSIONS_SQL, timeout=QUERY_TIMEOUT_S)
-        decisions = await connection.fetch(_DECISIONS_SQL, timeout=QUERY_TIMEOUT_S)
-        attempts = await connection.fetch(_ATTEMPTS_SQL, timeout=QUERY_TIMEOUT_S)
+        refusals = await connection.fetch(_REFUSALS_SQL, timeout=QUERY_TIMEOUT_S)
         dead_events = await connection.fetch(_DEAD_EVENTS_SQL, timeout=QUERY_TIMEOUT_S)
         overlaps = await connection.fetch(_OVERLAPS_SQL, timeout=QUERY_TIMEOUT_S)
     return Snapshot(
@@ -106,8 +106,7 @@ async def read_snapshot(credit_db: asyncpg.Pool, booking_db: asyncpg.Pool) -> Sn
         refunds={r["reservation_id"]: r for r in refunds},
         granted={r["owner_id"]: r["granted"] for r in accounts},
         sessions={s["booking_id"]: s for s in sessions},
-        decisions={d["reservation_id"]: d["decision"] for d in decisions},
-        attempts={a["request_id"]: a["booking_id"] for a in attempts},
+        refusals={r["request_key"]: r["refusal_reason"] for r in refusals},
         dead_events=list(dead_events),
         overlaps=list(overlaps),
     )
@@ -161,8 +160,8 @@ def no_hold_outlives_bound(snapshot: Snapshot, bound_s: float) -> InvariantResul
         f"{len(pending)} pending of {len(snapshot.reservations)} reservations",
         [
             f"reservation {r['reservation_id']} ({r['reference']}) of account {r['owner_id']} has been PENDING "
-            f"for {r['age_s']:.1f} s (bound {bound_s:g} s); decision: "
-            f"{snapshot.decisions.get(r['reservation_id'], 'none')}"
+            f"for {r['age_s']:.1f} s (bound {bound_s:g} s); session: {r['reservation_id'] in snapshot.sessions}, "
+            f"refusal: {snapshot.refusals.get(r['reservation_id'], 'none')}"
             for r in sorted(pending, key=lambda r: -r["age_s"])
             if r["age_s"] > bound_s
         ],
@@ -285,17 +284,18 @@ def one_booking_per_request_id(snapshot: Snapshot, clients: Sequence[ClientRecor
         for request_id, sessions in snapshot.sessions_by_request.items()
         if len(sessions) > 1
     ]
-    for session in snapshot.sessions.values():
-        bound = snapshot.attempts.get(session["request_id"])
-        if bound != session["booking_id"]:
+    for booking_id, session in snapshot.sessions.items():
+        refusal = snapshot.refusals.get(booking_id)
+        if refusal is not None:
             found.append(
-                f"request {session['request_id']} made session {session['booking_id']} but is bound to booking "
-                f"{bound}: a repeat would not return the session"
+                f"request {session['request_id']} made session {booking_id} and was also answered {refusal}: "
+                "a request has one answer"
             )
     requests = sum(len(c.bookings) + len(c.booking_requests_unknown) + len(c.booking_requests_refused) for c in clients)
     return InvariantResult(
         "one_booking_per_request_id",
-        "every request id made at most one session, and stays bound to it (a repeat returns that session)",
+        "every request id made at most one session, and a request that made one was never also answered "
+        "with a refusal (a request has one answer)",
         f"{requests} booking requests, {len(snapshot.sessions)} sessions",
         found,
     )
@@ -342,9 +342,6 @@ def sessions_and_holds_agree(snapshot: Snapshot) -> InvariantResult:
     """DESIGN.md's recovery promise, over every session and every booking hold, acknowledged or not."""
     found = []
     for booking_id, session in snapshot.sessions.items():
-        decision = snapshot.decisions.get(booking_id)
-        if decision != "commit":
-            found.append(f"session {booking_id} has decision {decision!r}, not 'commit'")
         if session["status"] == "confirmed":
             problem = _paid_violation(snapshot, booking_id, session["credit_cost"])
             if problem is not None:
@@ -356,28 +353,46 @@ def sessions_and_holds_agree(snapshot: Snapshot) -> InvariantResult:
         else:
             found.extend(_refund_violations(snapshot, booking_id, None))
     for reservation_id, reservation in snapshot.reservations.items():
-        decision = snapshot.decisions.get(reservation_id)
-        booking_hold = reservation["reference"].startswith("booking:")
-        if decision == "abort" and reservation["status"] != "released":
-            found.append(f"reservation {reservation_id} was decided 'abort' but is {reservation['status']}")
+        refusal = snapshot.refusals.get(reservation_id)
+        booking_hold = reservation["reference"].startswith(BOOKING_HOLD_PREFIXES)
+        if refusal is not None and reservation["status"] != "released":
+            found.append(
+                f"reservation {reservation_id}: its request was refused ({refusal}) but it is {reservation['status']}"
+            )
         if (
             booking_hold
             and reservation_id not in snapshot.sessions
             and reservation["status"] in ("committed", "refunded")
         ):
             found.append(f"reservation {reservation_id} was paid ({reservation['status']}) but has no session")
-        if booking_hold and reservation_id not in snapshot.sessions and decision == "commit":
-            found.append(f"reservation {reservation_id} was decided 'commit' but has no session")
     found.extend(
         f"outbox event {e['kind']} of booking {e['booking_id']} dead after {e['attempts']} attempts: {e['last_error']}"
         for e in snapshot.dead_events
     )
     return InvariantResult(
         "sessions_and_holds_agree",
-        "every session has its 'commit' decision and is paid exactly (confirmed: COMMITTED for its cost; "
-        "cancelled: refunded once, or released if never paid); no payment without its session; every 'abort' "
-        "is RELEASED; no outbox event dead-lettered",
-        f"{len(snapshot.sessions)} sessions, {len(snapshot.decisions)} decisions",
+        "every session is paid exactly (confirmed: COMMITTED for its cost; cancelled: refunded once, or "
+        "released if never paid); no payment without its session; the hold of every refused request is "
+        "RELEASED; no outbox event dead-lettered",
+        f"{len(snapshot.sessions)} sessions, {len(snapshot.refusals)} recorded refusals",
+        found,
+    )
+
+
+def answers_stand(clients: Sequence[ClientRecord], asked_again: dict[str, str]) -> InvariantResult:
+    """A request has one answer: every booking request a client got an answer to (a booking or a
+    refusal), sent again once the run settled, got that very answer again."""
+    found = []
+    for client in clients:
+        for request_id in client.answered_requests:
+            told, again = client.answer_to(request_id), asked_again.get(request_id, "not asked")
+            if again != told:
+                found.append(f"request {request_id} of client {client.client_id} was answered {told!r}, then {again!r}")
+    return InvariantResult(
+        "answers_stand",
+        "every answered booking request, sent again after the run, gets the answer its client got (the booking, "
+        "or the same refusal)",
+        f"{len(asked_again)} answered booking requests asked again",
         found,
     )
 

@@ -113,7 +113,7 @@ async def test_a_build_without_its_reconciler_fails_the_harness_naming_the_stuck
     assert result.returncode == 1, output
     assert "reconciler OFF (deliberately broken build)" in output, output
     assert "FAIL no_hold_outlives_bound" in output, output
-    assert re.search(r"has been PENDING for [\d.]+ s \(bound [\d.]+ s\); decision: none", output), output
+    assert re.search(r"has been PENDING for [\d.]+ s \(bound [\d.]+ s\); session: False, refusal: none", output), output
     assert f"RESULT: FAIL (seed {chosen}): invariant violated: no_hold_outlives_bound" in output, output
     assert f"--no-reconciler --seed {chosen}" in output, output  # how to replay it
     # Everything else held: the harness names exactly what the missing reconciler broke.

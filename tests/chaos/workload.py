@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 # A client retries these with the same request id: the call may or may not have happened.
 RETRYABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED})
+# ABORTED with these reasons is no answer either: retry with the same request id (docs/http-api.md).
+RETRYABLE_REASONS = frozenset({"CALENDAR_BUSY", "REQUEST_IN_PROGRESS"})
 # The server failed without saying what it did: the outcome is unknown, and retrying blindly
 # is not what a careful client does with an error it does not understand.
 UNKNOWN_OUTCOME_CODES = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
@@ -114,6 +116,15 @@ class ClientRecord:
     bookings: dict[str, BookingRecord] = field(default_factory=dict)  # acknowledged, by booking id
     booking_requests_unknown: dict[str, str] = field(default_factory=dict)  # request id -> last error
     booking_requests_refused: dict[str, str] = field(default_factory=dict)  # request id -> reason
+    # Every booking request answered (acknowledged or refused), to ask again after the run.
+    answered_requests: dict[str, booking_pb2.CreateBookingRequest] = field(default_factory=dict)
+
+    def answer_to(self, request_id: str) -> str:
+        """What the client was told of an answered booking request: "booked <id>" or "refused <reason>"."""
+        if request_id in self.booking_requests_refused:
+            return f"refused {self.booking_requests_refused[request_id]}"
+        (booking_id,) = [b.booking_id for b in self.bookings.values() if b.request_id == request_id]
+        return f"booked {booking_id}"
 
     def active_bookings(self) -> list[BookingRecord]:
         return [b for b in self.bookings.values() if b.cancel is CancelState.NONE]
@@ -241,7 +252,9 @@ class Client:
             except grpc.aio.AioRpcError as error:
                 details = error_details(error)
                 label = details.code.name if details.reason is None else f"{details.code.name}/{details.reason}"
-                if details.code in RETRYABLE_CODES:
+                if details.code in RETRYABLE_CODES or (
+                    details.code == grpc.StatusCode.ABORTED and details.reason in RETRYABLE_REASONS
+                ):
                     last_error = label
                     continue
                 if details.code in UNKNOWN_OUTCOME_CODES:
@@ -298,6 +311,16 @@ class Client:
         else:
             assert answer.unknown is not None
             self.record.booking_requests_unknown[request.request_id] = answer.unknown
+        if answer.unknown is None:
+            self.record.answered_requests[request.request_id] = request
+
+    async def ask_again(self, request: booking_pb2.CreateBookingRequest) -> str:
+        """The answer to a booking request sent once more, in the form of `ClientRecord.answer_to`
+        (or "unknown ..." when it cannot be had)."""
+        answer = await self._call(Operation.BOOK, lambda: self._booking.CreateBooking(request, timeout=CALL_TIMEOUT_S))
+        if answer.response is not None:
+            return f"booked {answer.response.booking.booking_id}"
+        return f"refused {answer.refusal}" if answer.refusal is not None else f"unknown {answer.unknown}"
 
     async def cancel(self, booking: BookingRecord) -> None:
         # CancelBooking has no request id: cancelling twice returns the first cancellation.

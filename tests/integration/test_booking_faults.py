@@ -1,10 +1,11 @@
 """The booking protocol under process faults: real credit and booking processes over real
 sockets, real PostgreSQL, and real signals (SIGTERM, SIGSTOP, a process dying at a protocol step).
 
-Each test breaks one thing, then shows what DESIGN.md promises: a prompt, clear refusal while it
-is broken; after recovery no credit held forever, no session unpaid, no payment without its
-session; and a retry with the same request_id either continues the same booking or, when the
-reconciler aborted it, starts over with a new id and still charges once.
+Each test breaks one thing, then shows what docs/design.md promises: a prompt, clear refusal while
+it is broken; after recovery no credit held forever, no session unpaid, no payment without its
+session; and one answer per request: a retry with the same request_id continues the same booking
+(its key, and so its hold, are derived from the caller and the request id), unless the reconciler
+gave the request up, in which case every retry gets BOOKING_ABORTED and a new request books, charged once.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from datetime import UTC
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,10 +21,12 @@ import grpc
 import pytest
 
 from booking.v1 import booking_pb2
+from booking_service.requests import request_key
 from booking_service.service import CRASH_EXIT_CODE
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
 from credit.v1 import credit_pb2
 from service_kit.errors import error_details
+from tests.support.auth import OPERATOR_ID
 from tests.support.processes import BOOKING_MODULE, FAST_RECOVERY, Stack, running_stack, wait_exit, wait_for
 from tests.support.stack import ServiceProcess, health_status
 from tests.support.world import World, future_hour
@@ -82,6 +86,12 @@ async def created(stub: BookingServiceAsyncStub, request: booking_pb2.CreateBook
     return response.booking
 
 
+def key_of(request: booking_pb2.CreateBookingRequest) -> uuid.UUID:
+    """The request's key, and so its booking id and its hold's reservation id (the tests' calls
+    carry the operator's token)."""
+    return request_key(OPERATOR_ID, request.request_id)
+
+
 async def new_world(stack: Stack) -> World:
     return await World.create(stack.booking_stub(0), stack.credit_stub(), credits=GRANTED, credit_cost=COST)
 
@@ -105,16 +115,15 @@ async def test_credit_service_down_refuses_promptly_and_the_same_request_succeed
         assert took_s < PROMPT_REFUSAL_S, f"the refusal took {took_s:.2f} s"
         assert await listed_bookings(world) == []
         assert await sessions_of_client(stack, world.client_id) == 0
-        first_attempt = await stack.attempt(request.request_id)
-        assert first_attempt is not None  # kept, so a retry continues with the same booking id
-        assert await stack.decision(first_attempt) is None
+        # No answer was recorded (the credit service's silence is none), so a retry continues.
+        assert await stack.refusal(key_of(request)) is None
 
         await stack.start(stack.credit)
         assert await stack.buckets(world.client_id) == (GRANTED, 0, 0, GRANTED)  # nothing was held
         booking = await created(world.booking, request)
         assert booking.status == booking_pb2.BOOKING_STATUS_CONFIRMED
         assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
-        assert uuid.UUID(booking.booking_id) == first_attempt
+        assert uuid.UUID(booking.booking_id) == key_of(request)
         repeated = await created(world.booking, request)
         assert repeated.booking_id == booking.booking_id
         assert [b.booking_id for b in await listed_bookings(world)] == [booking.booking_id]
@@ -125,7 +134,7 @@ async def test_credit_service_down_refuses_promptly_and_the_same_request_succeed
 # --- 2. the credit service hangs ---
 
 
-async def test_a_frozen_credit_service_times_out_within_the_deadline_and_leaves_no_half_booking(
+async def test_a_frozen_credit_service_times_out_within_the_deadline_and_leaves_no_half_booking(  # noqa: PLR0915  # one story, told in order
     postgres_server_url: str, tmp_path: Path
 ) -> None:
     async with running_stack(postgres_server_url, tmp_path, booking_env=FAST_RECOVERY) as stack:
@@ -151,25 +160,25 @@ async def test_a_frozen_credit_service_times_out_within_the_deadline_and_leaves_
         }, details
         assert took_s < FROZEN_CALL_DEADLINE_S + DEADLINE_SLACK_S, f"the call took {took_s:.2f} s"
 
-        attempts = [await stack.attempt(r.request_id) for r in (waited, abandoned)]
-        assert None not in attempts
+        keys = [key_of(r) for r in (waited, abandoned)]
 
         # The frozen process may still act on what it received: whatever hold it made must be
-        # released by the reconciler (no decision -> abort -> cancel).
+        # released by the reconciler (no session -> BOOKING_ABORTED recorded -> cancel).
         async def settled() -> bool:
-            holds = [await stack.reservation(a) for a in attempts if a is not None]
+            holds = [await stack.reservation(key) for key in keys]
             released = all(h is None or h["status"] == "released" for h in holds)
             return released and (await stack.buckets(world.client_id))[1] == 0
 
         await wait_for(settled, timeout_s=RECOVERY_TIMEOUT_S, what="no credit held")
         made_holds = set()
-        for attempt in attempts:
-            assert attempt is not None
-            hold = await stack.reservation(attempt)
+        for key in keys:
+            hold = await stack.reservation(key)
             if hold is not None:
-                made_holds.add(attempt)
+                made_holds.add(key)
                 assert hold["release_reason"] == "cancelled", hold
-                assert await stack.decision(attempt) == "abort"
+                assert await stack.refusal(key) == "BOOKING_ABORTED"
+            else:
+                assert await stack.refusal(key) is None
         assert await stack.buckets(world.client_id) == (GRANTED, 0, 0, GRANTED)
         assert await sessions_of_client(stack, world.client_id) == 0
         assert await listed_bookings(world) == []
@@ -179,30 +188,40 @@ async def test_a_frozen_credit_service_times_out_within_the_deadline_and_leaves_
 
         # A frozen credit service cancels the abandoned calls when it wakes, so the holds above
         # are rarely made. The reconciler, whose listing calls hung against the frozen process,
-        # must still be alive: a hold with no decision (as a coordinator that died after Reserve
-        # leaves it) is released within seconds.
-        orphan = uuid.uuid4()
-        await world.credit.ReserveCredits(
-            credit_pb2.ReserveCreditsRequest(
-                reservation_id=str(orphan), owner_id=world.client_id, amount=COST, reference=f"booking:{orphan}"
-            ),
-            timeout=CALL_TIMEOUT_S,
-        )
+        # must still be alive: holds with no session (as a coordinator that died after Reserve
+        # leaves them: one of this version, one of the previous) are released within seconds.
+        orphan, legacy_orphan = uuid.uuid4(), uuid.uuid4()
+        for reservation_id, reference in (
+            (orphan, f"therapist:{world.therapist_id}/booking:{orphan}"),
+            (legacy_orphan, f"booking:{legacy_orphan}"),
+        ):
+            await world.credit.ReserveCredits(
+                credit_pb2.ReserveCreditsRequest(
+                    reservation_id=str(reservation_id), owner_id=world.client_id, amount=COST, reference=reference
+                ),
+                timeout=CALL_TIMEOUT_S,
+            )
 
-        async def orphan_released() -> bool:
-            found = await stack.reservation(orphan)
-            return found is not None and found["status"] == "released"
+        async def orphans_released() -> bool:
+            found = [await stack.reservation(o) for o in (orphan, legacy_orphan)]
+            return all(f is not None and f["status"] == "released" for f in found)
 
-        await wait_for(orphan_released, timeout_s=RECOVERY_TIMEOUT_S, what="the orphaned hold released")
-        assert await stack.decision(orphan) == "abort"
+        await wait_for(orphans_released, timeout_s=RECOVERY_TIMEOUT_S, what="the orphaned holds released")
+        assert await stack.refusal(orphan) == "BOOKING_ABORTED"
+        assert await stack.legacy_decision(legacy_orphan) == "abort"
         assert await stack.buckets(world.client_id) == (GRANTED, 0, 0, GRANTED)
 
-        # And the clients' retries of the same requests book them, each charged once.
-        for request, attempt in zip((waited, abandoned), attempts, strict=True):
-            booking = await created(world.booking, request)
+        # The clients' retries of the same requests: a request whose hold the reconciler gave up is
+        # answered BOOKING_ABORTED, every time; one that never held credits books, charged once.
+        for request, key in zip((waited, abandoned), keys, strict=True):
+            retry = request
+            if key in made_holds:
+                error, _ = await refused(world.booking, request, CALL_TIMEOUT_S)
+                assert (error.code(), error_details(error).reason) == (grpc.StatusCode.ABORTED, "BOOKING_ABORTED")
+                retry = world.booking_request(request.start_time.ToDatetime(tzinfo=UTC))  # a new request
+            booking = await created(world.booking, retry)
             assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
-            # The same booking id, unless the reconciler aborted a hold made under it.
-            assert (uuid.UUID(booking.booking_id) == attempt) == (attempt not in made_holds)
+            assert uuid.UUID(booking.booking_id) == key_of(retry)
         assert len(await listed_bookings(world)) == 2
         assert await stack.buckets(world.client_id) == (GRANTED - 2 * COST, 0, 2 * COST, GRANTED)
         await assert_books_straight(stack, world.client_id)
@@ -211,7 +230,7 @@ async def test_a_frozen_credit_service_times_out_within_the_deadline_and_leaves_
 # --- 3. the booking process dies between ReserveCredits and the booking transaction ---
 
 
-async def test_a_crash_after_reserve_is_aborted_by_the_reconciler_and_a_retry_books_with_a_new_id(
+async def test_a_crash_after_reserve_is_given_up_by_the_reconciler_which_is_the_request_s_answer(
     postgres_server_url: str, tmp_path: Path
 ) -> None:
     async with running_stack(
@@ -224,12 +243,12 @@ async def test_a_crash_after_reserve_is_aborted_by_the_reconciler_and_a_retry_bo
         error, _ = await refused(world.booking, request, CALL_TIMEOUT_S)
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
         assert await wait_exit(booking_process) == CRASH_EXIT_CODE, stack.logs()
-        crashed = await stack.attempt(request.request_id)
-        assert crashed is not None
+        crashed = key_of(request)
         hold = await stack.reservation(crashed)
         assert hold is not None and hold["status"] == "pending" and hold["amount"] == COST, hold
+        assert hold["reference"] == f"therapist:{world.therapist_id}/booking:{crashed}"
         assert await stack.buckets(world.client_id) == (GRANTED - COST, COST, 0, GRANTED)
-        assert await stack.decision(crashed) is None
+        assert await stack.refusal(crashed) is None
         assert await stack.session(crashed) is None
 
         restarted_at = time.monotonic()
@@ -243,17 +262,24 @@ async def test_a_crash_after_reserve_is_aborted_by_the_reconciler_and_a_retry_bo
         assert time.monotonic() - restarted_at < RECOVERY_TIMEOUT_S
         hold = await stack.reservation(crashed)
         assert hold is not None and hold["release_reason"] == "cancelled", hold
-        assert await stack.decision(crashed) == "abort"
+        assert await stack.refusal(crashed) == "BOOKING_ABORTED"
         assert await stack.buckets(world.client_id) == (GRANTED, 0, 0, GRANTED)
         assert await stack.session(crashed) is None
         assert await listed_bookings(world) == []
 
-        booking = await created(world.booking, request)
-        assert uuid.UUID(booking.booking_id) != crashed  # the aborted id can never commit
+        # The reconciler's abort is the request's answer: every retry gets it, and holds nothing.
+        for _ in range(2):
+            error, _ = await refused(world.booking, request, CALL_TIMEOUT_S)
+            assert (error.code(), error_details(error).reason) == (grpc.StatusCode.ABORTED, "BOOKING_ABORTED")
+        assert await stack.buckets(world.client_id) == (GRANTED, 0, 0, GRANTED)
+
+        # A new request books, charged once.
+        again = world.booking_request(future_hour(4, 9))
+        booking = await created(world.booking, again)
+        assert uuid.UUID(booking.booking_id) == key_of(again)
         assert booking.status == booking_pb2.BOOKING_STATUS_CONFIRMED
         assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
-        assert await stack.attempt(request.request_id) == uuid.UUID(booking.booking_id)
-        assert (await created(world.booking, request)).booking_id == booking.booking_id
+        assert (await created(world.booking, again)).booking_id == booking.booking_id
         assert await stack.buckets(world.client_id) == (GRANTED - COST, 0, COST, GRANTED)
         committed = await stack.reservation(uuid.UUID(booking.booking_id))
         assert committed is not None and committed["status"] == "committed" and committed["committed_amount"] == COST
@@ -273,8 +299,7 @@ async def test_a_retry_after_a_crash_after_reserve_continues_the_same_booking_be
         error, _ = await refused(world.booking, request, CALL_TIMEOUT_S)
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
         assert await wait_exit(booking_process) == CRASH_EXIT_CODE, stack.logs()
-        crashed = await stack.attempt(request.request_id)
-        assert crashed is not None
+        crashed = key_of(request)
         assert await stack.buckets(world.client_id) == (GRANTED - COST, COST, 0, GRANTED)
 
         # Restarted with the default (minute-long) staleness bound: the hold is still young, so
@@ -285,7 +310,7 @@ async def test_a_retry_after_a_crash_after_reserve_continues_the_same_booking_be
         assert booking.payment_status == booking_pb2.PAYMENT_STATUS_PAID
         hold = await stack.reservation(crashed)
         assert hold is not None and (hold["status"], hold["committed_amount"]) == ("committed", COST), hold
-        assert await stack.decision(crashed) == "commit"
+        assert await stack.session(crashed) is not None
         assert await stack.buckets(world.client_id) == (GRANTED - COST, 0, COST, GRANTED)
         await assert_books_straight(stack, world.client_id)
 
@@ -308,10 +333,8 @@ async def test_a_crash_after_the_decision_is_committed_on_restart(
         error, _ = await refused(world.booking, request, CALL_TIMEOUT_S)
         assert error.code() == grpc.StatusCode.UNAVAILABLE, error
         assert await wait_exit(booking_process) == CRASH_EXIT_CODE, stack.logs()
-        booking_id = await stack.attempt(request.request_id)
-        assert booking_id is not None
-        assert await stack.decision(booking_id) == "commit"
-        session = await stack.session(booking_id)
+        booking_id = key_of(request)
+        session = await stack.session(booking_id)  # the commit decision
         assert session is not None
         assert (session["status"], session["payment_status"], session["credit_cost"], session["request_id"]) == (
             "confirmed",
@@ -323,10 +346,11 @@ async def test_a_crash_after_the_decision_is_committed_on_restart(
         assert hold is not None and hold["status"] == "pending", hold
         assert await stack.buckets(world.client_id) == (GRANTED - COST, COST, 0, GRANTED)
         if recovered_by == "reconciler alone":
-            # As if the outbox had given up on the row (dead-lettered): the reconciler must
-            # still find the stale hold and commit it from the decision log.
+            # As if the outbox had given up on the booking's event (dead-lettered), which would
+            # otherwise settle the payment: the reconciler must still find the stale hold, and
+            # commit it because its session exists.
             dead = await stack.booking_db.execute(
-                "UPDATE booking.outbox SET status = 'dead' WHERE booking_id = $1 AND kind = 'commit_reservation'",
+                "UPDATE booking.outbox SET status = 'dead' WHERE booking_id = $1 AND kind = 'booking_event'",
                 booking_id,
             )
             assert dead == "UPDATE 1"

@@ -19,8 +19,10 @@ import grpc
 import pytest
 
 from booking.v1 import booking_pb2
+from booking_service.requests import request_key
 from credit.v1 import credit_pb2
 from service_kit.errors import error_details
+from tests.support.auth import OPERATOR_ID
 from tests.support.processes import FAST_RECOVERY, Stack, log_events, running_stack, wait_exit, wait_for
 from tests.support.world import World, future_hour, grant
 
@@ -80,14 +82,19 @@ async def funded_clients(stack: Stack, count: int, credits: int) -> list[str]:
 
 async def orphan_holds(stack: Stack, count: int) -> dict[str, str]:
     """Reservation id -> owner: funded accounts each with one PENDING hold that names a booking
-    but has no decision, which is what a coordinator dying after Reserve leaves behind."""
+    (and its therapist's calendar) but has no session, which is what a coordinator dying after
+    Reserve leaves behind."""
     owners = await funded_clients(stack, count, COST)
     holds = {str(uuid.uuid4()): owner for owner in owners}
+    therapist_id = uuid.uuid4()
     await asyncio.gather(
         *(
             stack.credit_stub().ReserveCredits(
                 credit_pb2.ReserveCreditsRequest(
-                    reservation_id=reservation_id, owner_id=owner, amount=COST, reference=f"booking:{reservation_id}"
+                    reservation_id=reservation_id,
+                    owner_id=owner,
+                    amount=COST,
+                    reference=f"therapist:{therapist_id}/booking:{reservation_id}",
                 ),
                 timeout=CALL_TIMEOUT_S,
             )
@@ -130,21 +137,14 @@ async def ledger_kinds(stack: Stack, reservation_ids: list[str]) -> dict[str, Co
     return kinds
 
 
-async def decisions_and_holds_agree(stack: Stack, owners: list[str]) -> list[str]:
-    """Across the two databases: a spent hold has a `commit` decision and a confirmed session;
-    a released hold has no `commit` decision. Returns the disagreements in words."""
+async def sessions_and_holds_agree(stack: Stack, owners: list[str]) -> list[str]:
+    """Across the two databases: a spent hold has a session of its cost (the session is the commit
+    decision); a released hold has none; none is left pending. Returns the disagreements in words."""
     holds = await stack.credit_db.fetch(
         """SELECT reservation_id, status, committed_amount FROM credit.reservations
-            WHERE owner_id = ANY($1::uuid[]) AND reference LIKE 'booking:%'""",
+            WHERE owner_id = ANY($1::uuid[]) AND (reference LIKE 'therapist:%' OR reference LIKE 'booking:%')""",
         [uuid.UUID(o) for o in owners],
     )
-    decisions: dict[uuid.UUID, str] = {
-        row["reservation_id"]: row["decision"]
-        for row in await stack.booking_db.fetch(
-            "SELECT reservation_id, decision FROM booking.decisions WHERE reservation_id = ANY($1::uuid[])",
-            [h["reservation_id"] for h in holds],
-        )
-    }
     sessions = {
         row["booking_id"]: row
         for row in await stack.booking_db.fetch(
@@ -155,13 +155,13 @@ async def decisions_and_holds_agree(stack: Stack, owners: list[str]) -> list[str
     wrong = []
     for hold in holds:
         rid, status = hold["reservation_id"], hold["status"]
-        decision, session = decisions.get(rid), sessions.get(rid)
-        if status == "committed" and (decision != "commit" or session is None):
-            wrong.append(f"{rid}: committed with decision {decision} and session {session}")
+        session = sessions.get(rid)
+        if status == "committed" and session is None:
+            wrong.append(f"{rid}: committed without a session")
         if status == "committed" and session is not None and hold["committed_amount"] != session["credit_cost"]:
             wrong.append(f"{rid}: committed {hold['committed_amount']} for a session costing {session['credit_cost']}")
-        if status == "released" and (decision == "commit" or session is not None):
-            wrong.append(f"{rid}: released with decision {decision} and session {session}")
+        if status == "released" and session is not None:
+            wrong.append(f"{rid}: released with session {session}")
         if status == "pending":
             wrong.append(f"{rid}: still pending")
     return wrong
@@ -227,12 +227,12 @@ async def assert_charged_once(
 
 
 async def assert_orphans_released_once(stack: Stack, orphans: dict[str, str]) -> None:
-    """Released (cancelled) exactly once, decided `abort`, by whichever replica got there."""
+    """Released (cancelled) exactly once, answered BOOKING_ABORTED, by whichever replica got there."""
     kinds = await ledger_kinds(stack, list(orphans))
     for reservation_id, owner in orphans.items():
         hold = await stack.reservation(reservation_id)
         assert hold is not None and (hold["status"], hold["release_reason"]) == ("released", "cancelled"), hold
-        assert await stack.decision(reservation_id) == "abort"
+        assert await stack.refusal(uuid.UUID(reservation_id)) == "BOOKING_ABORTED"
         assert kinds[reservation_id] == Counter({"reserve": 1, "release": 1}), kinds[reservation_id]
         assert await stack.buckets(owner) == (COST, 0, 0, COST)
     released_by = {e.get("reservation_id") for p in stack.bookings for e in stack.events(p, "reconciler_released")}
@@ -289,7 +289,7 @@ async def test_two_replicas_under_concurrent_load_never_double_book_and_charge_e
 
         await assert_charged_once(stack, confirmed, clients)
         await assert_orphans_released_once(stack, orphans)
-        assert await decisions_and_holds_agree(stack, everyone) == []
+        assert await sessions_and_holds_agree(stack, everyone) == []
         assert await stack.credit_violations(everyone) == []
 
 
@@ -352,7 +352,8 @@ async def test_sigterm_during_load_drains_cleanly_and_a_retry_elsewhere_books_ea
             # but never the handler, which core cancels: in both cases nothing was done for it.
             assert outcome.code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), codes
             if outcome.code == grpc.StatusCode.CANCELLED:
-                assert await stack.attempt(outcome.request.request_id) is None, outcome
+                key = request_key(OPERATOR_ID, outcome.request.request_id)
+                assert (await stack.session(key), await stack.refusal(key)) == (None, None), outcome
         assert failed, f"the load ended before the SIGTERM: {codes}"
         booked = {o.booking_id for o in outcomes if o.booking_id is not None}
 
@@ -376,6 +377,6 @@ async def test_sigterm_during_load_drains_cleanly_and_a_retry_elsewhere_books_ea
                 per_client[client] * COST,
                 SHUTDOWN_CREDITS,
             )
-        assert await decisions_and_holds_agree(stack, clients) == []
+        assert await sessions_and_holds_agree(stack, clients) == []
         assert await stack.credit_violations(clients) == []
         assert survivor.process is not None and survivor.process.poll() is None

@@ -235,12 +235,12 @@ class Stack:
         assert row is not None, f"no account for {owner_id}"
         return row["available"], row["held"], row["spent"], row["granted"]
 
-    async def attempt(self, request_id: str) -> uuid.UUID | None:
-        """The booking id a CreateBooking request_id is bound to (booking.booking_attempts)."""
+    async def refusal(self, request_key: uuid.UUID) -> str | None:
+        """The refusal recorded as a request's answer (booking.request_answers), None if none."""
         value = await self.booking_db.fetchval(
-            "SELECT booking_id FROM booking.booking_attempts WHERE request_id = $1", request_id
+            "SELECT refusal_reason FROM booking.request_answers WHERE request_key = $1", request_key
         )
-        return None if value is None else _uuid(value)
+        return None if value is None else str(value)
 
     async def reservation(self, reservation_id: str | uuid.UUID) -> dict[str, Any] | None:
         """status, release_reason, owner_id, amount, committed_amount, reference; None if absent."""
@@ -251,7 +251,8 @@ class Stack:
         )
         return None if row is None else dict(row)
 
-    async def decision(self, reservation_id: str | uuid.UUID) -> str | None:
+    async def legacy_decision(self, reservation_id: str | uuid.UUID) -> str | None:
+        """The previous version's decision log (booking.decisions), for its holds."""
         value = await self.booking_db.fetchval(
             "SELECT decision FROM booking.decisions WHERE reservation_id = $1", _uuid(reservation_id)
         )
