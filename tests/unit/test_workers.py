@@ -4,7 +4,8 @@ with its reason, again at error only when it persists, and its end once; a bug e
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
+from typing import Any
 
 import asyncpg
 from structlog.testing import capture_logs
@@ -23,7 +24,7 @@ class FakeClock:
         return self.now_s
 
 
-async def run_passes(outcomes: list[BaseException | None], clock: FakeClock) -> list[dict[str, object]]:
+async def run_passes(outcomes: list[BaseException | None], clock: FakeClock) -> list[MutableMapping[str, Any]]:
     """Runs the worker through `outcomes` (an exception: that pass fails), then stops it."""
     remaining: Iterator[BaseException | None] = iter(outcomes)
     done = asyncio.Event()
