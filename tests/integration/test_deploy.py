@@ -848,7 +848,8 @@ def test_gateway_shutdown_outlasts_its_route_timeout(overlay: str) -> None:
 
 def gateway_listener(config: Manifest) -> Manifest:
     """The public listener (the other one is the ops listener: readiness and stats)."""
-    (listener,) = [item for item in config["static_resources"]["listeners"] if item["name"] == "gateway"]
+    listeners: list[Manifest] = config["static_resources"]["listeners"]
+    (listener,) = [item for item in listeners if item["name"] == "gateway"]
     return listener
 
 
