@@ -151,7 +151,6 @@ class EmbeddedPostgres:
             f"server log ({self._data_dir / 'log'}), last lines:\n{_log_tail(self._data_dir)}"
         )
 
-
     # --- backups and point-in-time recovery (`make restore-drill`, docs/operations.md) ---
 
     async def enable_wal_archiving(self, archive_dir: Path) -> None:
