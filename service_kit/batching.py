@@ -19,7 +19,7 @@ whose caller is gone is dropped before its batch is sent; a batch in flight whos
 gone is cancelled, as a lone call is cancelled with its caller; an item sent in a batch that
 others still wait for runs to its end and its result is dropped, exactly as a call whose answer
 is lost. So every batch function must be safe for that, which all of ours are: each item is
-idempotent or recoverable (DESIGN.md).
+idempotent or recoverable (docs/architecture.md).
 
 Batches run in tasks of their own, owned here and cancelled by `close`, in an empty context:
 nothing of one caller (its request id, its deadline) leaks into a batch that serves many.

@@ -14,7 +14,7 @@ interceptor then only records the call's outcome on that span (status code, reas
 With tracing off nothing about traces happens per call.
 
 An aio interceptor only resolves the handler, so the work happens in a wrapper around
-`handler.unary_unary` (CONVENTIONS.md).
+`handler.unary_unary` (docs/conventions.md).
 """
 
 from __future__ import annotations

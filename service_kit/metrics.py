@@ -1,6 +1,6 @@
 """Prometheus metrics of one service process, served on a side port at /metrics.
 
-The gRPC metrics carry go-grpc-prometheus' names and labels (CONVENTIONS.md), so dashboards and
+The gRPC metrics carry go-grpc-prometheus' names and labels (docs/conventions.md), so dashboards and
 alerts written for Go services work unchanged: `grpc_server_started_total`,
 `grpc_server_handled_total`, `grpc_server_handling_seconds` from the server interceptor's
 observers, and `grpc_client_*` from a client interceptor on outgoing channels. The database pool

