@@ -196,6 +196,11 @@ class EmbeddedPostgres:
         with (self._data_dir / "postgresql.auto.conf").open("a") as conf:
             conf.write(f"# point-in-time recovery (devstack.postgres.prepare_recovery)\n{lines}")
         (self._data_dir / "recovery.signal").touch()
+        # The source's socket lock files come along in a base backup when its socket folder is its
+        # data directory (the embedded server's): a stale one, whose PID another process may now
+        # have, would stop this server from starting.
+        for leftover in self._data_dir.glob(".s.PGSQL.*"):
+            leftover.unlink()
         _give_to_server_user(self._data_dir)
 
 
