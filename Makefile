@@ -8,7 +8,7 @@ STAMP := $(VENV)/.installed
 # Pytest arguments, e.g. `make test PYTEST_ARGS="-k credit -x"`.
 PYTEST_ARGS ?=
 
-.PHONY: help venv gen run test lint format bench chaos clean
+.PHONY: help venv gen run test lint format bench chaos restore-drill clean
 
 help:
 	@echo "make run    start PostgreSQL (embedded), both services and the gateway; Ctrl-C stops all"
@@ -16,6 +16,7 @@ help:
 	@echo "make gen    regenerate gen/ and the Envoy configs from protos/"
 	@echo "make lint   ruff, mypy --strict, buf lint, buf breaking, generated-code freshness"
 	@echo "make chaos  5 minutes of faults against real processes, then every invariant"
+	@echo "make restore-drill  back up the embedded PostgreSQL under load, restore to a point in time, check"
 	@echo "make bench  the two services against the single-transaction baseline (docs/performance.md)"
 	@echo "make clean  remove the virtual environment and the local database"
 
@@ -57,6 +58,11 @@ bench: $(STAMP)
 # Five minutes of faults against real processes, then every invariant. CHAOS_ARGS="--quick --seed N".
 chaos: $(STAMP)
 	$(BIN)/python -m tests.chaos $(CHAOS_ARGS)
+
+# A base backup and WAL archive of the embedded PostgreSQL under load, a point-in-time restore,
+# both services on it, every invariant (docs/operations.md). DRILL_ARGS="--quick" or "--keep".
+restore-drill: $(STAMP)
+	$(BIN)/python -m tests.restore_drill $(DRILL_ARGS)
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .

@@ -64,7 +64,7 @@ async def start(settings: BookingSettings) -> Runtime:
     credits = CreditClient(
         settings.credit_target,
         call_timeout_s=settings.credit_call_timeout_s,
-        interceptors=[runtime.grpc_metrics.client_interceptor()],
+        interceptors=runtime.client_interceptors(),
         token=service_token(settings),
         batching=settings.batching,
         batch_observer=metrics.batch_finished,

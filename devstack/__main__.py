@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _render_envoy(arguments.output, check=arguments.check)
     if arguments.command == "token":
         return _token(arguments)
-    return _run(arguments.data_dir, gateway=not arguments.no_gateway)
+    return _run(arguments.data_dir, gateway=not arguments.no_gateway, seed=not arguments.no_seed)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.add_argument("--data-dir", type=Path, default=repo_root() / ".data", help="default: <repo>/.data")
     run.add_argument("--no-gateway", action="store_true", help="do not start Envoy")
+    run.add_argument(
+        "--no-seed",
+        action="store_true",
+        help="do not seed the demo therapist and credits on an empty database (also: DEVSTACK_SEED=false)",
+    )
     render = commands.add_parser(
         "render-envoy", help=f"write the default Envoy config to {_shown(checked_in_envoy_config())}"
     )
@@ -112,7 +117,7 @@ def _render_envoy(output: Path, *, check: bool) -> int:
     return 0
 
 
-def _run(data_dir: Path, *, gateway: bool) -> int:
+def _run(data_dir: Path, *, gateway: bool, seed: bool) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     # On a failed start the library logs the whole server log, which only grows; PostgresError
     # carries its last lines instead.
@@ -120,7 +125,7 @@ def _run(data_dir: Path, *, gateway: bool) -> int:
     env = dict(os.environ)
     printer = Printer.for_stdout(env)
     try:
-        plan = runner.plan_stack(repo_root(), data_dir.resolve(), gateway=gateway, env=env)
+        plan = runner.plan_stack(repo_root(), data_dir.resolve(), gateway=gateway, env=env, seed=seed)
     except ValueError as error:
         printer.say(f"bad configuration: {error}")
         return 2

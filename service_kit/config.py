@@ -147,7 +147,7 @@ class ServerSettings:
             health_check_interval_s=number(env, key("HEALTH_CHECK_INTERVAL_S"), 5.0, minimum=0.1, maximum=300.0),
             # Below Kubernetes' default terminationGracePeriodSeconds of 30 s.
             shutdown_grace_s=number(env, key("SHUTDOWN_GRACE_S"), 10.0, minimum=0.0, maximum=120.0),
-            # Transcoded HTTP calls arrive without a deadline (CONVENTIONS.md): give them one.
+            # Transcoded HTTP calls arrive without a deadline (docs/conventions.md): give them one.
             default_rpc_deadline_s=number(env, key("DEFAULT_RPC_DEADLINE_S"), 10.0, minimum=0.1, maximum=300.0),
             max_message_bytes=integer(
                 env, key("MAX_MESSAGE_BYTES"), 1024 * 1024, minimum=4096, maximum=64 * 1024 * 1024

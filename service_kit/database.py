@@ -24,7 +24,7 @@ T = TypeVar("T")
 CONNECT_TIMEOUT_S = 5.0
 MIGRATION_TIMEOUT_S = 120.0
 # Serialization failures and deadlocks are retried as whole transactions, a bounded number of
-# times (CONVENTIONS.md); every other error is the caller's to handle.
+# times (docs/conventions.md); every other error is the caller's to handle.
 RETRYABLE_ERRORS = (asyncpg.exceptions.SerializationError, asyncpg.exceptions.DeadlockDetectedError)
 TRANSACTION_ATTEMPTS = 4
 RETRY_BASE_DELAY_S = 0.01
@@ -139,7 +139,7 @@ async def _keep_session(connection: asyncpg.Connection[asyncpg.Record]) -> None:
     """The pool's reset between two borrowers, without asyncpg's default reset query
     (`pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL`), which costs a round trip per
     borrow. Nothing here changes session state: settings are `SET LOCAL` or `set_config(..., true)`,
-    advisory locks are transaction-scoped (CONVENTIONS.md), there are no cursors or LISTENs
+    advisory locks are transaction-scoped (docs/conventions.md), there are no cursors or LISTENs
     outside a transaction. asyncpg still rolls back a transaction left open before calling this."""
     del connection
 

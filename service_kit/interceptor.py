@@ -1,15 +1,20 @@
 """The server interceptor every RPC goes through.
 
 For each call it binds the request context to the log (contextvars, cleared per call): the
-request id and the W3C trace (the caller's continued, or a new one); gives the call a time budget
+request id (the caller's `x-request-id`, or a new one); gives the call a time budget
 (the caller's deadline, or a default for calls that come without one, such as HTTP transcoded by
 Envoy), renders domain errors with the service's one table of codes, turns infrastructure
 failures into UNAVAILABLE, hides unexpected exceptions behind INTERNAL
 (traceback logged here, never sent), writes one canonical line per RPC, and tells its observers
 (the metrics) that a call started and how it finished.
 
+Traces are not made here: with tracing on (service_kit/tracing.py) OpenTelemetry's server
+interceptor runs before this one, so its span is active while the call is served; this
+interceptor then only records the call's outcome on that span (status code, reason, request id).
+With tracing off nothing about traces happens per call.
+
 An aio interceptor only resolves the handler, so the work happens in a wrapper around
-`handler.unary_unary` (CONVENTIONS.md).
+`handler.unary_unary` (docs/conventions.md).
 """
 
 from __future__ import annotations
@@ -36,7 +41,6 @@ from service_kit.auth import (
     unbind_principal,
 )
 from service_kit.errors import DomainError, Unavailable, rich_status, status_for
-from service_kit.tracecontext import TRACEPARENT_HEADER, TRACESTATE_HEADER, SpanContext, server_span
 
 log = structlog.get_logger()
 
@@ -46,7 +50,6 @@ MAX_REQUEST_ID_HEADER_LENGTH = 128
 TIMEOUT_SLACK_S = 0.05
 _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_deadline", default=None)
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpc_request_id", default=None)
-_span: contextvars.ContextVar[SpanContext | None] = contextvars.ContextVar("rpc_span", default=None)
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
 # Told when a call starts: (service, rpc), e.g. ("booking.v1.BookingService", "CreateBooking").
@@ -124,9 +127,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         start_observers: tuple[RpcStartObserver, ...] = (),
         gate: Gate | None = None,
         max_concurrent_rpcs_per_caller: int = 64,
+        traced: bool = False,
     ) -> None:
         """`gate` authenticates and authorizes every call but those of the open services (health,
-        reflection); None only in tests of the interceptor itself."""
+        reflection); None only in tests of the interceptor itself. `traced`: OpenTelemetry's
+        server interceptor runs before this one, and each call's outcome goes on its span."""
         self._gate = gate
         self._caller_limits = CallerLimits(max_concurrent_rpcs_per_caller)
         self._domain = domain
@@ -134,6 +139,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._default_deadline_s = default_deadline_s
         self._observers = observers
         self._start_observers = start_observers
+        self._traced = traced
 
     async def intercept_service(
         self,
@@ -158,17 +164,11 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             for start_observer in self._start_observers:
                 start_observer(service, rpc)
             request_id = _incoming_request_id(context)
-            span = _incoming_span(context)
-            structlog.contextvars.bind_contextvars(
-                rpc=rpc, request_id=request_id, trace_id=span.trace_id, span_id=span.span_id
-            )
-            if span.parent_id is not None:
-                structlog.contextvars.bind_contextvars(parent_span_id=span.parent_id)
+            structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
             started = time.perf_counter()
             budget_s = _budget_s(context, self._default_deadline_s)
             deadline_token = _deadline.set(asyncio.get_running_loop().time() + budget_s)
             request_id_token = _request_id.set(request_id)
-            span_token = _span.set(span)
             outcome = Outcome(grpc.StatusCode.OK)
             principal_token = bind_principal(None)
             limited_subject: str | None = None
@@ -205,7 +205,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 duration_s = time.perf_counter() - started
                 _deadline.reset(deadline_token)
                 _request_id.reset(request_id_token)
-                _span.reset(span_token)
+                if self._traced:
+                    _record_on_span(outcome, request_id)
                 self._finish(service, rpc, outcome, duration_s)
 
         return wrapped
@@ -263,35 +264,42 @@ def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
     return uuid.uuid4().hex
 
 
-def _incoming_span(context: grpc.aio.ServicerContext[Any, Any]) -> SpanContext:
-    traceparents: list[str] = []
-    tracestates: list[str] = []
-    for key, value in context.invocation_metadata() or ():
-        if key == TRACEPARENT_HEADER and isinstance(value, str):
-            traceparents.append(value)
-        elif key == TRACESTATE_HEADER and isinstance(value, str):
-            tracestates.append(value)
-    # Two traceparents cannot both be the caller's: neither is trusted, a new trace starts.
-    # Several tracestate headers are one list, as HTTP combines repeated headers.
-    traceparent = traceparents[0] if len(traceparents) == 1 else None
-    return server_span(traceparent, ",".join(tracestates) if tracestates else None)
-
-
 def _budget_s(context: grpc.aio.ServicerContext[Any, Any], default_s: float) -> float:
     remaining = context.time_remaining()
     return default_s if remaining is None else max(0.0, remaining)
 
 
 def outgoing_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata for a downstream call made while serving an RPC: the request id, and the trace
-    (`traceparent` naming this call's span as the parent, and the caller's `tracestate`)."""
-    metadata: list[tuple[str, str]] = []
+    """Metadata for a downstream call made while serving an RPC: the request id. (The trace, when
+    tracing is on, is written by OpenTelemetry's client interceptor on the channel.)"""
     request_id = _request_id.get()
-    if request_id is not None:
-        metadata.append((REQUEST_ID_HEADER, request_id))
-    span = _span.get()
-    if span is not None:
-        metadata.append((TRACEPARENT_HEADER, span.traceparent()))
-        if span.tracestate is not None:
-            metadata.append((TRACESTATE_HEADER, span.tracestate))
-    return tuple(metadata)
+    return () if request_id is None else ((REQUEST_ID_HEADER, request_id),)
+
+
+# The codes that are the server's failure, not the caller's (OpenTelemetry's semantic conventions
+# for gRPC server spans): only these mark a span as an error.
+_SERVER_ERROR_CODES = frozenset(
+    {
+        grpc.StatusCode.UNKNOWN,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.UNIMPLEMENTED,
+        grpc.StatusCode.INTERNAL,
+        grpc.StatusCode.UNAVAILABLE,
+        grpc.StatusCode.DATA_LOSS,
+    }
+)
+
+
+def _record_on_span(outcome: Outcome, request_id: str) -> None:
+    """The call's outcome on the active (server) span. OpenTelemetry's interceptor cannot see a
+    status sent with `abort_with_status`, which is how every refusal here is sent."""
+    from opentelemetry import trace  # noqa: PLC0415  # imported only when tracing is on
+    from opentelemetry.trace import Status, StatusCode  # noqa: PLC0415
+
+    span = trace.get_current_span()
+    span.set_attribute("rpc.grpc.status_code", outcome.code.value[0])
+    span.set_attribute("request.id", request_id)
+    if outcome.reason is not None:
+        span.set_attribute("rpc.grpc.error_reason", outcome.reason)
+    if outcome.code in _SERVER_ERROR_CODES:
+        span.set_status(Status(StatusCode.ERROR, outcome.reason or outcome.code.name))

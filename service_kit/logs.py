@@ -1,34 +1,66 @@
 """structlog set-up: JSON lines in production, a console renderer on a terminal.
 
 Request context is bound through contextvars by the server interceptor and cleared per RPC, so
-every line logged while serving a call carries its method and request id.
+every line logged while serving a call carries its method and request id; with tracing on
+(service_kit/tracing.py) also the `trace_id` and `span_id` of the active span.
+
+Colour follows the usual conventions: the console renderer colours its output only when stderr is
+a terminal, never when `NO_COLOR` is set (https://no-color.org), and always when `FORCE_COLOR` is
+(`make run` sets one or the other for its children, whose stderr is a pipe to it).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from collections.abc import Mapping
 
 import structlog
+
+from service_kit.tracing import log_trace_ids
 
 LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
-def configure_logging(log_format: str = "auto", log_level: str = "info") -> None:
-    """Configures structlog for the process. Call once, from main, never at import time."""
+def use_colour(env: Mapping[str, str], is_terminal: bool) -> bool:
+    """NO_COLOR wins, then FORCE_COLOR, then whether the output is a terminal."""
+    if env.get("NO_COLOR"):
+        return False
+    if env.get("FORCE_COLOR"):
+        return True
+    return is_terminal
+
+
+def configure_logging(
+    log_format: str = "auto",
+    log_level: str = "info",
+    *,
+    trace_ids: bool = False,
+    env: Mapping[str, str] | None = None,
+) -> None:
+    """Configures structlog for the process. Call once, from main, never at import time.
+    `trace_ids`: tracing is on; each line gets the active span's ids (one lookup per line, so
+    only then). `env`: where NO_COLOR and FORCE_COLOR are read (default: the process's)."""
+    environment = env if env is not None else os.environ
     use_console = log_format == "console" or (log_format == "auto" and sys.stderr.isatty())
     renderer: structlog.types.Processor = (
-        structlog.dev.ConsoleRenderer() if use_console else structlog.processors.JSONRenderer()
+        structlog.dev.ConsoleRenderer(colors=use_colour(environment, sys.stderr.isatty()))
+        if use_console
+        else structlog.processors.JSONRenderer()
     )
+    processors: list[structlog.types.Processor] = [structlog.contextvars.merge_contextvars]
+    if trace_ids:
+        processors.append(log_trace_ids)
+    processors += [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+        structlog.processors.format_exc_info,
+        renderer,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.StackInfoRenderer(),
-            structlog.processors.format_exc_info,
-            renderer,
-        ],
+        processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(LEVELS[log_level]),
         logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,

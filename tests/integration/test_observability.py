@@ -5,8 +5,8 @@ bookings through the public RPCs, scrapes /metrics over HTTP and checks that eve
 by exactly what those calls imply, and that the gauges read from the databases agree with SQL.
 
 The second part runs both services as real processes with JSON logs and shows that one booking's
-request id and trace id appear in the log lines of both services: the caller's when it sends
-them, made by the booking service when it does not.
+request id appears in the log lines of both services: the caller's when it sends one, made by
+the booking service when it does not.
 """
 
 from __future__ import annotations
@@ -466,10 +466,6 @@ async def test_the_client_interceptor_ends_a_call_whose_caller_is_cancelled() ->
 # --- request ids and traces across both services, in their logs ---
 
 
-TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
-CALLER_SPAN_ID = "00f067aa0ba902b7"
-
-
 def lines_with(events: list[dict[str, Any]], **fields: str) -> list[dict[str, Any]]:
     return [e for e in events if all(e.get(name) == wanted for name, wanted in fields.items())]
 
@@ -491,38 +487,35 @@ async def rpc_lines(stack: Stack, request_id: str) -> tuple[list[dict[str, Any]]
     return result
 
 
-async def test_one_request_id_and_trace_run_through_both_services_logs(
-    postgres_server_url: str, tmp_path: Path
-) -> None:
+async def test_one_request_id_runs_through_both_services_logs(postgres_server_url: str, tmp_path: Path) -> None:
+    """Tracing off (the default): the request id joins the two services' lines, and nothing about
+    traces is made per call (no trace ids in the lines: tests/integration/test_tracing.py has them
+    with tracing on)."""
     async with running_stack(postgres_server_url, tmp_path) as stack:
         world = await World.create(stack.booking_stub(), stack.credit_stub())
 
-        # The caller's request id and trace are kept.
+        # The caller's request id is kept, and sent on to the credit service.
         request_id = f"observability-{uuid.uuid4()}"
-        traceparent = f"00-{TRACE_ID}-{CALLER_SPAN_ID}-01"
         response = await world.booking.CreateBooking(
             world.booking_request(future_hour(days_ahead=2, hour=9)),
-            metadata=(("x-request-id", request_id), ("traceparent", traceparent)),
+            metadata=(("x-request-id", request_id), ("traceparent", f"00-{'4b' * 16}-{'00f067aa' * 2}-01")),
         )
         booking_lines, credit_lines = await rpc_lines(stack, request_id)
-        for line in booking_lines + credit_lines:
-            assert line["trace_id"] == TRACE_ID, line
         (create,) = lines_with(booking_lines, event="rpc_finished", rpc="CreateBooking")
-        assert create["grpc_code"] == "OK" and create["parent_span_id"] == CALLER_SPAN_ID
+        assert create["grpc_code"] == "OK"
         assert lines_with(booking_lines, event="booking_confirmed", booking_id=response.booking.booking_id)
-        # Each credit call is a child of the booking call's span, with a span of its own.
         for rpc in ("ReserveCredits", "CommitReservation"):
             (line,) = lines_with(credit_lines, event="rpc_finished", rpc=rpc)
             assert line["grpc_code"] == "OK"
-            assert line["parent_span_id"] == create["span_id"] != line["span_id"]
+        assert not [line for line in booking_lines + credit_lines if "trace_id" in line or "span_id" in line]
 
-        # Without them, the booking service makes both, and the credit service keeps them.
+        # Without one, the booking service makes one, and the credit service keeps it.
         response = await world.booking.CreateBooking(world.booking_request(future_hour(days_ahead=2, hour=11)))
         confirmed = lines_with(
             log_events(stack.bookings[0]), event="booking_confirmed", booking_id=response.booking.booking_id
         )
         assert len(confirmed) == 1, stack.logs()
-        made_request_id, made_trace_id = confirmed[0]["request_id"], confirmed[0]["trace_id"]
-        assert made_trace_id != TRACE_ID and "parent_span_id" not in confirmed[0]
+        made_request_id = confirmed[0]["request_id"]
+        assert made_request_id != request_id and len(made_request_id) == 32
         booking_lines, credit_lines = await rpc_lines(stack, made_request_id)
-        assert {line["trace_id"] for line in booking_lines + credit_lines} == {made_trace_id}
+        assert lines_with(credit_lines, event="rpc_finished", rpc="ReserveCredits")

@@ -7,6 +7,9 @@ import contextvars
 from collections.abc import Sequence
 
 import pytest
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from service_kit.batching import BatchSettings, Coalescer, Overloaded
 from service_kit.config import ConfigError
@@ -176,3 +179,49 @@ async def test_a_batch_function_that_answers_the_wrong_number_of_items_fails_its
     assert await first == 1  # alone, one answer is the right number
     outcomes = await asyncio.wait_for(asyncio.gather(*rest, return_exceptions=True), timeout=5)
     assert all(isinstance(outcome, AssertionError) for outcome in outcomes)
+
+
+async def test_untraced_batches_keep_no_span_context() -> None:
+    # Tracing off (this process never installs it): nothing is read or kept per item.
+    run = Recorder()
+    batcher = coalescer(run)
+    assert batcher.tracer is None
+    first = asyncio.create_task(batcher.submit(2))
+    await run.started.wait()
+    second = asyncio.create_task(batcher.submit(4))
+    await asyncio.sleep(0)
+    assert [caller for _, _, caller in batcher._queue] == [None]
+    run.release.set()
+    assert list(await asyncio.gather(first, second)) == [20, 40]
+
+
+async def test_a_traced_batch_is_linked_to_every_caller_and_a_child_of_the_first() -> None:
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    run = Recorder()
+    batcher = coalescer(run)
+    batcher.tracer = tracer
+    blocker = asyncio.create_task(batcher.submit(0))  # keeps the next two waiting together
+    await run.started.wait()
+
+    async def caller(item: int, name: str) -> tuple[int, int]:
+        with tracer.start_as_current_span(name) as span:
+            result = await batcher.submit(item)
+            return result, span.get_span_context().span_id
+
+    callers = [asyncio.create_task(caller(2, "first")), asyncio.create_task(caller(4, "second"))]
+    await asyncio.sleep(0)
+    run.release.set()
+    results = await asyncio.gather(*callers)
+    await blocker
+    assert [result for result, _ in results] == [20, 40]
+    (batch,) = [
+        s
+        for s in exporter.get_finished_spans()
+        if s.name == "batch test" and (s.attributes or {}).get("batch.size") == 2
+    ]
+    caller_ids = [span_id for _, span_id in results]
+    assert [link.context.span_id for link in batch.links] == caller_ids
+    assert batch.parent is not None and batch.parent.span_id == caller_ids[0]
