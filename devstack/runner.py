@@ -26,7 +26,9 @@ from devstack.children import Child, Printer, first_exit, start_child
 from devstack.gateway import (
     BOOKING_SERVICE,
     CREDIT_SERVICE,
+    DEVELOPMENT_CORS_ORIGINS,
     GatewaySettings,
+    parse_cors_origins,
     render_envoy_yaml,
     split_host_port,
 )
@@ -45,6 +47,8 @@ PROGRESS_INTERVAL_S = 5
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _GATEWAY_PORT_ENV = "DEVSTACK_GATEWAY_PORT"
 _GATEWAY_ADMIN_PORT_ENV = "DEVSTACK_GATEWAY_ADMIN_PORT"
+# Browser origins allowed to call the gateway (CORS); unset: a web app's dev server on port 3000.
+_GATEWAY_CORS_ORIGINS_ENV = "GATEWAY_CORS_ORIGINS"
 # `make run` is plaintext on loopback, and says so: its probes, the gateway and the printed
 # commands all speak plaintext. TLS settings in the developer's shell would half-apply (a service
 # on TLS that nothing here can talk to), so they are refused rather than passed on.
@@ -116,6 +120,7 @@ def plan_stack(repo_root: Path, data_dir: Path, *, gateway: bool, env: Mapping[s
             admin_port=int(env.get(_GATEWAY_ADMIN_PORT_ENV) or 9901),
             booking_upstream=booking.dial_target,
             credit_upstream=credit.dial_target,
+            cors_origins=_cors_origins(env),
         )
     return StackPlan(repo_root, data_dir, env, credit, booking, settings)
 
@@ -366,11 +371,22 @@ async def _report_progress(health: Mapping[str, probes.HealthProbe], pending: se
         printer.say(f"waiting for SERVING from {states}: {waited_s} s of {STARTUP_TIMEOUT_S} s")
 
 
+def _cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    text = env.get(_GATEWAY_CORS_ORIGINS_ENV)
+    if text is None:
+        return DEVELOPMENT_CORS_ORIGINS
+    try:
+        return parse_cors_origins(text)
+    except ValueError as error:
+        raise ValueError(f"{_GATEWAY_CORS_ORIGINS_ENV}: {error}") from None
+
+
 def _check_gateway_can_start(plan: StackPlan, settings: GatewaySettings) -> None:
     # Checked before anything starts, rather than after the services are up.
     _envoy_executable()
-    if not (plan.repo_root / settings.descriptor_path).exists():
-        raise StartupError(f"{settings.descriptor_path} is missing: run `make gen` (or use --no-gateway)")
+    for generated in (settings.descriptor_path, settings.openapi_path, settings.api_reference_path):
+        if not (plan.repo_root / generated).exists():
+            raise StartupError(f"{generated} is missing: run `make gen` (or use --no-gateway)")
 
 
 async def _start_gateway(stack: Stack, plan: StackPlan, settings: GatewaySettings) -> None:

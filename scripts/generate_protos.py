@@ -1,24 +1,32 @@
-"""Generate Python code, type stubs and the Envoy descriptor set from protos/.
+"""Generate Python code, type stubs, the Envoy descriptor set and the API's description from protos/.
 
-The one command that writes gen/ (`make gen`). `--check` generates into a temporary folder and
-fails when gen/ differs, so a stale checkout cannot pass CI.
+The one command that writes gen/ (`make gen`): the Python modules, descriptor.binpb for Envoy,
+and from that descriptor openapi.json (scripts/openapi_document.py) and api-reference.html
+(scripts/api_reference.py), which the gateway serves. `--check` generates into a temporary folder
+and fails when gen/ differs, so a stale checkout cannot pass CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from api_reference import render_reference
+from openapi_document import build_document
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 VENDORED_ROOT = ROOT / "third_party" / "googleapis"
 GEN_ROOT = ROOT / "gen"
 DESCRIPTOR_NAME = "descriptor.binpb"
+OPENAPI_NAME = "openapi.json"
+API_REFERENCE_NAME = "api-reference.html"
 # Envoy needs the google.rpc error types in the descriptor set to render errors as JSON bodies.
 DESCRIPTOR_EXTRA = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
@@ -73,6 +81,9 @@ def generate(out: Path) -> None:
             (folder / "__init__.py").touch()
             folder = folder.parent
     (out / "py.typed").write_text("")
+    document = build_document((out / DESCRIPTOR_NAME).read_bytes())
+    (out / OPENAPI_NAME).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    (out / API_REFERENCE_NAME).write_text(render_reference(document))
 
 
 def differences(left: Path, right: Path) -> list[str]:
