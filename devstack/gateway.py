@@ -52,6 +52,10 @@ CORS_MAX_AGE_S = 600
 # The reference page is static: nothing may load from elsewhere, and no script runs.
 _API_REFERENCE_SECURITY_POLICY = "default-src 'none'; style-src 'unsafe-inline'; img-src data:; base-uri 'none'"
 _EDGE_SCRIPT = Path(__file__).with_name("gateway_edge.lua")
+_JSON_SCRIPT = Path(__file__).with_name("gateway_json.lua")
+# Bounds on how long a caller may take to send a request: its headers, then all of it.
+REQUEST_HEADERS_TIMEOUT_S = 10
+REQUEST_TIMEOUT_S = 30
 
 _TYPE_PREFIX = "type.googleapis.com/"
 _HTTP_CONNECTION_MANAGER = (
@@ -65,6 +69,7 @@ _LUA = _TYPE_PREFIX + "envoy.extensions.filters.http.lua.v3.Lua"
 _BUFFER = _TYPE_PREFIX + "envoy.extensions.filters.http.buffer.v3.Buffer"
 _JSON_TO_METADATA = _TYPE_PREFIX + "envoy.extensions.filters.http.json_to_metadata.v3.JsonToMetadata"
 _FILTER_CONFIG = _TYPE_PREFIX + "envoy.config.route.v3.FilterConfig"
+_CEL_FILTER = _TYPE_PREFIX + "envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter"
 _TRANSCODER_NAME = "envoy.filters.http.grpc_json_transcoder"
 _UPSTREAM_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 _UPSTREAM_TLS_CONTEXT = _TYPE_PREFIX + "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext"
@@ -80,7 +85,10 @@ _DOWNSTREAM_CONNECTIONS_CONFIG = (
 # Envoy's internals. gateway_edge.lua's refusals carry their own code and reason.
 _LOCAL_REPLIES: dict[int, tuple[int, str, str | None]] = {
     400: (3, "INVALID_ARGUMENT", None),
+    # Envoy refuses protocol upgrades (WebSocket, h2c) with a 403.
+    403: (12, "UPGRADE_NOT_SUPPORTED", "protocol upgrades (WebSocket, h2c) are not supported"),
     404: (5, "ROUTE_NOT_FOUND", None),
+    408: (4, "REQUEST_TIMEOUT", f"the request was not received within {REQUEST_TIMEOUT_S} s"),
     413: (8, "REQUEST_BODY_TOO_LARGE", f"the request body is larger than {MAX_REQUEST_BODY_BYTES} bytes"),
     426: (3, "HTTP_VERSION_NOT_SUPPORTED", "use HTTP/1.1 or HTTP/2"),
     429: (8, "RESOURCE_EXHAUSTED", "too many requests; retry later"),
@@ -287,27 +295,31 @@ def _http_connection_manager(settings: GatewaySettings) -> dict[str, object]:
             ],
             "route_config": _route_config(settings),
             "local_reply_config": _local_reply_config(),
+            "request_headers_timeout": f"{REQUEST_HEADERS_TIMEOUT_S}s",
+            "request_timeout": f"{REQUEST_TIMEOUT_S}s",
             # Order matters. CORS first, so that a preflight is answered before anything else; the
-            # body is buffered (and bounded) before json_to_metadata checks it is strict JSON; the
-            # edge script refuses what must not pass and strips what must not reach the services;
-            # the transcoder rewrites a JSON request into a gRPC call before the router picks the
-            # cluster by the gRPC path.
+            # edge script refuses what must not pass and strips what must not reach the services,
+            # on the headers alone; the body is buffered (and bounded) and checked to be strict
+            # JSON; the transcoder rewrites a JSON request into a gRPC call before the router
+            # picks the cluster by the gRPC path.
             "http_filters": [
                 {"name": "envoy.filters.http.cors", "typed_config": {"@type": _CORS}},
+                _lua("envoy.filters.http.lua.edge", edge_script(settings)),
                 {
                     "name": "envoy.filters.http.buffer",
                     "typed_config": {"@type": _BUFFER, "max_request_bytes": MAX_REQUEST_BODY_BYTES},
                 },
                 _strict_json_check(),
-                {
-                    "name": "envoy.filters.http.lua",
-                    "typed_config": {"@type": _LUA, "default_source_code": {"inline_string": edge_script(settings)}},
-                },
+                _lua("envoy.filters.http.lua.json", _JSON_SCRIPT.read_text()),
                 _transcoder(settings),
                 {"name": "envoy.filters.http.router", "typed_config": {"@type": _ROUTER}},
             ],
         },
     }
+
+
+def _lua(name: str, script: str) -> dict[str, object]:
+    return {"name": name, "typed_config": {"@type": _LUA, "default_source_code": {"inline_string": script}}}
 
 
 def edge_script(settings: GatewaySettings) -> str:
@@ -457,7 +469,23 @@ def _not_found_route() -> dict[str, object]:
 
 
 def _local_reply_config() -> dict[str, object]:
-    mappers = [_edge_refusal_mapper()]
+    # A 400 that is not the transcoder's (which names the unknown field or parameter) is Envoy's
+    # codec refusing bytes that are not HTTP: a malformed request line or header, conflicting
+    # lengths, no host. Its own text is "Bad Request" or nothing.
+    not_transcoder = {
+        "extension_filter": {
+            "name": "envoy.access_loggers.extension_filters.cel",
+            "typed_config": {
+                "@type": _CEL_FILTER,
+                "expression": "!response.code_details.contains('grpc_json_transcode_failure')",
+            },
+        }
+    }
+    not_http = {"and_filter": {"filters": [_status_is(400), not_transcoder]}}
+    mappers = [
+        _edge_refusal_mapper(),
+        _local_reply_mapper(not_http, 3, "MALFORMED_REQUEST", "the request is not valid HTTP/1.1 or HTTP/2"),
+    ]
     mappers += [_local_reply_mapper(_status_is(status), *reply) for status, reply in _LOCAL_REPLIES.items()]
     mappers.append(_local_reply_mapper(_status_at_least(400), *_OTHER_LOCAL_REPLY))
     return {"mappers": mappers}

@@ -8,10 +8,10 @@
 --    gRPC as transport metadata, and a bad one fails the call or logs an error in the service.
 --    The gateway sets the call's deadline itself (grpc-timeout).
 --  * Header values that gRPC metadata cannot carry (bytes outside printable ASCII) are refused,
---    as are over-long tokens, URLs whose percent-decoded bytes are not UTF-8 text, and bodies
---    that are not strict JSON (RFC 8259): the transcoder's parser accepts trailing commas, single
---    quotes and \x escapes, so json_to_metadata (Envoy's strict parser) checks the body first and
---    leaves its verdict in the dynamic metadata read below.
+--    as are over-long tokens, URLs whose percent-decoded bytes are not UTF-8 text, and methods
+--    the API has no use for (CONNECT would otherwise hold the connection open as a tunnel).
+--  * It runs on the request's headers, before the body is read: gateway_json.lua, after the body,
+--    refuses a body that is not strict JSON.
 -- A refusal sets the reason and gRPC code in the dynamic metadata namespace "gateway"; the
 -- connection manager's local_reply_config renders them as google.rpc.Status JSON with an
 -- ErrorInfo. A native gRPC call gets the same refusal as grpc-status and grpc-message.
@@ -29,7 +29,8 @@ local FORWARDED = {
   -- Envoy sets it and routes by it.
   ["x-forwarded-proto"] = 16,
 }
-local INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNAUTHENTICATED = 3, 8, 16
+local INVALID_ARGUMENT, RESOURCE_EXHAUSTED, UNIMPLEMENTED, UNAUTHENTICATED = 3, 8, 12, 16
+local METHODS = {GET = true, POST = true, PUT = true, PATCH = true, DELETE = true, OPTIONS = true, HEAD = true}
 
 local function refuse(handle, grpc, http_status, grpc_code, reason, message)
   if grpc then
@@ -129,6 +130,11 @@ function envoy_on_request(handle)
   local headers = handle:headers()
   local content_type = headers:get("content-type") or ""
   local grpc = content_type:sub(1, 16) == "application/grpc"
+  if not METHODS[headers:get(":method") or ""] then
+    refuse(handle, grpc, 405, UNIMPLEMENTED, "METHOD_NOT_ALLOWED",
+      "the API answers GET, POST, PUT, PATCH and DELETE only")
+    return
+  end
   if not check_forwarded(handle, grpc, headers) then
     return
   end
@@ -155,12 +161,6 @@ function envoy_on_request(handle)
   if not utf8_text(percent_decoded(path)) then
     refuse(handle, grpc, 400, INVALID_ARGUMENT, "INVALID_URL_ENCODING",
       "the URL's path and query must be UTF-8 text once percent-decoded, without control characters")
-    return
-  end
-  local verdict = handle:streamInfo():dynamicMetadata():get("gateway")
-  if verdict ~= nil and verdict["invalid_json"] ~= nil then
-    refuse(handle, grpc, 400, INVALID_ARGUMENT, "MALFORMED_JSON",
-      "the request body is not valid JSON (RFC 8259): no trailing commas, single quotes, comments or \\x escapes")
     return
   end
   keep_forwarded_only(headers)
