@@ -481,7 +481,7 @@ def _local_reply_config() -> dict[str, object]:
             },
         }
     }
-    not_http = {"and_filter": {"filters": [_status_is(400), not_transcoder]}}
+    not_http: dict[str, object] = {"and_filter": {"filters": [_status_is(400), not_transcoder]}}
     mappers = [
         _edge_refusal_mapper(),
         _local_reply_mapper(not_http, 3, "MALFORMED_REQUEST", "the request is not valid HTTP/1.1 or HTTP/2"),
