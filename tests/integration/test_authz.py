@@ -21,7 +21,7 @@ from credit.v1 import credit_pb2, credit_pb2_grpc
 from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST
 from service_kit.errors import error_details
 from tests.support.auth import bearer, token
-from tests.support.world import ALL_WEEK, World, grant, ts
+from tests.support.world import ALL_WEEK, World, grant, scene_rows, ts
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -278,29 +278,6 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
     return await requests[rpc]()
 
 
-async def snapshot(booking_db: asyncpg.Pool, credit_db: asyncpg.Pool, world: World) -> tuple[object, ...]:
-    """Every row that belongs to the scene, as text: equal snapshots mean nothing changed."""
-    therapist, client = uuid.UUID(world.therapist_id), uuid.UUID(world.client_id)
-    booking_tables = ("therapists", "weekly_windows", "date_overrides", "session_types", "sessions")
-    found: list[object] = []
-    for table in booking_tables:
-        found.append(
-            await booking_db.fetchval(
-                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM booking.{table} t WHERE therapist_id = $1",
-                therapist,
-            )
-        )
-    found.append(await booking_db.fetchval("SELECT count(*) FROM booking.therapists"))
-    for table in ("accounts", "reservations", "ledger_entries"):
-        found.append(
-            await credit_db.fetchval(
-                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM credit.{table} t WHERE owner_id = $1", client
-            )
-        )
-    found.append(await credit_db.fetchval("SELECT count(*) FROM credit.reservations"))
-    return tuple(found)
-
-
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("rpc", BOOKING_RPCS + CREDIT_RPCS)
 async def test_every_rpc_answers_every_caller_as_the_table_says(
@@ -315,7 +292,7 @@ async def test_every_rpc_answers_every_caller_as_the_table_says(
         method = getattr(anonymous, rpc)
     else:
         metadata = bearer(value)
-    before = await snapshot(booking_db, credit_db, scene.world)
+    before = await scene_rows(booking_db, credit_db, scene.world)
 
     try:
         await method(request, metadata=metadata, timeout=10)
@@ -330,7 +307,7 @@ async def test_every_rpc_answers_every_caller_as_the_table_says(
 
     assert code == expected, f"{rpc} as {caller}"
     if expected is not OK:
-        assert await snapshot(booking_db, credit_db, scene.world) == before, f"{rpc} as {caller} changed data"
+        assert await scene_rows(booking_db, credit_db, scene.world) == before, f"{rpc} as {caller} changed data"
 
 
 async def test_an_expired_token_says_so_and_a_missing_one_too(scene: Scene) -> None:
@@ -347,7 +324,7 @@ async def test_a_client_cannot_cancel_as_the_therapist(
     scene: Scene, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
 ) -> None:
     booking_id = await scene.fresh_booking()
-    before = await snapshot(booking_db, credit_db, scene.world)
+    before = await scene_rows(booking_db, credit_db, scene.world)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await scene.booking_stub.CancelBooking(
             booking_pb2.CancelBookingRequest(
@@ -358,7 +335,7 @@ async def test_a_client_cannot_cancel_as_the_therapist(
             metadata=bearer(token(scene.world.client_id, [CLIENT])),
         )
     assert refused.value.code() == DENIED
-    assert await snapshot(booking_db, credit_db, scene.world) == before
+    assert await scene_rows(booking_db, credit_db, scene.world) == before
 
 
 async def test_a_missing_booking_and_anothers_look_alike(scene: Scene) -> None:
