@@ -100,17 +100,19 @@ class Runtime:
     async def start(self, build: Callable[[Database], ServiceParts]) -> None:
         parts = build(self.database)
         self._parts = parts
+        gate = Gate(self.auth, self.definition.service_name, self.definition.access_rules)
         server = grpc.aio.server(
             interceptors=[
+                *gate.interceptors(),
                 ServerInterceptor(
                     domain=self.definition.error_domain,
                     error_codes=self.definition.error_codes,
                     default_deadline_s=self.settings.default_rpc_deadline_s,
                     observers=(self.grpc_metrics.server_call_finished, *parts.observers),
                     start_observers=(self.grpc_metrics.server_call_started,),
-                    gate=Gate(self.auth, self.definition.service_name, self.definition.access_rules),
+                    gate=gate,
                     max_concurrent_rpcs_per_caller=self.settings.max_concurrent_rpcs_per_caller,
-                )
+                ),
             ],
             options=[
                 # Otherwise two servers can silently share one port (CONVENTIONS.md).
