@@ -423,6 +423,9 @@ def _summary(plan: StackPlan, database_urls: Mapping[str, str]) -> list[str]:
     if plan.gateway is not None:
         gateway_url = f"http://127.0.0.1:{plan.gateway.listen_port}"
         lines.append(f"  {'gateway':<8} HTTP  {gateway_url:<22} admin http://127.0.0.1:{plan.gateway.admin_port}")
+        lines.append(f"  {'':<8} API reference {gateway_url}/docs, description {gateway_url}/openapi.json")
+        origins = ", ".join(plan.gateway.cors_origins) or "none (GATEWAY_CORS_ORIGINS)"
+        lines.append(f"  {'':<8} browsers may call it from {origins}")
     health_request = '\'{"service":"' + booking.grpc_service + "\"}'"
     tokens = ensure_dev_keys(plan.data_dir).demo_tokens()
     lines += [
