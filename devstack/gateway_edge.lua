@@ -112,18 +112,26 @@ local function check_forwarded(handle, grpc, headers)
   return true
 end
 
--- Everything but the pseudo-headers and FORWARDED goes; then the gateway's own deadline.
-local function keep_forwarded_only(headers)
+-- Removes every header whose name `unwanted` says so (collected first: the map must not change
+-- while it is walked).
+local function remove_headers(headers, unwanted)
   local dropped = {}
   for name, _ in pairs(headers) do
-    if name:sub(1, 1) ~= ":" and FORWARDED[name] == nil then
+    if unwanted(name) then
       dropped[#dropped + 1] = name
     end
   end
   for _, name in ipairs(dropped) do
     headers:remove(name)
   end
-  headers:replace("grpc-timeout", UPSTREAM_GRPC_TIMEOUT)
+end
+
+local function not_forwarded(name)
+  return name:sub(1, 1) ~= ":" and FORWARDED[name] == nil
+end
+
+local function envoy_internal(name)
+  return name:sub(1, 8) == "x-envoy-"
 end
 
 function envoy_on_request(handle)
@@ -141,15 +149,7 @@ function envoy_on_request(handle)
   if grpc then
     -- A native gRPC caller's metadata is its own (its deadline included); only Envoy's internal
     -- headers are not the caller's to set.
-    local internal = {}
-    for name, _ in pairs(headers) do
-      if name:sub(1, 8) == "x-envoy-" then
-        internal[#internal + 1] = name
-      end
-    end
-    for _, name in ipairs(internal) do
-      headers:remove(name)
-    end
+    remove_headers(headers, envoy_internal)
     return
   end
   local path = headers:get(":path") or ""
@@ -163,5 +163,7 @@ function envoy_on_request(handle)
       "the URL's path and query must be UTF-8 text once percent-decoded, without control characters")
     return
   end
-  keep_forwarded_only(headers)
+  -- Everything but the pseudo-headers and FORWARDED goes; then the gateway's own deadline.
+  remove_headers(headers, not_forwarded)
+  headers:replace("grpc-timeout", UPSTREAM_GRPC_TIMEOUT)
 end

@@ -10,7 +10,6 @@ import json
 import shutil
 import subprocess
 import tempfile
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -19,7 +18,7 @@ from openapi_spec_validator import validate
 
 from booking.v1 import booking_pb2
 from credit.v1 import credit_pb2
-from tests.support.gateway import Gateway, request_json, running_gateway
+from tests.support.gateway import Gateway, request_json
 from tests.support.stack import ROOT
 
 OPENAPI = ROOT / "gen" / "openapi.json"
@@ -117,14 +116,9 @@ def test_descriptions_come_from_the_proto_comments() -> None:
 # --- served by the gateway -----------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-async def gateway(
-    booking_address: str, credit_address: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Gateway]:
-    async with running_gateway(
-        tmp_path_factory.mktemp("docs-gateway"), booking_upstream=booking_address, credit_upstream=credit_address
-    ) as started:
-        yield started
+@pytest.fixture
+def gateway(api_gateway: Gateway) -> Gateway:
+    return api_gateway
 
 
 async def test_the_gateway_serves_the_description_and_the_page_without_a_token(gateway: Gateway) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
@@ -15,14 +14,13 @@ import pytest
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from devstack.gateway import (
     CORS_HEADERS,
-    DEVELOPMENT_CORS_ORIGINS,
     MAX_REQUEST_BODY_BYTES,
     MAX_REQUEST_HEADERS_COUNT,
     MAX_URL_BYTES,
 )
 from service_kit.auth import CLIENT
 from tests.support.auth import token
-from tests.support.gateway import Gateway, request_json, running_gateway
+from tests.support.gateway import Gateway, request_json
 from tests.support.raw_http import RawResponse, http_bytes, raw_request
 from tests.support.world import World
 
@@ -32,17 +30,9 @@ ALLOWED_ORIGIN = "http://localhost:3000"
 WEEKDAYS = ["DAY_OF_WEEK_MONDAY", "DAY_OF_WEEK_WEDNESDAY"]
 
 
-@pytest.fixture(scope="module")
-async def gateway(
-    booking_address: str, credit_address: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Gateway]:
-    async with running_gateway(
-        tmp_path_factory.mktemp("edge-gateway"),
-        booking_upstream=booking_address,
-        credit_upstream=credit_address,
-        cors_origins=DEVELOPMENT_CORS_ORIGINS,
-    ) as started:
-        yield started
+@pytest.fixture
+def gateway(api_gateway: Gateway) -> Gateway:
+    return api_gateway
 
 
 def gateway_refusal(status: int, body: Any, http_status: int, code: int, reason: str) -> None:

@@ -18,7 +18,7 @@ import asyncio
 import json
 import re
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -32,7 +32,7 @@ from credit.v1 import credit_pb2_grpc
 from devstack.gateway import MAX_REQUEST_BODY_BYTES, MAX_REQUEST_HEADERS_COUNT, MAX_URL_BYTES
 from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST
 from tests.support.auth import token
-from tests.support.gateway import Gateway, request_json, running_gateway
+from tests.support.gateway import Gateway, request_json
 from tests.support.raw_http import RawResponse, http_bytes, raw_request
 from tests.support.stack import ROOT
 from tests.support.world import World, future_hour, scene_rows
@@ -107,14 +107,9 @@ class Scene:
         return token(subject, [granted])
 
 
-@pytest.fixture(scope="module")
-async def gateway(
-    booking_address: str, credit_address: str, tmp_path_factory: pytest.TempPathFactory
-) -> AsyncIterator[Gateway]:
-    async with running_gateway(
-        tmp_path_factory.mktemp("hostile-gateway"), booking_upstream=booking_address, credit_upstream=credit_address
-    ) as started:
-        yield started
+@pytest.fixture
+def gateway(api_gateway: Gateway) -> Gateway:
+    return api_gateway
 
 
 @pytest.fixture(scope="module")
