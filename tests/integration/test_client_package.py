@@ -177,3 +177,15 @@ def test_the_package_ships_the_same_generated_code_as_gen() -> None:
             if path.is_file() and "__pycache__" not in path.parts:
                 copy = CLIENT_SOURCE / "src" / path.relative_to(ROOT / "gen")
                 assert copy.read_bytes() == path.read_bytes(), copy
+
+
+@pytest.mark.parametrize("document", ["docs/client.md", "clients/python/README.md"])
+def test_the_documented_examples_are_python_that_uses_the_package(document: str) -> None:
+    text = (ROOT / document).read_text()
+    blocks = text.split("```python\n")[1:]
+    assert blocks, document
+    for block in blocks:
+        code = block.split("```", 1)[0]
+        compile(code, document, "exec")
+        assert "from therapy_booking_client import" in code
+        assert "CreateBooking(" in code
