@@ -27,7 +27,9 @@ from devstack.children import Child, Printer, first_exit, start_child
 from devstack.gateway import (
     BOOKING_SERVICE,
     CREDIT_SERVICE,
+    DEVELOPMENT_CORS_ORIGINS,
     GatewaySettings,
+    parse_cors_origins,
     render_envoy_yaml,
     split_host_port,
 )
@@ -47,6 +49,8 @@ _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 _GATEWAY_PORT_ENV = "DEVSTACK_GATEWAY_PORT"
 _GATEWAY_ADMIN_PORT_ENV = "DEVSTACK_GATEWAY_ADMIN_PORT"
 _SEED_ENV = "DEVSTACK_SEED"
+# Browser origins allowed to call the gateway (CORS); unset: a web app's dev server on port 3000.
+_GATEWAY_CORS_ORIGINS_ENV = "GATEWAY_CORS_ORIGINS"
 # `make run` is plaintext on loopback, and says so: its probes, the gateway and the printed
 # commands all speak plaintext. TLS settings in the developer's shell would half-apply (a service
 # on TLS that nothing here can talk to), so they are refused rather than passed on.
@@ -122,6 +126,7 @@ def plan_stack(
             admin_port=int(env.get(_GATEWAY_ADMIN_PORT_ENV) or 9901),
             booking_upstream=booking.dial_target,
             credit_upstream=credit.dial_target,
+            cors_origins=_cors_origins(env),
         )
     seed_setting = (env.get(_SEED_ENV) or "true").strip().lower()
     if seed_setting not in ("true", "false", "1", "0"):
@@ -382,11 +387,22 @@ async def _report_progress(health: Mapping[str, probes.HealthProbe], pending: se
         printer.say(f"waiting for SERVING from {states}: {waited_s} s of {STARTUP_TIMEOUT_S} s")
 
 
+def _cors_origins(env: Mapping[str, str]) -> tuple[str, ...]:
+    text = env.get(_GATEWAY_CORS_ORIGINS_ENV)
+    if text is None:
+        return DEVELOPMENT_CORS_ORIGINS
+    try:
+        return parse_cors_origins(text)
+    except ValueError as error:
+        raise ValueError(f"{_GATEWAY_CORS_ORIGINS_ENV}: {error}") from None
+
+
 def _check_gateway_can_start(plan: StackPlan, settings: GatewaySettings) -> None:
     # Checked before anything starts, rather than after the services are up.
     _envoy_executable()
-    if not (plan.repo_root / settings.descriptor_path).exists():
-        raise StartupError(f"{settings.descriptor_path} is missing: run `make gen` (or use --no-gateway)")
+    for generated in (settings.descriptor_path, settings.openapi_path, settings.api_reference_path):
+        if not (plan.repo_root / generated).exists():
+            raise StartupError(f"{generated} is missing: run `make gen` (or use --no-gateway)")
 
 
 async def _start_gateway(stack: Stack, plan: StackPlan, settings: GatewaySettings) -> None:
@@ -453,6 +469,9 @@ def _summary(plan: StackPlan, database_urls: Mapping[str, str], demo_lines: Sequ
     if plan.gateway is not None:
         gateway_url = f"http://127.0.0.1:{plan.gateway.listen_port}"
         lines.append(f"  {'gateway':<8} HTTP  {gateway_url:<22} admin http://127.0.0.1:{plan.gateway.admin_port}")
+        lines.append(f"  {'':<8} API reference {gateway_url}/docs, description {gateway_url}/openapi.json")
+        origins = ", ".join(plan.gateway.cors_origins) or "none (GATEWAY_CORS_ORIGINS)"
+        lines.append(f"  {'':<8} browsers may call it from {origins}")
     health_request = '\'{"service":"' + booking.grpc_service + "\"}'"
     tokens = ensure_dev_keys(plan.data_dir).demo_tokens()
     lines += [

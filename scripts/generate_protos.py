@@ -1,24 +1,36 @@
-"""Generate Python code, type stubs and the Envoy descriptor set from protos/.
+"""Generate Python code, type stubs, the Envoy descriptor set and the API's description from protos/.
 
-The one command that writes gen/ (`make gen`). `--check` generates into a temporary folder and
-fails when gen/ differs, so a stale checkout cannot pass CI.
+The one command that writes gen/ (`make gen`): the Python modules, descriptor.binpb for Envoy,
+and from that descriptor openapi.json (scripts/openapi_document.py) and api-reference.html
+(scripts/api_reference.py), which the gateway serves. `--check` generates into a temporary folder
+and fails when gen/ differs, so a stale checkout cannot pass CI.
 """
 
 from __future__ import annotations
 
 import argparse
 import filecmp
+import json
 import shutil
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
+from api_reference import render_reference
+from openapi_document import build_document
+
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "protos"
 VENDORED_ROOT = ROOT / "third_party" / "googleapis"
 GEN_ROOT = ROOT / "gen"
+# The client package (clients/python) ships its own copy of the generated Python modules, so that
+# it installs alone: the same files as gen/booking and gen/credit, checked fresh alike.
+CLIENT_GEN_ROOT = ROOT / "clients" / "python" / "src"
+CLIENT_PACKAGES = ("booking", "credit")
 DESCRIPTOR_NAME = "descriptor.binpb"
+OPENAPI_NAME = "openapi.json"
+API_REFERENCE_NAME = "api-reference.html"
 # Envoy needs the google.rpc error types in the descriptor set to render errors as JSON bodies.
 DESCRIPTOR_EXTRA = ("google/rpc/status.proto", "google/rpc/error_details.proto")
 
@@ -73,6 +85,11 @@ def generate(out: Path) -> None:
             (folder / "__init__.py").touch()
             folder = folder.parent
     (out / "py.typed").write_text("")
+    for package in CLIENT_PACKAGES:
+        (out / package / "py.typed").write_text("")  # typed packages, once installed (the client)
+    document = build_document((out / DESCRIPTOR_NAME).read_bytes())
+    (out / OPENAPI_NAME).write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    (out / API_REFERENCE_NAME).write_text(render_reference(document))
 
 
 def differences(left: Path, right: Path) -> list[str]:
@@ -95,6 +112,10 @@ def main() -> int:
         generate(fresh)
         if arguments.check:
             stale = differences(GEN_ROOT, fresh) if GEN_ROOT.exists() else ["gen/ is missing"]
+            for package in CLIENT_PACKAGES:
+                copy = CLIENT_GEN_ROOT / package
+                found = differences(copy, fresh / package) if copy.exists() else ["missing"]
+                stale += [f"{copy.relative_to(ROOT)}: {line}" for line in found]
             if stale:
                 print("gen/ is stale; run `make gen`:\n  " + "\n  ".join(stale), file=sys.stderr)
                 return 1
@@ -102,6 +123,10 @@ def main() -> int:
             return 0
         shutil.rmtree(GEN_ROOT, ignore_errors=True)
         shutil.copytree(fresh, GEN_ROOT)
+        for package in CLIENT_PACKAGES:
+            shutil.rmtree(CLIENT_GEN_ROOT / package, ignore_errors=True)
+            shutil.copytree(fresh / package, CLIENT_GEN_ROOT / package, ignore=shutil.ignore_patterns("__pycache__"))
+
         print(f"generated {len(own_protos())} protos into {GEN_ROOT.relative_to(ROOT)}/")
     return 0
 

@@ -44,6 +44,9 @@ log = structlog.get_logger()
 # service's (a Watch stream held open by a stranger costs one of these slots, no more).
 HEALTH_MAX_CONCURRENT_RPCS = 100
 HEALTH_MAX_MESSAGE_BYTES = 4096
+# Above what the gateway forwards (its 16 KiB of request headers), so that a call through it is
+# never refused for its metadata; a direct caller past it gets RESOURCE_EXHAUSTED, every time.
+MAX_METADATA_BYTES = 32 * 1024
 
 Worker = Callable[[], Coroutine[Any, Any, None]]
 
@@ -101,17 +104,19 @@ class Runtime:
     async def start(self, build: Callable[[Database], ServiceParts]) -> None:
         parts = build(self.database)
         self._parts = parts
+        gate = Gate(self.auth, self.definition.service_name, self.definition.access_rules)
         server = grpc.aio.server(
             interceptors=[
                 # Empty when tracing is off: nothing traced, nothing paid per call.
                 *self.tracing.server_interceptors(),
+                *gate.interceptors(),
                 ServerInterceptor(
                     domain=self.definition.error_domain,
                     error_codes=self.definition.error_codes,
                     default_deadline_s=self.settings.default_rpc_deadline_s,
                     observers=(self.grpc_metrics.server_call_finished, *parts.observers),
                     start_observers=(self.grpc_metrics.server_call_started,),
-                    gate=Gate(self.auth, self.definition.service_name, self.definition.access_rules),
+                    gate=gate,
                     max_concurrent_rpcs_per_caller=self.settings.max_concurrent_rpcs_per_caller,
                     traced=self.tracing.enabled,
                 ),
@@ -121,6 +126,11 @@ class Runtime:
                 ("grpc.so_reuseport", 0),
                 ("grpc.max_receive_message_length", self.settings.max_message_bytes),
                 ("grpc.max_send_message_length", self.settings.max_message_bytes),
+                # One bound on a call's metadata, not gRPC's default pair (8 KiB soft, 16 KiB hard),
+                # between which calls are refused at random: a token at its 8 KiB bound plus the
+                # other headers must be answered the same way every time (docs/http-api.md).
+                ("grpc.max_metadata_size", MAX_METADATA_BYTES),
+                ("grpc.absolute_max_metadata_size", MAX_METADATA_BYTES),
             ],
             maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )

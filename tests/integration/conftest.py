@@ -15,8 +15,10 @@ from credit.v1 import credit_pb2_grpc
 from credit_service.config import CreditSettings
 from credit_service.server import start as start_credit
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
+from devstack.gateway import DEVELOPMENT_CORS_ORIGINS
 from service_kit.server import Runtime
 from tests.support.auth import authorized_channel
+from tests.support.gateway import Gateway, running_gateway
 from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.world import World
 
@@ -110,3 +112,18 @@ async def world(
 ) -> World:
     """A fresh therapist (open around the clock, UTC, no notice) and a client with 100 credits."""
     return await World.create(booking_stub, credit_stub)
+
+
+@pytest.fixture(scope="session")
+async def api_gateway(
+    booking_address: str, credit_address: str, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[Gateway]:
+    """The real Envoy in front of the session's services, configured as `make run` configures it
+    (browsers allowed from the development origins), on ports of its own."""
+    async with running_gateway(
+        tmp_path_factory.mktemp("api-gateway"),
+        booking_upstream=booking_address,
+        credit_upstream=credit_address,
+        cors_origins=DEVELOPMENT_CORS_ORIGINS,
+    ) as started:
+        yield started

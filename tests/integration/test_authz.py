@@ -1,5 +1,7 @@
 """Every RPC of both services against every kind of caller: the expected code, and no forbidden
-call changes any data (docs/security.md has the same table in words)."""
+call changes any data (docs/security.md has the same table in words). Each caller's token is
+signed once with a PEM key the services trust and once by the identity provider whose JWKS they
+fetch (tests/support/jwks.py): both paths give the same answers."""
 
 from __future__ import annotations
 
@@ -20,8 +22,9 @@ from booking.v1 import booking_pb2, booking_pb2_grpc
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST
 from service_kit.errors import error_details
-from tests.support.auth import bearer, token
-from tests.support.world import ALL_WEEK, World, grant, ts
+from tests.support.auth import AUDIENCE, ISSUER, bearer, provider_key, token
+from tests.support.jwks import SigningKey, claims_for
+from tests.support.world import ALL_WEEK, World, grant, scene_rows, ts
 
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
@@ -135,20 +138,30 @@ async def scene(
         )
 
 
-def caller_token(caller: str, world: World) -> str | None:
+def caller_token(caller: str, world: World, via: str = "pem") -> str | None:
     stranger = str(uuid.uuid4())
     tokens: dict[str, Callable[[], str]] = {
-        "expired": lambda: token(world.client_id, [CLIENT], ttl_s=60, now_s=datetime.now(UTC).timestamp() - 3600),
-        "forged": lambda: token(world.client_id, [CLIENT, ADMIN], key=Ed25519PrivateKey.generate()),
-        "wrong_audience": lambda: token(world.client_id, [CLIENT], audience="someone-else"),
-        "client_self": lambda: token(world.client_id, [CLIENT]),
-        "client_other": lambda: token(stranger, [CLIENT]),
-        "therapist_self": lambda: token(world.therapist_id, [THERAPIST]),
-        "therapist_other": lambda: token(stranger, [THERAPIST]),
-        "admin": lambda: token(stranger, [ADMIN]),
-        "service": lambda: token("booking-service", [SERVICE]),
+        "expired": lambda: token(
+            world.client_id, [CLIENT], ttl_s=60, now_s=datetime.now(UTC).timestamp() - 3600, via=via
+        ),
+        "forged": lambda: forged_token(world.client_id, [CLIENT, ADMIN], via),
+        "wrong_audience": lambda: token(world.client_id, [CLIENT], audience="someone-else", via=via),
+        "client_self": lambda: token(world.client_id, [CLIENT], via=via),
+        "client_other": lambda: token(stranger, [CLIENT], via=via),
+        "therapist_self": lambda: token(world.therapist_id, [THERAPIST], via=via),
+        "therapist_other": lambda: token(stranger, [THERAPIST], via=via),
+        "admin": lambda: token(stranger, [ADMIN], via=via),
+        "service": lambda: token("booking-service", [SERVICE], via=via),
     }
     return None if caller == "none" else tokens[caller]()
+
+
+def forged_token(subject: str, roles: list[str], via: str) -> str:
+    """Signed by a key nobody trusts; over the JWKS path it even names the provider's kid."""
+    if via == "pem":
+        return token(subject, roles, key=Ed25519PrivateKey.generate())
+    impostor = SigningKey.rsa(provider_key().kid)
+    return impostor.mint(claims_for(subject, roles, issuer=ISSUER, audience=AUDIENCE))
 
 
 def actor_of(caller: str) -> booking_pb2.CancellationActor.ValueType:
@@ -278,44 +291,22 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
     return await requests[rpc]()
 
 
-async def snapshot(booking_db: asyncpg.Pool, credit_db: asyncpg.Pool, world: World) -> tuple[object, ...]:
-    """Every row that belongs to the scene, as text: equal snapshots mean nothing changed."""
-    therapist, client = uuid.UUID(world.therapist_id), uuid.UUID(world.client_id)
-    booking_tables = ("therapists", "weekly_windows", "date_overrides", "session_types", "sessions")
-    found: list[object] = []
-    for table in booking_tables:
-        found.append(
-            await booking_db.fetchval(
-                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM booking.{table} t WHERE therapist_id = $1",
-                therapist,
-            )
-        )
-    found.append(await booking_db.fetchval("SELECT count(*) FROM booking.therapists"))
-    for table in ("accounts", "reservations", "ledger_entries"):
-        found.append(
-            await credit_db.fetchval(
-                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM credit.{table} t WHERE owner_id = $1", client
-            )
-        )
-    found.append(await credit_db.fetchval("SELECT count(*) FROM credit.reservations"))
-    return tuple(found)
-
-
+@pytest.mark.parametrize("via", ["pem", "jwks"])
 @pytest.mark.parametrize("caller", CALLERS)
 @pytest.mark.parametrize("rpc", BOOKING_RPCS + CREDIT_RPCS)
 async def test_every_rpc_answers_every_caller_as_the_table_says(
-    rpc: str, caller: str, scene: Scene, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
+    rpc: str, caller: str, via: str, scene: Scene, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
 ) -> None:
     method, request = await request_for(rpc, scene, caller)
     expected = expected_code(rpc, caller)
-    value = caller_token(caller, scene.world)
+    value = caller_token(caller, scene.world, via)
     metadata: tuple[tuple[str, str], ...] = ()
     if value is None:
         anonymous = scene.anonymous_booking if rpc in BOOKING_RPCS else scene.anonymous_credit
         method = getattr(anonymous, rpc)
     else:
         metadata = bearer(value)
-    before = await snapshot(booking_db, credit_db, scene.world)
+    before = await scene_rows(booking_db, credit_db, scene.world)
 
     try:
         await method(request, metadata=metadata, timeout=10)
@@ -330,7 +321,7 @@ async def test_every_rpc_answers_every_caller_as_the_table_says(
 
     assert code == expected, f"{rpc} as {caller}"
     if expected is not OK:
-        assert await snapshot(booking_db, credit_db, scene.world) == before, f"{rpc} as {caller} changed data"
+        assert await scene_rows(booking_db, credit_db, scene.world) == before, f"{rpc} as {caller} changed data"
 
 
 async def test_an_expired_token_says_so_and_a_missing_one_too(scene: Scene) -> None:
@@ -347,7 +338,7 @@ async def test_a_client_cannot_cancel_as_the_therapist(
     scene: Scene, booking_db: asyncpg.Pool, credit_db: asyncpg.Pool
 ) -> None:
     booking_id = await scene.fresh_booking()
-    before = await snapshot(booking_db, credit_db, scene.world)
+    before = await scene_rows(booking_db, credit_db, scene.world)
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await scene.booking_stub.CancelBooking(
             booking_pb2.CancelBookingRequest(
@@ -358,7 +349,7 @@ async def test_a_client_cannot_cancel_as_the_therapist(
             metadata=bearer(token(scene.world.client_id, [CLIENT])),
         )
     assert refused.value.code() == DENIED
-    assert await snapshot(booking_db, credit_db, scene.world) == before
+    assert await scene_rows(booking_db, credit_db, scene.world) == before
 
 
 async def test_a_missing_booking_and_anothers_look_alike(scene: Scene) -> None:

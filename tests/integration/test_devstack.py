@@ -28,6 +28,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import pytest
+from openapi_spec_validator import validate
 
 from devstack import gateway, probes, runner
 from devstack.postgres import (
@@ -423,6 +424,20 @@ def http_get(url: str, token: str = "") -> tuple[int, dict[str, object]]:
         return error.code, json.loads(error.read())
 
 
+def preflight(url: str, origin: str) -> str | None:
+    """A browser's CORS preflight for a POST: the access-control-allow-origin it got, if any."""
+    request = urllib.request.Request(  # noqa: S310 - our http URL
+        url, method="OPTIONS", headers={"origin": origin, "access-control-request-method": "POST"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - our http URL
+            allowed: str | None = response.headers.get("access-control-allow-origin")
+            return allowed
+    except urllib.error.HTTPError as error:
+        refused: str | None = error.headers.get("access-control-allow-origin")
+        return refused
+
+
 @pytest.mark.slow
 def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> None:
     folder = Path(tempfile.mkdtemp(prefix="devstack-test-run-"))
@@ -464,6 +479,16 @@ def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> Non
         assert body["code"] == 5
         assert "ACCOUNT_NOT_FOUND" in json.dumps(body)
         assert len(children) == 3, output.text()
+        # What a web app's team looks for first: the API's description, and its browser allowed.
+        gateway_url = f"http://127.0.0.1:{ports['gateway']}"
+        status, description = http_get(f"{gateway_url}/openapi.json")
+        assert status == 200
+        validate(description)
+        described = {path for path in description["paths"]}  # type: ignore[attr-defined]
+        assert {"/v1/bookings", "/v1/accounts/{owner_id}/balance", "/v1/therapists/{therapist_id}/slots"} <= described
+        assert f"{gateway_url}/docs" in output.text()
+        assert preflight(f"{gateway_url}/v1/bookings", "http://localhost:3000") == "http://localhost:3000"
+        assert preflight(f"{gateway_url}/v1/bookings", "http://evil.example") is None
 
         process.send_signal(signal.SIGTERM)
         assert process.wait(RUN_STOP_TIMEOUT_S) == 0, output.text()

@@ -54,9 +54,11 @@ ALL_DAYS = [
     "DAY_OF_WEEK_SATURDAY",
     "DAY_OF_WEEK_SUNDAY",
 ]
-# The degraded gateway's booking server: a budget of 1 s for calls that come without a deadline,
-# while one credit call may take up to 10 s and Envoy's route allows 15 s.
-DEFAULT_DEADLINE_S = 1.0
+# The degraded gateway gives each JSON call 1 s (its grpc-timeout), while its booking server's
+# budget for calls without a deadline is 30 s, one credit call may take up to 10 s and Envoy's
+# route allows 15 s.
+GATEWAY_DEADLINE_S = 1.0
+DEFAULT_DEADLINE_S = 30.0
 CREDIT_CALL_TIMEOUT_S = 10.0
 
 
@@ -127,14 +129,16 @@ def assert_rpc_error(response: HttpResponse, http_status: int, code: int, *reaso
     return body
 
 
-def assert_gateway_error(response: HttpResponse, http_status: int, code: int) -> dict[str, Any]:
-    """A refusal by Envoy itself: the same JSON shape, without details (no service answered)."""
+def assert_gateway_error(response: HttpResponse, http_status: int, code: int, reason: str) -> dict[str, Any]:
+    """A refusal by Envoy itself: the same JSON shape, with one ErrorInfo of the domain "gateway"."""
     assert response.status == http_status, response.text
     assert response.content_type.startswith("application/json"), response.content_type
     body: dict[str, Any] = response.json()
     assert body["code"] == code, body
     assert body["message"].strip(), body
-    assert "details" not in body, body
+    assert body["details"] == [
+        {"@type": ERROR_INFO, "reason": reason, "domain": "gateway"},
+    ], body
     return body
 
 
@@ -177,8 +181,7 @@ def silent_address() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 async def impatient_booking_address(postgres_server_url: str, silent_address: str) -> AsyncIterator[str]:
-    """A booking server of its own whose credit service never answers, with a short default
-    deadline for calls that arrive without one."""
+    """A booking server of its own whose credit service never answers."""
     database_url = await fresh_database(postgres_server_url, "gateway_booking")
     settings = BookingSettings.from_environment(
         server_environment(
@@ -205,7 +208,10 @@ async def degraded_gateway(
 ) -> AsyncIterator[Gateway]:
     directory = tmp_path_factory.mktemp("degraded-gateway")
     async with running_gateway(
-        directory, booking_upstream=impatient_booking_address, credit_upstream=refusing_address
+        directory,
+        booking_upstream=impatient_booking_address,
+        credit_upstream=refusing_address,
+        upstream_deadline_ms=int(GATEWAY_DEADLINE_S * 1000),
     ) as started:
         yield started
 
@@ -418,7 +424,7 @@ async def test_a_request_id_reused_with_other_values_is_409(api: Api) -> None:
 async def test_an_unknown_path_is_404(gateway: Gateway, method: str, path: str) -> None:
     response = await request_json(method, f"{gateway.url}{path}", {} if method == "POST" else None)
 
-    body = assert_gateway_error(response, 404, 5)
+    body = assert_gateway_error(response, 404, 5, "ROUTE_NOT_FOUND")
     assert path in body["message"]
 
 
@@ -432,7 +438,7 @@ async def test_an_unknown_query_parameter_is_400(api: Api, world: World) -> None
         end_time=rfc3339(start + timedelta(hours=1)),
     )
 
-    body = assert_gateway_error(response, 400, 3)
+    body = assert_gateway_error(response, 400, 3, "INVALID_ARGUMENT")
     assert "sesion_type_id" in body["message"]
 
 
@@ -440,16 +446,19 @@ async def test_a_down_backend_is_503_with_a_json_body(degraded_gateway: Gateway)
     response = await request_json("GET", f"{degraded_gateway.url}/v1/accounts/{uuid.uuid4()}/balance")
     healthy_side = await request_json("GET", f"{degraded_gateway.url}/v1/therapists/{uuid.uuid4()}")
 
-    body = assert_gateway_error(response, 503, 14)
-    assert "upstream connect error" in body["message"]
+    body = assert_gateway_error(response, 503, 14, "SERVICE_UNAVAILABLE")
+    # Envoy's own words ("upstream connect error ... reset reason") are not the caller's business.
+    assert body["message"] == "the service is unavailable; retry later"
     # Only the routes of the service that is down fail.
     assert_rpc_error(healthy_side, 404, 5, "THERAPIST_NOT_FOUND")
 
 
-async def test_a_transcoded_call_gets_the_services_default_deadline(degraded_gateway: Gateway) -> None:
-    """Envoy sends no grpc-timeout, so the booking service's default budget (1 s here) is what
-    bounds a call stuck on a credit service that never answers: not the credit call's own cap
-    (10 s), nor Envoy's route timeout (15 s)."""
+async def test_a_transcoded_call_carries_the_gateways_deadline(degraded_gateway: Gateway) -> None:
+    """The gateway sends each JSON call with its own grpc-timeout (1 s here), and that is what
+    bounds a call stuck on a credit service that never answers: not the booking service's budget
+    for calls without a deadline (30 s), the credit call's own cap (10 s), nor Envoy's route
+    timeout (15 s). A caller's grpc-timeout header is not passed on: neither a shorter one nor
+    one that is not a timeout at all changes the answer."""
     api = Api(degraded_gateway)
     therapist_id = await api.create_therapist()
     await api.open_all_week(therapist_id)
@@ -470,22 +479,31 @@ async def test_a_transcoded_call_gets_the_services_default_deadline(degraded_gat
     elapsed_s = time.monotonic() - started
     # The credit call got the remaining budget minus the service's margin, and timed out.
     assert_rpc_error(response, 504, 4, "CREDIT_SERVICE_TIMEOUT")
-    assert DEFAULT_DEADLINE_S * 0.5 <= elapsed_s < DEFAULT_DEADLINE_S + 2.0, elapsed_s
+    assert GATEWAY_DEADLINE_S * 0.5 <= elapsed_s < GATEWAY_DEADLINE_S + 2.0, elapsed_s
+    for caller_timeout in ("junk", "1n", "99999999H"):
+        read = await request_json(
+            "GET", f"{degraded_gateway.url}/v1/therapists/{therapist_id}", headers={"grpc-timeout": caller_timeout}
+        )
+        assert read.status == 200, (caller_timeout, read.text)
 
 
 async def test_a_backend_that_never_answers_is_504_after_the_route_timeout(
     silent_address: str, refusing_address: str, tmp_path: Path
 ) -> None:
     async with running_gateway(
-        tmp_path, booking_upstream=silent_address, credit_upstream=refusing_address, route_timeout_s=1
+        tmp_path,
+        booking_upstream=silent_address,
+        credit_upstream=refusing_address,
+        route_timeout_s=1,
+        upstream_deadline_ms=500,
     ) as gateway:
         started = time.monotonic()
 
         response = await request_json("GET", f"{gateway.url}/v1/therapists/{uuid.uuid4()}")
 
         elapsed_s = time.monotonic() - started
-    body = assert_gateway_error(response, 504, 4)
-    assert body["message"] == "upstream request timeout"
+    body = assert_gateway_error(response, 504, 4, "GATEWAY_TIMEOUT")
+    assert body["message"] == "the service did not answer in time"
     assert 0.9 <= elapsed_s < 5.0, elapsed_s
 
 
@@ -520,7 +538,7 @@ async def test_the_internal_reservation_rpcs_have_no_http_route(
         "POST", url, {"reservation_id": reservation_id, "owner_id": owner_id, "amount": 5, "reference": "http"}
     )
 
-    assert_gateway_error(response, 404, 5)
+    assert_gateway_error(response, 404, 5, "ROUTE_NOT_FOUND")
     balance = (await credit.GetBalance(credit_pb2.GetBalanceRequest(owner_id=owner_id))).balance
     assert (balance.available, balance.held) == (20, 0)
 

@@ -1,9 +1,12 @@
-"""Tokens for tests: one Ed25519 key pair per test process, and channels that carry a token.
+"""Tokens for tests: one Ed25519 key pair per test process, a local identity provider, and
+channels that carry a token.
 
-Every server a test starts (in-process or a real process) trusts this key pair through
-`auth_environment()`, which `server_environment` adds. Channels from `authorized_channel` attach
-a token with every role that the existing tests need (admin and service), unless a call brings
-its own `authorization` metadata; `token(...)` mints one for a given role and subject.
+Every server a test starts (in-process or a real process) trusts both through
+`auth_environment()`, which `server_environment` adds: the key pair as a PEM key, and the
+provider's JWKS (tests/support/jwks.py, an RS256 key served on 127.0.0.1 by this process).
+Channels from `authorized_channel` attach a token with every role that the existing tests need
+(admin and service), unless a call brings its own `authorization` metadata; `token(...)` mints
+one for a given role and subject, signed with the PEM key or, with `via="jwks"`, the provider's.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from service_kit.auth import ADMIN, SERVICE, mint_token, private_pem, public_pem
+from tests.support.jwks import JwksServer, SigningKey, claims_for
 
 ISSUER = "therapy-booking-tests"
 AUDIENCE = "therapy-booking"
@@ -40,10 +44,22 @@ def private_key_file() -> Path:
     return path
 
 
+@functools.cache
+def provider_key() -> SigningKey:
+    return SigningKey.rsa("test-provider-rs256")
+
+
+@functools.cache
+def identity_provider() -> JwksServer:
+    """The session's identity provider, started on first use, alive until the process ends."""
+    return JwksServer(provider_key())
+
+
 def auth_environment() -> dict[str, str]:
     """What a service needs to trust the test tokens (and, for booking, to mint its own)."""
     return {
         "AUTH_JWT_PUBLIC_KEYS": public_pem(signing_key()),
+        "AUTH_JWKS_URL": identity_provider().url,
         "AUTH_JWT_ISSUER": ISSUER,
         "AUTH_JWT_AUDIENCE": AUDIENCE,
         "BOOKING_SERVICE_TOKEN_PRIVATE_KEY_FILE": str(private_key_file()),
@@ -59,7 +75,13 @@ def token(
     audience: str = AUDIENCE,
     key: Ed25519PrivateKey | None = None,
     now_s: float | None = None,
+    via: str = "pem",
 ) -> str:
+    """A token signed with the PEM key pair, or (`via="jwks"`) with the identity provider's key."""
+    if via == "jwks":
+        claims = claims_for(str(subject), list(roles), issuer=issuer, audience=audience, ttl_s=ttl_s, now_s=now_s)
+        return provider_key().mint(claims)
+    assert via == "pem", via
     return mint_token(
         key or signing_key(),
         subject=str(subject),

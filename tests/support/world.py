@@ -397,3 +397,26 @@ async def assert_books_consistent(
 
     found = await eventually(violations, lambda found: not found, timeout_s=timeout_s)
     assert not found, "\n".join(found)
+
+
+async def scene_rows(booking_db: asyncpg.Pool, credit_db: asyncpg.Pool, world: World) -> tuple[object, ...]:
+    """Every row that belongs to the scene, as text: equal snapshots mean nothing changed."""
+    therapist, client = uuid.UUID(world.therapist_id), uuid.UUID(world.client_id)
+    booking_tables = ("therapists", "weekly_windows", "date_overrides", "session_types", "sessions")
+    found: list[object] = []
+    for table in booking_tables:
+        found.append(
+            await booking_db.fetchval(
+                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM booking.{table} t WHERE therapist_id = $1",
+                therapist,
+            )
+        )
+    found.append(await booking_db.fetchval("SELECT count(*) FROM booking.therapists"))
+    for table in ("accounts", "reservations", "ledger_entries"):
+        found.append(
+            await credit_db.fetchval(
+                f"SELECT string_agg(t::text, '|' ORDER BY t::text) FROM credit.{table} t WHERE owner_id = $1", client
+            )
+        )
+    found.append(await credit_db.fetchval("SELECT count(*) FROM credit.reservations"))
+    return tuple(found)

@@ -28,25 +28,41 @@ class _DayOfWeek:
 class _DayOfWeekEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DayOfWeek.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DAY_OF_WEEK_UNSPECIFIED: _DayOfWeek.ValueType  # 0
+    """Not set; refused."""
     DAY_OF_WEEK_MONDAY: _DayOfWeek.ValueType  # 1
+    """Monday."""
     DAY_OF_WEEK_TUESDAY: _DayOfWeek.ValueType  # 2
+    """Tuesday."""
     DAY_OF_WEEK_WEDNESDAY: _DayOfWeek.ValueType  # 3
+    """Wednesday."""
     DAY_OF_WEEK_THURSDAY: _DayOfWeek.ValueType  # 4
+    """Thursday."""
     DAY_OF_WEEK_FRIDAY: _DayOfWeek.ValueType  # 5
+    """Friday."""
     DAY_OF_WEEK_SATURDAY: _DayOfWeek.ValueType  # 6
+    """Saturday."""
     DAY_OF_WEEK_SUNDAY: _DayOfWeek.ValueType  # 7
+    """Sunday."""
 
 class DayOfWeek(_DayOfWeek, metaclass=_DayOfWeekEnumTypeWrapper):
     """Days of the week, ISO order."""
 
 DAY_OF_WEEK_UNSPECIFIED: DayOfWeek.ValueType  # 0
+"""Not set; refused."""
 DAY_OF_WEEK_MONDAY: DayOfWeek.ValueType  # 1
+"""Monday."""
 DAY_OF_WEEK_TUESDAY: DayOfWeek.ValueType  # 2
+"""Tuesday."""
 DAY_OF_WEEK_WEDNESDAY: DayOfWeek.ValueType  # 3
+"""Wednesday."""
 DAY_OF_WEEK_THURSDAY: DayOfWeek.ValueType  # 4
+"""Thursday."""
 DAY_OF_WEEK_FRIDAY: DayOfWeek.ValueType  # 5
+"""Friday."""
 DAY_OF_WEEK_SATURDAY: DayOfWeek.ValueType  # 6
+"""Saturday."""
 DAY_OF_WEEK_SUNDAY: DayOfWeek.ValueType  # 7
+"""Sunday."""
 Global___DayOfWeek: _TypeAlias = DayOfWeek  # noqa: Y015
 
 class _Disambiguation:
@@ -80,6 +96,7 @@ class _BookingStatus:
 class _BookingStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_BookingStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     BOOKING_STATUS_UNSPECIFIED: _BookingStatus.ValueType  # 0
+    """Not set; as a filter of ListBookings, every status."""
     BOOKING_STATUS_CONFIRMED: _BookingStatus.ValueType  # 1
     """Booked and paid, or being paid."""
     BOOKING_STATUS_CANCELLED: _BookingStatus.ValueType  # 2
@@ -89,6 +106,7 @@ class BookingStatus(_BookingStatus, metaclass=_BookingStatusEnumTypeWrapper):
     """A booking's state."""
 
 BOOKING_STATUS_UNSPECIFIED: BookingStatus.ValueType  # 0
+"""Not set; as a filter of ListBookings, every status."""
 BOOKING_STATUS_CONFIRMED: BookingStatus.ValueType  # 1
 """Booked and paid, or being paid."""
 BOOKING_STATUS_CANCELLED: BookingStatus.ValueType  # 2
@@ -102,6 +120,7 @@ class _PaymentStatus:
 class _PaymentStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_PaymentStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     PAYMENT_STATUS_UNSPECIFIED: _PaymentStatus.ValueType  # 0
+    """Not set (never in an answer)."""
     PAYMENT_STATUS_COMMITTING: _PaymentStatus.ValueType  # 1
     """The booking is decided; the commit of the credits is in flight."""
     PAYMENT_STATUS_PAID: _PaymentStatus.ValueType  # 2
@@ -115,6 +134,7 @@ class PaymentStatus(_PaymentStatus, metaclass=_PaymentStatusEnumTypeWrapper):
     """Where the credits of a booking stand."""
 
 PAYMENT_STATUS_UNSPECIFIED: PaymentStatus.ValueType  # 0
+"""Not set (never in an answer)."""
 PAYMENT_STATUS_COMMITTING: PaymentStatus.ValueType  # 1
 """The booking is decided; the commit of the credits is in flight."""
 PAYMENT_STATUS_PAID: PaymentStatus.ValueType  # 2
@@ -132,9 +152,13 @@ class _CancellationActor:
 class _CancellationActorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancellationActor.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CANCELLATION_ACTOR_UNSPECIFIED: _CancellationActor.ValueType  # 0
+    """Not set; refused."""
     CANCELLATION_ACTOR_CLIENT: _CancellationActor.ValueType  # 1
+    """The client who booked."""
     CANCELLATION_ACTOR_THERAPIST: _CancellationActor.ValueType  # 2
+    """The therapist of the session."""
     CANCELLATION_ACTOR_ADMIN: _CancellationActor.ValueType  # 3
+    """An operator."""
     CANCELLATION_ACTOR_SYSTEM: _CancellationActor.ValueType  # 4
     """The platform itself, e.g. when the payment could not be completed."""
 
@@ -142,9 +166,13 @@ class CancellationActor(_CancellationActor, metaclass=_CancellationActorEnumType
     """Who cancelled."""
 
 CANCELLATION_ACTOR_UNSPECIFIED: CancellationActor.ValueType  # 0
+"""Not set; refused."""
 CANCELLATION_ACTOR_CLIENT: CancellationActor.ValueType  # 1
+"""The client who booked."""
 CANCELLATION_ACTOR_THERAPIST: CancellationActor.ValueType  # 2
+"""The therapist of the session."""
 CANCELLATION_ACTOR_ADMIN: CancellationActor.ValueType  # 3
+"""An operator."""
 CANCELLATION_ACTOR_SYSTEM: CancellationActor.ValueType  # 4
 """The platform itself, e.g. when the payment could not be completed."""
 Global___CancellationActor: _TypeAlias = CancellationActor  # noqa: Y015
@@ -156,12 +184,19 @@ class _CancellationReason:
 class _CancellationReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_CancellationReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     CANCELLATION_REASON_UNSPECIFIED: _CancellationReason.ValueType  # 0
+    """Not set; refused."""
     CANCELLATION_REASON_SCHEDULE_CONFLICT: _CancellationReason.ValueType  # 1
+    """The time no longer suits."""
     CANCELLATION_REASON_ILLNESS: _CancellationReason.ValueType  # 2
+    """The client or the therapist is ill."""
     CANCELLATION_REASON_NO_LONGER_NEEDED: _CancellationReason.ValueType  # 3
+    """The session is no longer needed."""
     CANCELLATION_REASON_THERAPIST_UNAVAILABLE: _CancellationReason.ValueType  # 4
+    """The therapist cannot hold the session."""
     CANCELLATION_REASON_ADMINISTRATIVE: _CancellationReason.ValueType  # 5
+    """An operator's decision."""
     CANCELLATION_REASON_OTHER: _CancellationReason.ValueType  # 6
+    """None of the above."""
     CANCELLATION_REASON_PAYMENT_FAILED: _CancellationReason.ValueType  # 7
     """The credits could not be committed (the hold had expired); set by the system only."""
 
@@ -169,12 +204,19 @@ class CancellationReason(_CancellationReason, metaclass=_CancellationReasonEnumT
     """Why, from a fixed list."""
 
 CANCELLATION_REASON_UNSPECIFIED: CancellationReason.ValueType  # 0
+"""Not set; refused."""
 CANCELLATION_REASON_SCHEDULE_CONFLICT: CancellationReason.ValueType  # 1
+"""The time no longer suits."""
 CANCELLATION_REASON_ILLNESS: CancellationReason.ValueType  # 2
+"""The client or the therapist is ill."""
 CANCELLATION_REASON_NO_LONGER_NEEDED: CancellationReason.ValueType  # 3
+"""The session is no longer needed."""
 CANCELLATION_REASON_THERAPIST_UNAVAILABLE: CancellationReason.ValueType  # 4
+"""The therapist cannot hold the session."""
 CANCELLATION_REASON_ADMINISTRATIVE: CancellationReason.ValueType  # 5
+"""An operator's decision."""
 CANCELLATION_REASON_OTHER: CancellationReason.ValueType  # 6
+"""None of the above."""
 CANCELLATION_REASON_PAYMENT_FAILED: CancellationReason.ValueType  # 7
 """The credits could not be committed (the hold had expired); set by the system only."""
 Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
@@ -186,6 +228,7 @@ class _VideoRoomState:
 class _VideoRoomStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VideoRoomState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     VIDEO_ROOM_STATE_UNSPECIFIED: _VideoRoomState.ValueType  # 0
+    """Not set (never in an answer)."""
     VIDEO_ROOM_STATE_PENDING: _VideoRoomState.ValueType  # 1
     """Being made, moved or deleted by the outbox."""
     VIDEO_ROOM_STATE_READY: _VideoRoomState.ValueType  # 2
@@ -201,6 +244,7 @@ class VideoRoomState(_VideoRoomState, metaclass=_VideoRoomStateEnumTypeWrapper):
     """Where a booking's video room stands."""
 
 VIDEO_ROOM_STATE_UNSPECIFIED: VideoRoomState.ValueType  # 0
+"""Not set (never in an answer)."""
 VIDEO_ROOM_STATE_PENDING: VideoRoomState.ValueType  # 1
 """Being made, moved or deleted by the outbox."""
 VIDEO_ROOM_STATE_READY: VideoRoomState.ValueType  # 2
@@ -273,6 +317,8 @@ Global___Therapist: _TypeAlias = Therapist  # noqa: Y015
 
 @_typing.final
 class CreateTherapistRequest(_message.Message):
+    """The request of CreateTherapist."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -299,6 +345,8 @@ Global___CreateTherapistRequest: _TypeAlias = CreateTherapistRequest  # noqa: Y0
 
 @_typing.final
 class CreateTherapistResponse(_message.Message):
+    """The answer of CreateTherapist."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_FIELD_NUMBER: _builtins.int
@@ -321,6 +369,8 @@ Global___CreateTherapistResponse: _TypeAlias = CreateTherapistResponse  # noqa: 
 
 @_typing.final
 class GetTherapistRequest(_message.Message):
+    """The request of GetTherapist."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -341,6 +391,8 @@ Global___GetTherapistRequest: _TypeAlias = GetTherapistRequest  # noqa: Y015
 
 @_typing.final
 class GetTherapistResponse(_message.Message):
+    """The answer of GetTherapist."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_FIELD_NUMBER: _builtins.int
@@ -363,6 +415,8 @@ Global___GetTherapistResponse: _TypeAlias = GetTherapistResponse  # noqa: Y015
 
 @_typing.final
 class UpdateTherapistRequest(_message.Message):
+    """The request of UpdateTherapist: the new values and the mask naming them."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_FIELD_NUMBER: _builtins.int
@@ -393,6 +447,8 @@ Global___UpdateTherapistRequest: _TypeAlias = UpdateTherapistRequest  # noqa: Y0
 
 @_typing.final
 class UpdateTherapistResponse(_message.Message):
+    """The answer of UpdateTherapist."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_FIELD_NUMBER: _builtins.int
@@ -497,6 +553,8 @@ Global___DateOverride: _TypeAlias = DateOverride  # noqa: Y015
 
 @_typing.final
 class SetWeeklyScheduleRequest(_message.Message):
+    """The request of SetWeeklySchedule: the whole new weekly schedule."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -523,6 +581,8 @@ Global___SetWeeklyScheduleRequest: _TypeAlias = SetWeeklyScheduleRequest  # noqa
 
 @_typing.final
 class SetWeeklyScheduleResponse(_message.Message):
+    """The answer of SetWeeklySchedule."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     WINDOWS_FIELD_NUMBER: _builtins.int
@@ -545,6 +605,8 @@ Global___SetWeeklyScheduleResponse: _TypeAlias = SetWeeklyScheduleResponse  # no
 
 @_typing.final
 class SetDateOverrideRequest(_message.Message):
+    """The request of SetDateOverride: one date's hours."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -575,6 +637,8 @@ Global___SetDateOverrideRequest: _TypeAlias = SetDateOverrideRequest  # noqa: Y0
 
 @_typing.final
 class SetDateOverrideResponse(_message.Message):
+    """The answer of SetDateOverride."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DATE_OVERRIDE_FIELD_NUMBER: _builtins.int
@@ -597,6 +661,8 @@ Global___SetDateOverrideResponse: _TypeAlias = SetDateOverrideResponse  # noqa: 
 
 @_typing.final
 class DeleteDateOverrideRequest(_message.Message):
+    """The request of DeleteDateOverride."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -621,6 +687,8 @@ Global___DeleteDateOverrideRequest: _TypeAlias = DeleteDateOverrideRequest  # no
 
 @_typing.final
 class DeleteDateOverrideResponse(_message.Message):
+    """The answer of DeleteDateOverride: empty."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -636,6 +704,8 @@ Global___DeleteDateOverrideResponse: _TypeAlias = DeleteDateOverrideResponse  # 
 
 @_typing.final
 class GetScheduleRequest(_message.Message):
+    """The request of GetSchedule."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -656,6 +726,8 @@ Global___GetScheduleRequest: _TypeAlias = GetScheduleRequest  # noqa: Y015
 
 @_typing.final
 class GetScheduleResponse(_message.Message):
+    """The answer of GetSchedule: the therapist's zone, weekly windows and date overrides."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TIME_ZONE_FIELD_NUMBER: _builtins.int
@@ -726,6 +798,8 @@ Global___SessionType: _TypeAlias = SessionType  # noqa: Y015
 
 @_typing.final
 class CreateSessionTypeRequest(_message.Message):
+    """The request of CreateSessionType."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -756,6 +830,8 @@ Global___CreateSessionTypeRequest: _TypeAlias = CreateSessionTypeRequest  # noqa
 
 @_typing.final
 class CreateSessionTypeResponse(_message.Message):
+    """The answer of CreateSessionType."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_TYPE_FIELD_NUMBER: _builtins.int
@@ -778,6 +854,8 @@ Global___CreateSessionTypeResponse: _TypeAlias = CreateSessionTypeResponse  # no
 
 @_typing.final
 class ListSessionTypesRequest(_message.Message):
+    """The request of ListSessionTypes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -798,6 +876,8 @@ Global___ListSessionTypesRequest: _TypeAlias = ListSessionTypesRequest  # noqa: 
 
 @_typing.final
 class ListSessionTypesResponse(_message.Message):
+    """The answer of ListSessionTypes."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SESSION_TYPES_FIELD_NUMBER: _builtins.int
@@ -820,6 +900,8 @@ Global___ListSessionTypesResponse: _TypeAlias = ListSessionTypesResponse  # noqa
 
 @_typing.final
 class ListAvailableSlotsRequest(_message.Message):
+    """The request of ListAvailableSlots: a session type and a range of at most 31 days."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
@@ -898,6 +980,8 @@ Global___Slot: _TypeAlias = Slot  # noqa: Y015
 
 @_typing.final
 class ListAvailableSlotsResponse(_message.Message):
+    """The answer of ListAvailableSlots."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     SLOTS_FIELD_NUMBER: _builtins.int
@@ -1118,6 +1202,8 @@ Global___VideoRoom: _TypeAlias = VideoRoom  # noqa: Y015
 
 @_typing.final
 class CreateBookingRequest(_message.Message):
+    """The request of CreateBooking: who books which session type of which therapist, and when."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -1166,6 +1252,8 @@ Global___CreateBookingRequest: _TypeAlias = CreateBookingRequest  # noqa: Y015
 
 @_typing.final
 class CreateBookingResponse(_message.Message):
+    """The answer of CreateBooking."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_FIELD_NUMBER: _builtins.int
@@ -1188,6 +1276,8 @@ Global___CreateBookingResponse: _TypeAlias = CreateBookingResponse  # noqa: Y015
 
 @_typing.final
 class GetBookingRequest(_message.Message):
+    """The request of GetBooking."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_ID_FIELD_NUMBER: _builtins.int
@@ -1208,6 +1298,8 @@ Global___GetBookingRequest: _TypeAlias = GetBookingRequest  # noqa: Y015
 
 @_typing.final
 class GetBookingResponse(_message.Message):
+    """The answer of GetBooking."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_FIELD_NUMBER: _builtins.int
@@ -1230,6 +1322,8 @@ Global___GetBookingResponse: _TypeAlias = GetBookingResponse  # noqa: Y015
 
 @_typing.final
 class ListBookingsRequest(_message.Message):
+    """The request of ListBookings: one client's or one therapist's bookings, filtered and paged."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     CLIENT_ID_FIELD_NUMBER: _builtins.int
@@ -1278,6 +1372,8 @@ Global___ListBookingsRequest: _TypeAlias = ListBookingsRequest  # noqa: Y015
 
 @_typing.final
 class ListBookingsResponse(_message.Message):
+    """One page of ListBookings."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKINGS_FIELD_NUMBER: _builtins.int
@@ -1304,6 +1400,8 @@ Global___ListBookingsResponse: _TypeAlias = ListBookingsResponse  # noqa: Y015
 
 @_typing.final
 class CancelBookingRequest(_message.Message):
+    """The request of CancelBooking."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_ID_FIELD_NUMBER: _builtins.int
@@ -1332,6 +1430,8 @@ Global___CancelBookingRequest: _TypeAlias = CancelBookingRequest  # noqa: Y015
 
 @_typing.final
 class CancelBookingResponse(_message.Message):
+    """The answer of CancelBooking."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_FIELD_NUMBER: _builtins.int
@@ -1354,6 +1454,8 @@ Global___CancelBookingResponse: _TypeAlias = CancelBookingResponse  # noqa: Y015
 
 @_typing.final
 class RescheduleBookingRequest(_message.Message):
+    """The request of RescheduleBooking: the booking and its new start."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_ID_FIELD_NUMBER: _builtins.int
@@ -1392,6 +1494,8 @@ Global___RescheduleBookingRequest: _TypeAlias = RescheduleBookingRequest  # noqa
 
 @_typing.final
 class RescheduleBookingResponse(_message.Message):
+    """The answer of RescheduleBooking."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BOOKING_FIELD_NUMBER: _builtins.int
@@ -1466,6 +1570,8 @@ Global___DeadLetter: _TypeAlias = DeadLetter  # noqa: Y015
 
 @_typing.final
 class ListDeadLettersRequest(_message.Message):
+    """The request of ListDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
@@ -1490,6 +1596,8 @@ Global___ListDeadLettersRequest: _TypeAlias = ListDeadLettersRequest  # noqa: Y0
 
 @_typing.final
 class ListDeadLettersResponse(_message.Message):
+    """One page of ListDeadLetters."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEAD_LETTERS_FIELD_NUMBER: _builtins.int
@@ -1516,6 +1624,8 @@ Global___ListDeadLettersResponse: _TypeAlias = ListDeadLettersResponse  # noqa: 
 
 @_typing.final
 class RetryDeadLetterRequest(_message.Message):
+    """The request of RetryDeadLetter."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_ID_FIELD_NUMBER: _builtins.int
@@ -1536,6 +1646,8 @@ Global___RetryDeadLetterRequest: _TypeAlias = RetryDeadLetterRequest  # noqa: Y0
 
 @_typing.final
 class RetryDeadLetterResponse(_message.Message):
+    """The answer of RetryDeadLetter."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     DEAD_LETTER_FIELD_NUMBER: _builtins.int

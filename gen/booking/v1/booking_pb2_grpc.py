@@ -27,7 +27,7 @@ if _version_not_supported:
 
 class BookingServiceStub:
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
-    reservation that pays for each session (see the README and DESIGN.md).
+    reservation that pays for each session (see the README and docs/design.md).
 
     Refusals carry a google.rpc.ErrorInfo whose `reason` is stable: SLOT_UNAVAILABLE,
     INSUFFICIENT_CREDITS, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ... (see README).
@@ -128,7 +128,7 @@ class BookingServiceStub:
 
 class BookingServiceServicer:
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
-    reservation that pays for each session (see the README and DESIGN.md).
+    reservation that pays for each session (see the README and docs/design.md).
 
     Refusals carry a google.rpc.ErrorInfo whose `reason` is stable: SLOT_UNAVAILABLE,
     INSUFFICIENT_CREDITS, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ... (see README).
@@ -352,7 +352,7 @@ def add_BookingServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class BookingService:
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
-    reservation that pays for each session (see the README and DESIGN.md).
+    reservation that pays for each session (see the README and docs/design.md).
 
     Refusals carry a google.rpc.ErrorInfo whose `reason` is stable: SLOT_UNAVAILABLE,
     INSUFFICIENT_CREDITS, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ... (see README).

@@ -28,7 +28,7 @@ GRPC_VERSION: str
 
 class BookingServiceStub:
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
-    reservation that pays for each session (see the README and DESIGN.md).
+    reservation that pays for each session (see the README and docs/design.md).
 
     Refusals carry a google.rpc.ErrorInfo whose `reason` is stable: SLOT_UNAVAILABLE,
     INSUFFICIENT_CREDITS, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ... (see README).
@@ -78,7 +78,7 @@ class BookingServiceStub:
 @_typing.type_check_only
 class BookingServiceAsyncStub(BookingServiceStub):
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
-    reservation that pays for each session (see the README and DESIGN.md).
+    reservation that pays for each session (see the README and docs/design.md).
 
     Refusals carry a google.rpc.ErrorInfo whose `reason` is stable: SLOT_UNAVAILABLE,
     INSUFFICIENT_CREDITS, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ... (see README).
@@ -124,7 +124,7 @@ class BookingServiceAsyncStub(BookingServiceStub):
 
 class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
-    reservation that pays for each session (see the README and DESIGN.md).
+    reservation that pays for each session (see the README and docs/design.md).
 
     Refusals carry a google.rpc.ErrorInfo whose `reason` is stable: SLOT_UNAVAILABLE,
     INSUFFICIENT_CREDITS, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ... (see README).

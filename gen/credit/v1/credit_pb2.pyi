@@ -28,6 +28,7 @@ class _GrantKind:
 class _GrantKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GrantKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     GRANT_KIND_UNSPECIFIED: _GrantKind.ValueType  # 0
+    """Not set; refused."""
     GRANT_KIND_PURCHASE: _GrantKind.ValueType  # 1
     """Bought by the client."""
     GRANT_KIND_PROMOTION: _GrantKind.ValueType  # 2
@@ -39,6 +40,7 @@ class GrantKind(_GrantKind, metaclass=_GrantKindEnumTypeWrapper):
     """Why credits were granted."""
 
 GRANT_KIND_UNSPECIFIED: GrantKind.ValueType  # 0
+"""Not set; refused."""
 GRANT_KIND_PURCHASE: GrantKind.ValueType  # 1
 """Bought by the client."""
 GRANT_KIND_PROMOTION: GrantKind.ValueType  # 2
@@ -54,6 +56,7 @@ class _ReservationStatus:
 class _ReservationStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReservationStatus.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RESERVATION_STATUS_UNSPECIFIED: _ReservationStatus.ValueType  # 0
+    """Not set; as a filter of ListReservations, every status."""
     RESERVATION_STATUS_PENDING: _ReservationStatus.ValueType  # 1
     """Credits are held."""
     RESERVATION_STATUS_COMMITTED: _ReservationStatus.ValueType  # 2
@@ -67,6 +70,7 @@ class ReservationStatus(_ReservationStatus, metaclass=_ReservationStatusEnumType
     """The states of a reservation."""
 
 RESERVATION_STATUS_UNSPECIFIED: ReservationStatus.ValueType  # 0
+"""Not set; as a filter of ListReservations, every status."""
 RESERVATION_STATUS_PENDING: ReservationStatus.ValueType  # 1
 """Credits are held."""
 RESERVATION_STATUS_COMMITTED: ReservationStatus.ValueType  # 2
@@ -84,6 +88,7 @@ class _ReleaseReason:
 class _ReleaseReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ReleaseReason.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RELEASE_REASON_UNSPECIFIED: _ReleaseReason.ValueType  # 0
+    """Not released."""
     RELEASE_REASON_CANCELLED: _ReleaseReason.ValueType  # 1
     """CancelReservation was called."""
     RELEASE_REASON_EXPIRED: _ReleaseReason.ValueType  # 2
@@ -93,6 +98,7 @@ class ReleaseReason(_ReleaseReason, metaclass=_ReleaseReasonEnumTypeWrapper):
     """Why a reservation was released."""
 
 RELEASE_REASON_UNSPECIFIED: ReleaseReason.ValueType  # 0
+"""Not released."""
 RELEASE_REASON_CANCELLED: ReleaseReason.ValueType  # 1
 """CancelReservation was called."""
 RELEASE_REASON_EXPIRED: ReleaseReason.ValueType  # 2
@@ -106,6 +112,7 @@ class _LedgerEntryKind:
 class _LedgerEntryKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LedgerEntryKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     LEDGER_ENTRY_KIND_UNSPECIFIED: _LedgerEntryKind.ValueType  # 0
+    """Not set (never in an answer)."""
     LEDGER_ENTRY_KIND_GRANT: _LedgerEntryKind.ValueType  # 1
     """Credits granted: available and granted up."""
     LEDGER_ENTRY_KIND_RESERVE: _LedgerEntryKind.ValueType  # 2
@@ -121,6 +128,7 @@ class LedgerEntryKind(_LedgerEntryKind, metaclass=_LedgerEntryKindEnumTypeWrappe
     """What a ledger entry records."""
 
 LEDGER_ENTRY_KIND_UNSPECIFIED: LedgerEntryKind.ValueType  # 0
+"""Not set (never in an answer)."""
 LEDGER_ENTRY_KIND_GRANT: LedgerEntryKind.ValueType  # 1
 """Credits granted: available and granted up."""
 LEDGER_ENTRY_KIND_RESERVE: LedgerEntryKind.ValueType  # 2
@@ -179,6 +187,8 @@ Global___Balance: _TypeAlias = Balance  # noqa: Y015
 
 @_typing.final
 class GrantCreditsRequest(_message.Message):
+    """The request of GrantCredits."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUEST_ID_FIELD_NUMBER: _builtins.int
@@ -215,6 +225,8 @@ Global___GrantCreditsRequest: _TypeAlias = GrantCreditsRequest  # noqa: Y015
 
 @_typing.final
 class GrantCreditsResponse(_message.Message):
+    """The answer of GrantCredits."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BALANCE_FIELD_NUMBER: _builtins.int
@@ -243,6 +255,8 @@ Global___GrantCreditsResponse: _TypeAlias = GrantCreditsResponse  # noqa: Y015
 
 @_typing.final
 class GetBalanceRequest(_message.Message):
+    """The request of GetBalance."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_ID_FIELD_NUMBER: _builtins.int
@@ -263,6 +277,8 @@ Global___GetBalanceRequest: _TypeAlias = GetBalanceRequest  # noqa: Y015
 
 @_typing.final
 class GetBalanceResponse(_message.Message):
+    """The answer of GetBalance."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BALANCE_FIELD_NUMBER: _builtins.int
@@ -353,6 +369,8 @@ Global___Reservation: _TypeAlias = Reservation  # noqa: Y015
 
 @_typing.final
 class ReserveCreditsRequest(_message.Message):
+    """The request of ReserveCredits (internal)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
@@ -385,6 +403,8 @@ Global___ReserveCreditsRequest: _TypeAlias = ReserveCreditsRequest  # noqa: Y015
 
 @_typing.final
 class ReserveCreditsResponse(_message.Message):
+    """The answer of ReserveCredits."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_FIELD_NUMBER: _builtins.int
@@ -413,6 +433,8 @@ Global___ReserveCreditsResponse: _TypeAlias = ReserveCreditsResponse  # noqa: Y0
 
 @_typing.final
 class CommitReservationRequest(_message.Message):
+    """The request of CommitReservation (internal)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
@@ -439,6 +461,8 @@ Global___CommitReservationRequest: _TypeAlias = CommitReservationRequest  # noqa
 
 @_typing.final
 class CommitReservationResponse(_message.Message):
+    """The answer of CommitReservation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_FIELD_NUMBER: _builtins.int
@@ -461,6 +485,8 @@ Global___CommitReservationResponse: _TypeAlias = CommitReservationResponse  # no
 
 @_typing.final
 class BatchReserveCreditsRequest(_message.Message):
+    """The request of BatchReserveCredits (internal)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
@@ -483,6 +509,8 @@ Global___BatchReserveCreditsRequest: _TypeAlias = BatchReserveCreditsRequest  # 
 
 @_typing.final
 class BatchReserveCreditsResponse(_message.Message):
+    """The answer of BatchReserveCredits: one result per request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -539,6 +567,8 @@ Global___ReserveCreditsResult: _TypeAlias = ReserveCreditsResult  # noqa: Y015
 
 @_typing.final
 class BatchCommitReservationsRequest(_message.Message):
+    """The request of BatchCommitReservations (internal)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     REQUESTS_FIELD_NUMBER: _builtins.int
@@ -561,6 +591,8 @@ Global___BatchCommitReservationsRequest: _TypeAlias = BatchCommitReservationsReq
 
 @_typing.final
 class BatchCommitReservationsResponse(_message.Message):
+    """The answer of BatchCommitReservations: one result per request."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULTS_FIELD_NUMBER: _builtins.int
@@ -615,6 +647,8 @@ Global___CommitReservationResult: _TypeAlias = CommitReservationResult  # noqa: 
 
 @_typing.final
 class CancelReservationRequest(_message.Message):
+    """The request of CancelReservation (internal)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
@@ -635,6 +669,8 @@ Global___CancelReservationRequest: _TypeAlias = CancelReservationRequest  # noqa
 
 @_typing.final
 class CancelReservationResponse(_message.Message):
+    """The answer of CancelReservation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_FIELD_NUMBER: _builtins.int
@@ -657,6 +693,8 @@ Global___CancelReservationResponse: _TypeAlias = CancelReservationResponse  # no
 
 @_typing.final
 class RefundReservationRequest(_message.Message):
+    """The request of RefundReservation (internal)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
@@ -683,6 +721,8 @@ Global___RefundReservationRequest: _TypeAlias = RefundReservationRequest  # noqa
 
 @_typing.final
 class RefundReservationResponse(_message.Message):
+    """The answer of RefundReservation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_FIELD_NUMBER: _builtins.int
@@ -705,6 +745,8 @@ Global___RefundReservationResponse: _TypeAlias = RefundReservationResponse  # no
 
 @_typing.final
 class GetReservationRequest(_message.Message):
+    """The request of GetReservation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_ID_FIELD_NUMBER: _builtins.int
@@ -725,6 +767,8 @@ Global___GetReservationRequest: _TypeAlias = GetReservationRequest  # noqa: Y015
 
 @_typing.final
 class GetReservationResponse(_message.Message):
+    """The answer of GetReservation."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATION_FIELD_NUMBER: _builtins.int
@@ -747,6 +791,8 @@ Global___GetReservationResponse: _TypeAlias = GetReservationResponse  # noqa: Y0
 
 @_typing.final
 class ListReservationsRequest(_message.Message):
+    """The request of ListReservations: filters and paging."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_ID_FIELD_NUMBER: _builtins.int
@@ -785,6 +831,8 @@ Global___ListReservationsRequest: _TypeAlias = ListReservationsRequest  # noqa: 
 
 @_typing.final
 class ListReservationsResponse(_message.Message):
+    """One page of ListReservations."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     RESERVATIONS_FIELD_NUMBER: _builtins.int
@@ -871,6 +919,8 @@ Global___LedgerEntry: _TypeAlias = LedgerEntry  # noqa: Y015
 
 @_typing.final
 class ListLedgerEntriesRequest(_message.Message):
+    """The request of ListLedgerEntries."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     OWNER_ID_FIELD_NUMBER: _builtins.int
@@ -899,6 +949,8 @@ Global___ListLedgerEntriesRequest: _TypeAlias = ListLedgerEntriesRequest  # noqa
 
 @_typing.final
 class ListLedgerEntriesResponse(_message.Message):
+    """One page of ListLedgerEntries."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     ENTRIES_FIELD_NUMBER: _builtins.int
