@@ -9,7 +9,10 @@ failures into UNAVAILABLE, hides unexpected exceptions behind INTERNAL
 (the metrics) that a call started and how it finished.
 
 An aio interceptor only resolves the handler, so the work happens in a wrapper around
-`handler.unary_unary` (CONVENTIONS.md).
+`handler.unary_unary` (CONVENTIONS.md). The wrapper also decodes the request (the method is
+registered without a deserializer, service_kit/decoding.py): bytes that are not a message of the
+method's type are refused INVALID_ARGUMENT like any other bad input, after authorization has read
+what it can of them.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import contextvars
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,6 +38,7 @@ from service_kit.auth import (
     bind_principal,
     unbind_principal,
 )
+from service_kit.decoding import MalformedRequest, RequestDecoder
 from service_kit.errors import DomainError, Unavailable, rich_status, status_for
 from service_kit.tracecontext import TRACEPARENT_HEADER, TRACESTATE_HEADER, SpanContext, server_span
 
@@ -49,6 +53,7 @@ _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpc_re
 _span: contextvars.ContextVar[SpanContext | None] = contextvars.ContextVar("rpc_span", default=None)
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
+Metadata = Iterable[tuple[str, str | bytes]]
 # Told when a call starts: (service, rpc), e.g. ("booking.v1.BookingService", "CreateBooking").
 RpcStartObserver = Callable[[str, str], None]
 # Told when a call finishes: (service, rpc, code, reason, duration_s); reason is the ErrorInfo
@@ -89,6 +94,7 @@ _SHARED_CODES: dict[type[DomainError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     TooManyConcurrentCalls: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
@@ -134,6 +140,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._default_deadline_s = default_deadline_s
         self._observers = observers
         self._start_observers = start_observers
+        # One decoder per method, made on its first call (the methods are the registered ones).
+        self._decoders: dict[str, RequestDecoder | None] = {}
 
     async def intercept_service(
         self,
@@ -144,21 +152,31 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or handler.unary_unary is None:
             return handler
         method: str = handler_call_details.method
+        if method not in self._decoders:
+            deserializer = handler.request_deserializer
+            self._decoders[method] = RequestDecoder.of(deserializer) if deserializer is not None else None
+        decoder = self._decoders[method]
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            self._wrap(method, handler.unary_unary, decoder),
+            # The raw bytes: the wrapper decodes them, so that bytes which are no message are the
+            # caller's INVALID_ARGUMENT rather than grpc's UNKNOWN (service_kit/decoding.py).
+            request_deserializer=None if decoder is not None else handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    def _wrap(
+        self, method: str, behaviour: Callable[..., Any], decoder: RequestDecoder | None
+    ) -> Callable[..., Awaitable[Any]]:
         service, _, rpc = method.lstrip("/").rpartition("/")
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             structlog.contextvars.clear_contextvars()
             for start_observer in self._start_observers:
                 start_observer(service, rpc)
-            request_id = _incoming_request_id(context)
-            span = _incoming_span(context)
+            # Read once: grpcio converts the metadata anew on each read.
+            metadata: Metadata = context.invocation_metadata() or ()
+            request_id = _incoming_request_id(metadata)
+            span = _incoming_span(metadata)
             structlog.contextvars.bind_contextvars(
                 rpc=rpc, request_id=request_id, trace_id=span.trace_id, span_id=span.span_id
             )
@@ -173,15 +191,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             principal_token = bind_principal(None)
             limited_subject: str | None = None
             try:
-                if self._gate is not None:
-                    # Before the handler: authorization before existence, so a forbidden id and a
-                    # missing one look alike. Only the subject and roles are logged, never the token.
-                    principal = self._gate.admit(service, rpc, request, context.invocation_metadata() or ())
-                    if principal is not None:
-                        structlog.contextvars.bind_contextvars(caller=principal.subject, roles=sorted(principal.roles))
-                        bind_principal(principal)
-                        self._caller_limits.acquire(principal.subject)
-                        limited_subject = principal.subject
+                request, limited_subject = self._admit(service, rpc, decoder, raw, metadata)
                 async with asyncio.timeout(budget_s):
                     return await behaviour(request, context)
             except asyncio.CancelledError:
@@ -209,6 +219,34 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(service, rpc, outcome, duration_s)
 
         return wrapped
+
+    def _admit(
+        self, service: str, rpc: str, decoder: RequestDecoder | None, raw: Any, metadata: Metadata
+    ) -> tuple[Any, str | None]:
+        """Decodes the request and lets the gate judge the caller: the request, and the subject
+        whose concurrency slot the call now holds (None: no slot). A request that is not a message
+        is refused after authorization, which reads what it can of it."""
+        malformed: MalformedRequest | None = None
+        request = raw
+        if decoder is not None:
+            try:
+                request = decoder.decode(raw)
+            except MalformedRequest as error:
+                malformed, request = error, decoder.readable(error)
+        principal = None
+        if self._gate is not None:
+            # Before the handler: authorization before existence, so a forbidden id and a
+            # missing one look alike. Only the subject and roles are logged, never the token.
+            principal = self._gate.admit(service, rpc, request, metadata)
+            if principal is not None:
+                structlog.contextvars.bind_contextvars(caller=principal.subject, roles=sorted(principal.roles))
+                bind_principal(principal)
+        if malformed is not None:
+            raise malformed
+        if principal is None:
+            return request, None
+        self._caller_limits.acquire(principal.subject)
+        return request, principal.subject
 
     def _outcome(self, error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> Outcome:
         if isinstance(error, grpc.aio.AbortError):
@@ -254,19 +292,21 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         structlog.contextvars.clear_contextvars()
 
 
-def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _incoming_request_id(metadata: Metadata) -> str:
+    """The caller's request id if it is at most 128 printable ASCII characters, else a new one
+    (grpcio hands over a value that is not UTF-8 read as Latin-1: such a one is not kept)."""
+    for key, value in metadata:
         if key == REQUEST_ID_HEADER and isinstance(value, str):
             cleaned = value.strip()
-            if cleaned and len(cleaned) <= MAX_REQUEST_ID_HEADER_LENGTH and cleaned.isprintable():
+            if cleaned and len(cleaned) <= MAX_REQUEST_ID_HEADER_LENGTH and cleaned.isascii() and cleaned.isprintable():
                 return cleaned
     return uuid.uuid4().hex
 
 
-def _incoming_span(context: grpc.aio.ServicerContext[Any, Any]) -> SpanContext:
+def _incoming_span(metadata: Metadata) -> SpanContext:
     traceparents: list[str] = []
     tracestates: list[str] = []
-    for key, value in context.invocation_metadata() or ():
+    for key, value in metadata:
         if key == TRACEPARENT_HEADER and isinstance(value, str):
             traceparents.append(value)
         elif key == TRACESTATE_HEADER and isinstance(value, str):

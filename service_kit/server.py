@@ -33,6 +33,7 @@ from service_kit.auth import AccessRules, AuthSettings, Gate
 from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
+from service_kit.logs import quiet_caller_metadata_errors
 from service_kit.metrics import GrpcMetrics, MetricsServer, PoolCollector, new_registry
 from service_kit.tls import Transport
 
@@ -97,6 +98,7 @@ class Runtime:
     async def start(self, build: Callable[[Database], ServiceParts]) -> None:
         parts = build(self.database)
         self._parts = parts
+        quiet_caller_metadata_errors()
         server = grpc.aio.server(
             interceptors=[
                 ServerInterceptor(
