@@ -39,7 +39,7 @@ from service_kit.auth import (
     own,
 )
 from service_kit.errors import DeadlineExceeded, DomainError, FieldViolation, InvalidArgument, Unavailable
-from service_kit.validation import Checks
+from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
 SERVICE_NAME = booking_pb2.DESCRIPTOR.services_by_name["BookingService"].full_name
 ERROR_DOMAIN = SERVICE_NAME
@@ -293,7 +293,10 @@ def _therapist_fields(
         if path == "display_name":
             values[path] = checks.text(name, value, max_length=MAX_NAME_LENGTH, required=True)
         elif path == "time_zone":
-            values[path] = checks.text(name, value, max_length=64, required=True)
+            # Kept exactly as given (no normalising): _check_therapist_zone accepts only IANA names.
+            if not value:
+                checks.fail(name, "is required (an IANA time zone name, e.g. Europe/London)")
+            values[path] = value
         elif path in ("buffer_before_minutes", "buffer_after_minutes"):
             values[path] = checks.integer(name, value, minimum=0, maximum=240)
         elif path == "minimum_notice_minutes":
@@ -322,29 +325,38 @@ def _start(checks: Checks, request: Any) -> datetime:
         return checks.instant("start_time", request.start_time)
     if which != "local_start":
         checks.fail("start_time", "is required: give start_time (an instant) or local_start")
-        return datetime(2000, 1, 1, tzinfo=UTC)
+        return EARLIEST_INSTANT
     local = request.local_start
-    if not _LOCAL_DATE_TIME.match(local.date_time):
+    if not _LOCAL_DATE_TIME.fullmatch(local.date_time):
         checks.fail("local_start.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
-        return datetime(2000, 1, 1, tzinfo=UTC)
+        return EARLIEST_INSTANT
     disambiguation = checks.enum(
         "local_start.disambiguation",
         local.disambiguation,
         booking_pb2.Disambiguation.Name,
         allow_unspecified=True,
     )
-    checks.done()  # resolve only a well-formed local time
     try:
         naive = datetime.fromisoformat(local.date_time)
-        return availability.resolve_local(naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start")
     except ValueError:
         checks.fail("local_start.date_time", "is not a valid date and time")
+        return EARLIEST_INSTANT
+    if not EARLIEST_INSTANT.year <= naive.year < LATEST_INSTANT.year:
+        # Bounded before any arithmetic: near year 9999 a zone's offset overflows datetime.
+        checks.fail("local_start.date_time", f"must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year - 1}")
+        return EARLIEST_INSTANT
+    checks.done()  # resolve only a well-formed local time
+    try:
+        instant = availability.resolve_local(
+            naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start"
+        )
     except availability.AvailabilityError as error:
         if isinstance(error, availability.UnknownTimeZone):
             # availability names its own parameter; the request's field is local_start.time_zone.
             error.field = "local_start.time_zone"
         raise domain.domain_error(error) from None
-    return datetime(2000, 1, 1, tzinfo=UTC)
+    # 2000-01-01T00:00 in UTC+14 is still 1999 in UTC: the instant itself must be in the window too.
+    return checks.within_instant_window("local_start.date_time", instant)
 
 
 class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
@@ -490,7 +502,7 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         end = checks.instant("end_time", request.end_time)
         if not checks.violations and not start < end <= start + MAX_SLOT_RANGE:
             checks.fail("end_time", f"must be after start_time and at most {MAX_SLOT_RANGE.days} days after it")
-        display_zone = checks.text("time_zone", request.time_zone, max_length=64)
+        display_zone = request.time_zone  # checked below as an IANA name, exactly as given
         checks.done()
         if display_zone:
             try:
