@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -149,13 +150,15 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None:
+            return None
         method: str = handler_call_details.method
         if method not in self._decoders:
             deserializer = handler.request_deserializer
             self._decoders[method] = RequestDecoder.of(deserializer) if deserializer is not None else None
         decoder = self._decoders[method]
+        if handler.unary_unary is None:
+            return handler if decoder is None else self._decoding_stream_handler(handler, decoder)
         return grpc.unary_unary_rpc_method_handler(
             self._wrap(method, handler.unary_unary, decoder),
             # The raw bytes: the wrapper decodes them, so that bytes which are no message are the
@@ -219,6 +222,64 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(service, rpc, outcome, duration_s)
 
         return wrapped
+
+    def _decoding_stream_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], decoder: RequestDecoder
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """A streaming method (health's Watch, reflection) is neither timed nor counted here, but
+        its requests are decoded here too, so that bytes which are no message answer
+        INVALID_ARGUMENT rather than grpc's UNKNOWN with a traceback at ERROR."""
+
+        async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return decoder.decode(raw)
+            except MalformedRequest as error:
+                log.info("stream_request_refused", reason=error.reason)
+                await context.abort_with_status(
+                    status_for(error, grpc.StatusCode.INVALID_ARGUMENT, domain=self._domain)
+                )
+                raise  # abort_with_status raises; this only says so to the type checker
+
+        async def decoded_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for raw in raws:
+                yield await decoded(raw, context)
+
+        def with_request(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def generator(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    async for response in behaviour(await decoded(raw, context), context):
+                        yield response
+
+                return generator
+
+            async def coroutine(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await behaviour(await decoded(raw, context), context)
+
+            return coroutine
+
+        def with_requests(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def generator(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    async for response in behaviour(decoded_stream(raws, context), context):
+                        yield response
+
+                return generator
+
+            async def coroutine(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await behaviour(decoded_stream(raws, context), context)
+
+            return coroutine
+
+        serializer = handler.response_serializer
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(with_request(handler.unary_stream), None, serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(with_requests(handler.stream_stream), None, serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(with_requests(handler.stream_unary), None, serializer)
+        return handler
 
     def _admit(
         self, service: str, rpc: str, decoder: RequestDecoder | None, raw: Any, metadata: Metadata

@@ -53,7 +53,7 @@ from service_kit.server import Runtime
 from tests.integration.test_hostile_input import names_a_field, valid_requests
 from tests.support.auth import authorized_channel, bearer, token
 from tests.support.stack import fresh_database, server_environment, wait_serving
-from tests.support.wire import INVALID_UTF8, Corruption, Kind, corruptions
+from tests.support.wire import INVALID_UTF8, Corruption, Kind, corruptions, length_delimited
 from tests.support.world import World, future_hour
 
 HEALTH_CHECK = cast(
@@ -342,5 +342,36 @@ async def test_an_authorization_header_that_is_not_utf8_is_unauthenticated(stack
             raw_grpc_call, stack.credit.port, "/credit.v1.CreditService/GetBalance", headers, request
         )
         assert answer.get(b"grpc-status") == str(grpc.StatusCode.UNAUTHENTICATED.value[0]).encode(), answer
+
+    assert not error_logs, error_logs[:5]
+
+
+async def test_streaming_methods_refuse_bytes_that_are_no_message_too(stack: Stack, error_logs: list[str]) -> None:
+    """Health's Watch and reflection (open to anyone on the service port) decode like the rest."""
+    not_utf8 = length_delimited(1, b"\xff")  # Watch: HealthCheckRequest.service
+    list_services = length_delimited(7, b"\xc0\xaf")  # ServerReflectionRequest.list_services
+    for port in (stack.booking.port, stack.credit.port):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            watcher: grpc.aio.UnaryStreamMultiCallable[bytes, bytes] = channel.unary_stream(
+                "/grpc.health.v1.Health/Watch", None, None
+            )
+            watch = watcher(not_utf8, timeout=CALL_TIMEOUT_S)
+            with pytest.raises(grpc.aio.AioRpcError) as watched:
+                async for _ in watch:
+                    pass
+            reflect: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+                "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", None, None
+            )
+
+            async def one_request() -> AsyncIterator[bytes]:
+                yield list_services
+
+            with pytest.raises(grpc.aio.AioRpcError) as reflected:
+                async for _ in reflect(one_request(), timeout=CALL_TIMEOUT_S):
+                    pass
+            for raised, field in ((watched.value, "service"), (reflected.value, "list_services")):
+                details = error_details(raised)
+                assert details.code == grpc.StatusCode.INVALID_ARGUMENT, details
+                assert details.reason == "INVALID_UTF8" and set(details.field_violations) == {field}, details
 
     assert not error_logs, error_logs[:5]
