@@ -11,7 +11,8 @@ The rule checked for every answer: a documented status with an ErrorInfo reason 
 domain, never UNKNOWN or INTERNAL, no internal name in the message, BadRequest paths that name real
 fields; bytes that are no message answer INVALID_ARGUMENT (INVALID_UTF8 naming the field, or
 MALFORMED_REQUEST) to a caller allowed to make the call; no ERROR log line, from the services or
-from grpc, for any of it; and no refused request changes a row of either database.
+from grpc, for any of it; and no request that is not a message changes a row of either
+database (those with numbers past their type may be valid requests, and may change rows).
 
 The module runs its own pair of services on fresh databases with their workers all but idle, so
 that a digest of every table before and after a batch of refused requests sees only what those
