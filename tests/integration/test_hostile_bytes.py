@@ -40,20 +40,16 @@ import structlog
 from google.protobuf import descriptor
 from grpc_health.v1 import health_pb2
 
-from booking.v1 import booking_pb2, booking_pb2_grpc
-from booking_service.config import BookingSettings
-from booking_service.server import start as start_booking
+from booking.v1 import booking_pb2
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
-from credit.v1 import credit_pb2, credit_pb2_grpc
-from credit_service.config import CreditSettings
-from credit_service.server import start as start_credit
+from credit.v1 import credit_pb2
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST
 from service_kit.errors import MAX_REASON_LENGTH, error_details
 from service_kit.server import Runtime
 from tests.integration.test_hostile_input import names_a_field, valid_requests
-from tests.support.auth import authorized_channel, bearer, token
-from tests.support.stack import fresh_database, server_environment, wait_serving
+from tests.support.auth import bearer, token
+from tests.support.pair import own_services
 from tests.support.wire import INVALID_UTF8, Corruption, Kind, corruptions, length_delimited
 from tests.support.world import World, future_hour
 
@@ -96,45 +92,18 @@ class Stack:
 
 @pytest.fixture(scope="module")
 async def stack(postgres_server_url: str) -> AsyncIterator[Stack]:
-    credit_url, booking_url = await asyncio.gather(
-        fresh_database(postgres_server_url, "bytes_credit"), fresh_database(postgres_server_url, "bytes_booking")
-    )
-    credit = await start_credit(
-        CreditSettings.from_environment(
-            server_environment("CREDIT", credit_url, CREDIT_SWEEP_INTERVAL_S=IDLE_INTERVAL_S)
-        )
-    )
-    booking = await start_booking(
-        BookingSettings.from_environment(
-            server_environment(
-                "BOOKING",
-                booking_url,
-                BOOKING_CREDIT_TARGET=f"127.0.0.1:{credit.port}",
-                BOOKING_RECONCILE_INTERVAL_S=IDLE_INTERVAL_S,
-                BOOKING_OUTBOX_INTERVAL_S=IDLE_INTERVAL_S,
-                BOOKING_VIDEO_PROVIDER="none",
-            )
-        )
-    )
-    booking_channel = authorized_channel(f"127.0.0.1:{booking.port}")
-    credit_channel = authorized_channel(f"127.0.0.1:{credit.port}")
-    credit_db = await asyncpg.create_pool(credit_url, min_size=1, max_size=2)
-    booking_db = await asyncpg.create_pool(booking_url, min_size=1, max_size=2)
-    assert credit_db is not None and booking_db is not None
-    try:
-        await wait_serving(f"127.0.0.1:{credit.port}", CREDIT_SERVICE_NAME)
-        await wait_serving(f"127.0.0.1:{booking.port}", BOOKING_SERVICE_NAME)
-        world = await World.create(
-            booking_pb2_grpc.BookingServiceStub(booking_channel), credit_pb2_grpc.CreditServiceStub(credit_channel)
-        )
-        yield Stack(booking, credit, booking_db, credit_db, world)
-    finally:
-        await booking_channel.close()
-        await credit_channel.close()
-        await credit_db.close()
-        await booking_db.close()
-        await booking.stop()
-        await credit.stop()
+    async with own_services(
+        postgres_server_url,
+        "bytes",
+        credit_env={"CREDIT_SWEEP_INTERVAL_S": IDLE_INTERVAL_S},
+        booking_env={
+            "BOOKING_RECONCILE_INTERVAL_S": IDLE_INTERVAL_S,
+            "BOOKING_OUTBOX_INTERVAL_S": IDLE_INTERVAL_S,
+            "BOOKING_VIDEO_PROVIDER": "none",
+        },
+    ) as services:
+        world = await World.create(services.booking_stub, services.credit_stub)
+        yield Stack(services.booking, services.credit, services.booking_db, services.credit_db, world)
 
 
 def callers(world: World) -> list[Caller]:
