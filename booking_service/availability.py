@@ -21,6 +21,7 @@ handlers. Conventions:
 from __future__ import annotations
 
 import enum
+import functools
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -28,7 +29,7 @@ from datetime import UTC, date, datetime, time, timedelta
 from itertools import pairwise
 from types import MappingProxyType
 from typing import ClassVar
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 __all__ = [
     "AmbiguousLocalTime",
@@ -137,11 +138,25 @@ class Disambiguation(enum.Enum):
 # odd input (":", NUL, spaces, "\\") away from the filesystem lookup entirely.
 _ZONE_NAME_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/_-+")
 _MAX_ZONE_NAME_LENGTH = 64
-# "localtime" is the host's configured zone (not a stable IANA name); "right/*"
-# zones count leap seconds, which Python datetimes do not, so their UTC
-# conversions would be off by ~27 s.
-_REJECTED_ZONE_NAMES = frozenset({"localtime"})
-_REJECTED_ZONE_PREFIXES = ("right/",)
+# "localtime" is the host's configured zone (not a stable IANA name); "Factory"
+# is tzdata's placeholder for "no zone known" (abbreviation "-00"), not a place;
+# "posixrules" is a file of default rules. "right/*" zones count leap seconds,
+# which Python datetimes do not, so their UTC conversions would be off by ~27 s;
+# "posix/*" repeats every zone under a second name.
+_REJECTED_ZONE_NAMES = frozenset({"localtime", "Factory", "posixrules"})
+_REJECTED_ZONE_PREFIXES = ("right/", "posix/")
+
+
+@functools.cache
+def _iana_names() -> frozenset[str]:
+    """The zone and link names of the installed tz database (read once, on first use).
+
+    Links ("UTC", "US/Eastern", "Europe/Kiev") are accepted as well as zones: tzdata itself
+    turns zones into links between releases (Europe/Amsterdam became a link to
+    Europe/Brussels in 2022b), so refusing links would refuse names people use
+    and names already stored. A name is kept and returned as given.
+    """
+    return frozenset(available_timezones())
 
 
 def zone(name: str) -> ZoneInfo:
@@ -164,9 +179,9 @@ def _is_plausible_zone_name(name: object) -> bool:
         return False
     if name.startswith("/") or name.endswith("/") or "//" in name:
         return False
-    if ".." in name or name in _REJECTED_ZONE_NAMES:
+    if ".." in name or name in _REJECTED_ZONE_NAMES or name.startswith(_REJECTED_ZONE_PREFIXES):
         return False
-    return not name.startswith(_REJECTED_ZONE_PREFIXES)
+    return name in _iana_names()
 
 
 def _unknown_zone(name: object) -> UnknownTimeZone:

@@ -16,7 +16,7 @@ from booking_service import availability, domain
 from booking_service.domain import MINUTES_PER_DAY, DateOverride, SessionType, Therapist, WeeklyWindowMinutes
 from booking_service.store.outbox import DeadLetter
 from service_kit.errors import FieldViolation, InvalidArgument
-from service_kit.validation import Checks
+from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
 MAX_NAME_LENGTH = 200
 MAX_SHOWN_NAMES = 5
@@ -208,7 +208,10 @@ def therapist_fields(
         if path == "display_name":
             values[path] = checks.text(name, value, max_length=MAX_NAME_LENGTH, required=True)
         elif path == "time_zone":
-            values[path] = checks.text(name, value, max_length=64, required=True)
+            # Kept exactly as given (no normalising): check_therapist_zone accepts only IANA names.
+            if not value:
+                checks.fail(name, "is required (an IANA time zone name, e.g. Europe/London)")
+            values[path] = value
         elif path in ("buffer_before_minutes", "buffer_after_minutes"):
             values[path] = checks.integer(name, value, minimum=0, maximum=240)
         elif path == "minimum_notice_minutes":
@@ -237,29 +240,38 @@ def start_of(checks: Checks, request: Any) -> datetime:
         return checks.instant("start_time", request.start_time)
     if which != "local_start":
         checks.fail("start_time", "is required: give start_time (an instant) or local_start")
-        return datetime(2000, 1, 1, tzinfo=UTC)
+        return EARLIEST_INSTANT
     local = request.local_start
-    if not _LOCAL_DATE_TIME.match(local.date_time):
+    if not _LOCAL_DATE_TIME.fullmatch(local.date_time):
         checks.fail("local_start.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
-        return datetime(2000, 1, 1, tzinfo=UTC)
+        return EARLIEST_INSTANT
     disambiguation = checks.enum(
         "local_start.disambiguation",
         local.disambiguation,
         booking_pb2.Disambiguation.Name,
         allow_unspecified=True,
     )
-    checks.done()  # resolve only a well-formed local time
     try:
         naive = datetime.fromisoformat(local.date_time)
-        return availability.resolve_local(naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start")
     except ValueError:
         checks.fail("local_start.date_time", "is not a valid date and time")
+        return EARLIEST_INSTANT
+    if not EARLIEST_INSTANT.year <= naive.year < LATEST_INSTANT.year:
+        # Bounded before any arithmetic: near year 9999 a zone's offset overflows datetime.
+        checks.fail("local_start.date_time", f"must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year - 1}")
+        return EARLIEST_INSTANT
+    checks.done()  # resolve only a well-formed local time
+    try:
+        instant = availability.resolve_local(
+            naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start"
+        )
     except availability.AvailabilityError as error:
         if isinstance(error, availability.UnknownTimeZone):
             # availability names its own parameter; the request's field is local_start.time_zone.
             error.field = "local_start.time_zone"
         raise domain.domain_error(error) from None
-    return datetime(2000, 1, 1, tzinfo=UTC)
+    # 2000-01-01T00:00 in UTC+14 is still 1999 in UTC: the instant itself must be in the window too.
+    return checks.within_instant_window("local_start.date_time", instant)
 
 
 def in_request_terms(error: InvalidArgument) -> InvalidArgument:

@@ -182,7 +182,7 @@ class CreditServicer(credit_pb2_grpc.CreditServiceServicer):
         owner_id = checks.uuid("owner_id", request.owner_id)
         amount = checks.integer("amount", request.amount, minimum=1, maximum=MAX_AMOUNT)
         kind = checks.enum("kind", request.kind, credit_pb2.GrantKind.Name)
-        note = checks.text("note", request.note, max_length=MAX_NOTE_LENGTH)
+        note = checks.text("note", request.note, max_length=MAX_NOTE_LENGTH, multiline=True)
         checks.done()
         balance, entry = await self._service.grant(request_id, owner_id, amount, _GRANT_KIND_FROM_PROTO[kind], note)
         return credit_pb2.GrantCreditsResponse(balance=balance_message(balance), entry=entry_message(entry))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -304,6 +304,31 @@ async def lock_expired_reservations(connection: Connection, limit: int) -> list[
     return [_reservation(row) for row in rows]
 
 
+# Open ends of a keyset cursor. A listing always compares with a bound (never `$n IS NULL OR ...`),
+# so that in a generic plan, which PostgreSQL uses for a prepared statement after five runs, the
+# cursor is still an index condition and a deep page reads only its own rows.
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_NIL_ID = uuid.UUID(int=0)
+MAX_ENTRY_ID = 2**63 - 1  # entry_id is a bigint: above every entry
+
+
+def list_reservations_sql(*, by_owner: bool, pending: bool) -> str:
+    """The listing's statement for one shape of filter: by owner (index reservations_by_owner) or
+    not (reservations_by_creation); PENDING named as a literal, so that the planner may take the
+    partial index of pending holds (few) whatever the parameters, else the status as a filter."""
+    # Every parameter appears in every shape (one that does not has no type); the ones a shape
+    # does not filter on stand in a condition on the parameter alone, a one-time check.
+    owner = "owner_id = $6" if by_owner else "$6::uuid IS NULL"
+    status = "status = 'pending' AND $5::text = 'pending'" if pending else "($5::text IS NULL OR status = $5)"
+    return f"""SELECT {_RESERVATION_COLUMNS} FROM credit.reservations
+             WHERE {owner}
+               AND {status}
+               AND (created_at, reservation_id) < ($1, $2::uuid)
+               AND created_at < $3
+             ORDER BY created_at DESC, reservation_id DESC
+             LIMIT $4"""
+
+
 async def list_reservations(
     connection: Connection,
     *,
@@ -314,36 +339,26 @@ async def list_reservations(
     limit: int,
 ) -> list[Reservation]:
     """Newest first; `after` is the (created_at, reservation_id) of the previous page's last row."""
-    rows = await connection.fetch(
-        f"""SELECT {_RESERVATION_COLUMNS} FROM credit.reservations
-             WHERE ($1::uuid IS NULL OR owner_id = $1)
-               AND ($2::text IS NULL OR status = $2)
-               AND ($3::timestamptz IS NULL OR created_at < $3)
-               AND ($4::timestamptz IS NULL OR (created_at, reservation_id) < ($4, $5::uuid))
-             ORDER BY created_at DESC, reservation_id DESC
-             LIMIT $6""",
-        owner_id,
-        status.value if status else None,
-        created_before,
-        after[0] if after else None,
-        after[1] if after else None,
-        limit,
-    )
+    upper = created_before or _LATEST
+    # (created_at, id) < (upper, nil) is created_at < upper: no id is below the nil UUID.
+    cursor = after or (upper, _NIL_ID)
+    sql = list_reservations_sql(by_owner=owner_id is not None, pending=status is ReservationStatus.PENDING)
+    rows = await connection.fetch(sql, cursor[0], cursor[1], upper, limit, status.value if status else None, owner_id)
     return [_reservation(row) for row in rows]
+
+
+LIST_ENTRIES_SQL = f"""SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries
+             WHERE owner_id = $1 AND entry_id < $2
+             ORDER BY entry_id DESC
+             LIMIT $3"""
 
 
 async def list_entries(
     connection: Connection, owner_id: uuid.UUID, *, before_entry_id: int | None, limit: int
 ) -> list[LedgerEntry]:
-    rows = await connection.fetch(
-        f"""SELECT {_ENTRY_COLUMNS} FROM credit.ledger_entries
-             WHERE owner_id = $1 AND ($2::bigint IS NULL OR entry_id < $2)
-             ORDER BY entry_id DESC
-             LIMIT $3""",
-        owner_id,
-        before_entry_id,
-        limit,
-    )
+    """Newest first, below `before_entry_id` (the previous page's last entry)."""
+    before = MAX_ENTRY_ID if before_entry_id is None else before_entry_id
+    rows = await connection.fetch(LIST_ENTRIES_SQL, owner_id, before, limit)
     return [_entry(row) for row in rows]
 
 
@@ -360,8 +375,32 @@ async def pending_reservation_stats(connection: Connection) -> tuple[int, float]
     return int(row["pending"]), float(row["oldest_age_s"])
 
 
-async def reservation_counts(connection: Connection) -> dict[str, int]:
-    """Reservations by status, for the metrics. This reads the whole table (about 0.15 s per
-    million rows), so the metrics run it rarely (*_METRICS_SCAN_INTERVAL_S)."""
-    rows = await connection.fetch("SELECT status, count(*) AS count FROM credit.reservations GROUP BY status")
-    return {row["status"]: int(row["count"]) for row in rows}
+async def reservation_counts(connection: Connection, *, pending: int, exact_below_rows: int) -> dict[str, int] | None:
+    """Reservations by status other than PENDING, for the metrics, without reading the table once
+    it is large. Under `exact_below_rows` live rows, counted exactly (a scan of at most that many);
+    above, estimated from the statistics PostgreSQL keeps anyway: the live rows (counted as rows
+    are inserted) less the `pending` ones (counted exactly through their partial index), shared out
+    by the frequencies of each status that the last ANALYZE (autovacuum's) measured. None when the
+    table is large and has never been analysed (nothing to estimate from yet)."""
+    stats = await connection.fetchrow(
+        """SELECT greatest(s.n_live_tup, c.reltuples::bigint, 0) AS live_rows,
+                  st.most_common_vals::text::text[] AS statuses, st.most_common_freqs AS frequencies
+             FROM pg_class c
+             JOIN pg_namespace n ON n.oid = c.relnamespace
+             LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+             LEFT JOIN pg_stats st ON st.schemaname = n.nspname AND st.tablename = c.relname AND st.attname = 'status'
+            WHERE n.nspname = 'credit' AND c.relname = 'reservations'"""
+    )
+    assert stats is not None, "credit.reservations exists"
+    if stats["live_rows"] < exact_below_rows:
+        rows = await connection.fetch(
+            "SELECT status, count(*) AS count FROM credit.reservations WHERE status <> 'pending' GROUP BY status"
+        )
+        return {row["status"]: int(row["count"]) for row in rows}
+    frequencies = dict(zip(stats["statuses"] or (), stats["frequencies"] or (), strict=True))
+    frequencies.pop(ReservationStatus.PENDING.value, None)
+    total_frequency = sum(frequencies.values())
+    if total_frequency <= 0:
+        return None
+    terminal_rows = max(0, stats["live_rows"] - pending)
+    return {status: round(terminal_rows * frequency / total_frequency) for status, frequency in frequencies.items()}

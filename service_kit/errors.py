@@ -24,6 +24,8 @@ class DomainError(Exception):
     """An expected refusal. Subclasses set `reason`; the servicer's table sets the code."""
 
     reason: ClassVar[str] = "UNSPECIFIED"
+    # The fields at fault, for a BadRequest (bad input only).
+    violations: tuple[FieldViolation, ...] = ()
 
     def __init__(self, message: str, *, metadata: Mapping[str, str] | None = None) -> None:
         super().__init__(message)
@@ -131,9 +133,8 @@ def status_for(error: DomainError, code: grpc.StatusCode, *, domain: str) -> grp
 
 
 def status_message_for(error: DomainError, code: grpc.StatusCode, *, domain: str) -> status_pb2.Status:
-    violations = error.violations if isinstance(error, InvalidArgument) else ()
     return status_message(
-        code, error.reason, error.message, domain=domain, metadata=error.metadata, violations=violations
+        code, error.reason, error.message, domain=domain, metadata=error.metadata, violations=error.violations
     )
 
 

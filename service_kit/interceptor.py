@@ -14,16 +14,20 @@ interceptor then only records the call's outcome on that span (status code, reas
 With tracing off nothing about traces happens per call.
 
 An aio interceptor only resolves the handler, so the work happens in a wrapper around
-`handler.unary_unary` (docs/conventions.md).
+`handler.unary_unary` (docs/conventions.md). The wrapper also decodes the request (the method is
+registered without a deserializer, service_kit/decoding.py): bytes that are not a message of the
+method's type are refused INVALID_ARGUMENT like any other bad input, after authorization has read
+what it can of them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
+import inspect
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +44,7 @@ from service_kit.auth import (
     bind_principal,
     unbind_principal,
 )
+from service_kit.decoding import MalformedRequest, RequestDecoder
 from service_kit.errors import DomainError, Unavailable, rich_status, status_for
 
 log = structlog.get_logger()
@@ -52,6 +57,7 @@ _deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("rpc_de
 _request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("rpc_request_id", default=None)
 
 ErrorTable = Mapping[type[DomainError], grpc.StatusCode]
+Metadata = Iterable[tuple[str, str | bytes]]
 # Told when a call starts: (service, rpc), e.g. ("booking.v1.BookingService", "CreateBooking").
 RpcStartObserver = Callable[[str, str], None]
 # Told when a call finishes: (service, rpc, code, reason, duration_s); reason is the ErrorInfo
@@ -92,6 +98,7 @@ _SHARED_CODES: dict[type[DomainError], grpc.StatusCode] = {
     PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     TooManyConcurrentCalls: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
+    MalformedRequest: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
@@ -140,6 +147,8 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         self._observers = observers
         self._start_observers = start_observers
         self._traced = traced
+        # One decoder per method, made on its first call (the methods are the registered ones).
+        self._decoders: dict[str, RequestDecoder | None] = {}
 
     async def intercept_service(
         self,
@@ -147,23 +156,35 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         handler = await continuation(handler_call_details)
-        if handler is None or handler.unary_unary is None:
-            return handler
+        if handler is None:
+            return None
         method: str = handler_call_details.method
+        if method not in self._decoders:
+            deserializer = handler.request_deserializer
+            self._decoders[method] = RequestDecoder.of(deserializer) if deserializer is not None else None
+        decoder = self._decoders[method]
+        if handler.unary_unary is None:
+            return handler if decoder is None else self._decoding_stream_handler(handler, decoder)
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(method, handler.unary_unary),
-            request_deserializer=handler.request_deserializer,
+            self._wrap(method, handler.unary_unary, decoder),
+            # The raw bytes: the wrapper decodes them, so that bytes which are no message are the
+            # caller's INVALID_ARGUMENT rather than grpc's UNKNOWN (service_kit/decoding.py).
+            request_deserializer=None if decoder is not None else handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap(self, method: str, behaviour: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    def _wrap(
+        self, method: str, behaviour: Callable[..., Any], decoder: RequestDecoder | None
+    ) -> Callable[..., Awaitable[Any]]:
         service, _, rpc = method.lstrip("/").rpartition("/")
 
-        async def wrapped(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        async def wrapped(raw: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             structlog.contextvars.clear_contextvars()
             for start_observer in self._start_observers:
                 start_observer(service, rpc)
-            request_id = _incoming_request_id(context)
+            # Read once: grpcio converts the metadata anew on each read.
+            metadata: Metadata = context.invocation_metadata() or ()
+            request_id = _incoming_request_id(metadata)
             structlog.contextvars.bind_contextvars(rpc=rpc, request_id=request_id)
             started = time.perf_counter()
             budget_s = _budget_s(context, self._default_deadline_s)
@@ -173,15 +194,7 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
             principal_token = bind_principal(None)
             limited_subject: str | None = None
             try:
-                if self._gate is not None:
-                    # Before the handler: authorization before existence, so a forbidden id and a
-                    # missing one look alike. Only the subject and roles are logged, never the token.
-                    principal = self._gate.admit(service, rpc, request, context.invocation_metadata() or ())
-                    if principal is not None:
-                        structlog.contextvars.bind_contextvars(caller=principal.subject, roles=sorted(principal.roles))
-                        bind_principal(principal)
-                        self._caller_limits.acquire(principal.subject)
-                        limited_subject = principal.subject
+                request, limited_subject = self._admit(service, rpc, decoder, raw, metadata)
                 async with asyncio.timeout(budget_s):
                     return await behaviour(request, context)
             except asyncio.CancelledError:
@@ -210,6 +223,92 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
                 self._finish(service, rpc, outcome, duration_s)
 
         return wrapped
+
+    def _decoding_stream_handler(
+        self, handler: grpc.RpcMethodHandler[Any, Any], decoder: RequestDecoder
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        """A streaming method (health's Watch, reflection) is neither timed nor counted here, but
+        its requests are decoded here too, so that bytes which are no message answer
+        INVALID_ARGUMENT rather than grpc's UNKNOWN with a traceback at ERROR."""
+
+        async def decoded(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            try:
+                return decoder.decode(raw)
+            except MalformedRequest as error:
+                log.info("stream_request_refused", reason=error.reason)
+                await context.abort_with_status(
+                    status_for(error, grpc.StatusCode.INVALID_ARGUMENT, domain=self._domain)
+                )
+                raise  # abort_with_status raises; this only says so to the type checker
+
+        async def decoded_stream(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            async for raw in raws:
+                yield await decoded(raw, context)
+
+        def with_request(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def generator(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    async for response in behaviour(await decoded(raw, context), context):
+                        yield response
+
+                return generator
+
+            async def coroutine(raw: bytes, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await behaviour(await decoded(raw, context), context)
+
+            return coroutine
+
+        def with_requests(behaviour: Callable[..., Any]) -> Callable[..., Any]:
+            if inspect.isasyncgenfunction(behaviour):
+
+                async def generator(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                    async for response in behaviour(decoded_stream(raws, context), context):
+                        yield response
+
+                return generator
+
+            async def coroutine(raws: AsyncIterator[bytes], context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+                return await behaviour(decoded_stream(raws, context), context)
+
+            return coroutine
+
+        serializer = handler.response_serializer
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(with_request(handler.unary_stream), None, serializer)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(with_requests(handler.stream_stream), None, serializer)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(with_requests(handler.stream_unary), None, serializer)
+        return handler
+
+    def _admit(
+        self, service: str, rpc: str, decoder: RequestDecoder | None, raw: Any, metadata: Metadata
+    ) -> tuple[Any, str | None]:
+        """Decodes the request and lets the gate judge the caller: the request, and the subject
+        whose concurrency slot the call now holds (None: no slot). A request that is not a message
+        is refused after authorization, which reads what it can of it."""
+        malformed: MalformedRequest | None = None
+        request = raw
+        if decoder is not None:
+            try:
+                request = decoder.decode(raw)
+            except MalformedRequest as error:
+                malformed, request = error, decoder.readable(error)
+        principal = None
+        if self._gate is not None:
+            # Before the handler: authorization before existence, so a forbidden id and a
+            # missing one look alike. Only the subject and roles are logged, never the token.
+            principal = self._gate.admit(service, rpc, request, metadata)
+            if principal is not None:
+                structlog.contextvars.bind_contextvars(caller=principal.subject, roles=sorted(principal.roles))
+                bind_principal(principal)
+        if malformed is not None:
+            raise malformed
+        if principal is None:
+            return request, None
+        self._caller_limits.acquire(principal.subject)
+        return request, principal.subject
 
     def _outcome(self, error: Exception, context: grpc.aio.ServicerContext[Any, Any]) -> Outcome:
         if isinstance(error, grpc.aio.AbortError):
@@ -255,11 +354,13 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         structlog.contextvars.clear_contextvars()
 
 
-def _incoming_request_id(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    for key, value in context.invocation_metadata() or ():
+def _incoming_request_id(metadata: Metadata) -> str:
+    """The caller's request id if it is at most 128 printable ASCII characters, else a new one
+    (grpcio hands over a value that is not UTF-8 read as Latin-1: such a one is not kept)."""
+    for key, value in metadata:
         if key == REQUEST_ID_HEADER and isinstance(value, str):
             cleaned = value.strip()
-            if cleaned and len(cleaned) <= MAX_REQUEST_ID_HEADER_LENGTH and cleaned.isprintable():
+            if cleaned and len(cleaned) <= MAX_REQUEST_ID_HEADER_LENGTH and cleaned.isascii() and cleaned.isprintable():
                 return cleaned
     return uuid.uuid4().hex
 

@@ -35,6 +35,7 @@ from service_kit.auth import AccessRules, AuthSettings, Gate
 from service_kit.config import ConfigError, ServerSettings
 from service_kit.database import Database, DatabaseState
 from service_kit.interceptor import ErrorTable, RpcObserver, ServerInterceptor
+from service_kit.logs import quiet_caller_metadata_errors
 from service_kit.metrics import GrpcMetrics, MetricsServer, PoolCollector, new_registry, register_process_collectors
 from service_kit.tls import Transport
 
@@ -104,6 +105,7 @@ class Runtime:
     async def start(self, build: Callable[[Database], ServiceParts]) -> None:
         parts = build(self.database)
         self._parts = parts
+        quiet_caller_metadata_errors()
         gate = Gate(self.auth, self.definition.service_name, self.definition.access_rules)
         server = grpc.aio.server(
             interceptors=[

@@ -6,10 +6,17 @@
     checks.done()   # raises InvalidArgument naming each bad field
 
 Values returned before `done()` are placeholders when their field is bad; use them only after.
+
+The accepted forms (docs/http-api.md, "Accepted forms"): a UUID only as 36 lowercase hex
+characters with dashes (`str(uuid.UUID(...))`, what the API itself returns), so that one id has one
+spelling everywhere (idempotency keys, logs, ownership); text NFC-normalised, without control
+characters, and single-line unless the field is a note; instants within 2000..2099.
 """
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TypeVar, cast
@@ -28,6 +35,17 @@ MAX_VIOLATIONS = 10
 EARLIEST_INSTANT = datetime(2000, 1, 1, tzinfo=UTC)
 LATEST_INSTANT = datetime(2100, 1, 1, tzinfo=UTC)
 _PLACEHOLDER_UUID = UUID(int=0)
+# The one accepted spelling of a UUID: str(UUID(...)). `fullmatch`, so no trailing newline either.
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+# Unicode categories no text field may hold: controls (C0, C1, DEL), surrogates, and line or
+# paragraph separators. (Unassigned code points pass: this Python's Unicode tables are older than
+# the newest emoji.)
+_REFUSED_CATEGORIES = frozenset({"Cc", "Cs", "Zl", "Zp"})
+# Format characters that reorder or hide text (bidirectional embeddings, overrides and isolates;
+# a name that displays as another). Zero-width joiners stay: emoji sequences need them.
+_REFUSED_FORMAT_CHARACTERS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+# What a multi-line text (a note) may hold beyond a single line's characters.
+_MULTILINE_CONTROLS = frozenset("\n\t")
 # Generated enums type their numbers as NewTypes of int.
 EnumNumber = TypeVar("EnumNumber", bound=int)
 
@@ -44,11 +62,10 @@ class Checks:
         if not value:
             self.fail(field, "is required (a UUID)")
             return _PLACEHOLDER_UUID
-        try:
-            parsed = UUID(value)
-        except ValueError:
-            self.fail(field, "must be a UUID, e.g. 3f2b8c1e-7d4a-4b7e-9a55-0c1d2e3f4a5b")
+        if not _CANONICAL_UUID.fullmatch(value):
+            self.fail(field, "must be a UUID in lowercase with dashes, e.g. 3f2b8c1e-7d4a-4b7e-9a55-0c1d2e3f4a5b")
             return _PLACEHOLDER_UUID
+        parsed = UUID(value)
         if parsed.int == 0:
             self.fail(field, "must not be the nil UUID")
         return parsed
@@ -70,14 +87,23 @@ class Checks:
             self.fail(field, f"must be between {minimum} and {maximum}, got {value}")
         return value
 
-    def text(self, field: str, value: str, *, max_length: int, required: bool = False) -> str:
-        if required and not value.strip():
+    def text(self, field: str, value: str, *, max_length: int, required: bool = False, multiline: bool = False) -> str:
+        """`value` NFC-normalised and stripped of surrounding white space, which is what is stored
+        and returned; refused with control or hidden-reordering characters (a note, `multiline`,
+        may hold line breaks and tabs) or over `max_length` characters once normalised."""
+        text = unicodedata.normalize("NFC", value).strip()
+        if required and not text:
             self.fail(field, "is required")
-        elif len(value) > max_length:
+        elif len(text) > max_length:
             self.fail(field, f"must be at most {max_length} characters")
-        elif "\x00" in value:
-            self.fail(field, "must not contain NUL characters")
-        return value
+        elif not _clean_text(text, multiline=multiline):
+            self.fail(
+                field,
+                "must not contain control characters, line breaks or bidirectional formatting characters"
+                if not multiline
+                else "must not contain control characters (but line breaks and tabs) or bidirectional formatting",
+            )
+        return text
 
     def enum(
         self, field: str, value: EnumNumber, names: Callable[[EnumNumber], str], *, allow_unspecified: bool = False
@@ -92,6 +118,13 @@ class Checks:
             self.fail(field, f"is required (not {name})")
         return value
 
+    def within_instant_window(self, field: str, instant: datetime) -> datetime:
+        """`instant` (aware), refused outside the window every instant of the API lies in."""
+        if not EARLIEST_INSTANT <= instant < LATEST_INSTANT:
+            self.fail(field, f"must be between {EARLIEST_INSTANT:%Y} and {LATEST_INSTANT:%Y}")
+            return EARLIEST_INSTANT
+        return instant
+
     def instant(self, field: str, value: timestamp_pb2.Timestamp, *, required: bool = True) -> datetime:
         if value.seconds == 0 and value.nanos == 0:
             if required:
@@ -105,9 +138,7 @@ class Checks:
         except (ValueError, OverflowError):
             self.fail(field, "is out of range")
             return EARLIEST_INSTANT
-        if not EARLIEST_INSTANT <= instant < LATEST_INSTANT:
-            self.fail(field, f"must be between {EARLIEST_INSTANT:%Y} and {LATEST_INSTANT:%Y}")
-        return instant
+        return self.within_instant_window(field, instant)
 
     def page_size(self, field: str, value: int, *, default: int, maximum: int) -> int:
         if value < 0:
@@ -120,3 +151,14 @@ class Checks:
     def done(self) -> None:
         if self.violations:
             raise InvalidArgument(self.violations)
+
+
+def _clean_text(text: str, *, multiline: bool) -> bool:
+    for character in text:
+        if character in _REFUSED_FORMAT_CHARACTERS:
+            return False
+        if unicodedata.category(character) in _REFUSED_CATEGORIES and not (
+            multiline and character in _MULTILINE_CONTROLS
+        ):
+            return False
+    return True

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 
 import asyncpg
 from asyncpg import Range
@@ -216,6 +216,26 @@ async def cancel_booking(
     return rows.booking(row)
 
 
+# Open ends of the listing's keyset cursor: the statement always compares with a bound (never
+# `$n IS NULL OR ...`), so that in a generic plan the cursor and the time range stay index
+# conditions of sessions_by_client / sessions_by_therapist and a deep page reads only its rows.
+_EARLIEST = datetime.min.replace(tzinfo=UTC)
+_LATEST = datetime.max.replace(tzinfo=UTC)
+_NIL_ID = uuid.UUID(int=0)
+
+
+def list_bookings_sql(*, by_client: bool) -> str:
+    """The listing's statement, by client or by therapist (the API asks for exactly one)."""
+    owner = "s.client_id" if by_client else "s.therapist_id"
+    return f"""SELECT {rows.BOOKING_WITH_ROOM} FROM {rows.SESSIONS_WITH_ROOM}
+             WHERE {owner} = $1
+               AND (s.starts_at, s.booking_id) > ($2, $3::uuid)
+               AND s.starts_at < $4
+               AND ($5::text IS NULL OR s.status = $5)
+             ORDER BY s.starts_at, s.booking_id
+             LIMIT $6"""
+
+
 async def list_bookings(
     connection: Connection,
     *,
@@ -227,23 +247,18 @@ async def list_bookings(
     after: tuple[datetime, uuid.UUID] | None,
     limit: int,
 ) -> list[Booking]:
+    """By start time; `after` is the (starts_at, booking_id) of the previous page's last row.
+    Exactly one of `client_id` and `therapist_id` (the servicer checks)."""
+    assert (client_id is None) != (therapist_id is None), "exactly one of client_id and therapist_id"
+    # (starts_at, id) > (start_after, nil) is starts_at >= start_after: every id is above the nil UUID.
+    cursor = after or (start_after or _EARLIEST, _NIL_ID)
     found = await connection.fetch(
-        f"""SELECT {rows.BOOKING_WITH_ROOM} FROM {rows.SESSIONS_WITH_ROOM}
-             WHERE ($1::uuid IS NULL OR s.client_id = $1)
-               AND ($2::uuid IS NULL OR s.therapist_id = $2)
-               AND ($3::timestamptz IS NULL OR s.starts_at >= $3)
-               AND ($4::timestamptz IS NULL OR s.starts_at < $4)
-               AND ($5::text IS NULL OR s.status = $5)
-               AND ($6::timestamptz IS NULL OR (s.starts_at, s.booking_id) > ($6, $7::uuid))
-             ORDER BY s.starts_at, s.booking_id
-             LIMIT $8""",
-        client_id,
-        therapist_id,
-        start_after,
-        start_before,
+        list_bookings_sql(by_client=client_id is not None),
+        client_id or therapist_id,
+        cursor[0],
+        cursor[1],
+        start_before or _LATEST,
         status.value if status else None,
-        after[0] if after else None,
-        after[1] if after else None,
         limit,
     )
     return [rows.booking(row) for row in found]

@@ -15,36 +15,27 @@ import asyncio
 import http.client
 import uuid
 from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import asyncpg
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from booking.v1 import booking_pb2_grpc
-from booking_service.config import BookingSettings
 from booking_service.metrics import OUTCOMES, booking_outcome
-from booking_service.server import start as start_booking
 from booking_service.servicer import SERVICE_NAME as BOOKING_SERVICE_NAME
-from credit.v1 import credit_pb2, credit_pb2_grpc
-from credit_service.config import CreditSettings
-from credit_service.server import start as start_credit
+from credit.v1 import credit_pb2
 from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from service_kit.config import ConfigError, listen_address
 from service_kit.metrics import GrpcMetrics, new_registry
 from service_kit.server import Runtime
-from tests.support.auth import authorized_channel
+from tests.support.pair import Services, own_services
 from tests.support.processes import Stack, log_events, running_stack, wait_for
-from tests.support.stack import fresh_database, server_environment, wait_serving
 from tests.support.world import World, future_hour, refusal
 
 if TYPE_CHECKING:
-    from booking.v1.booking_pb2_grpc import BookingServiceAsyncStub
-    from credit.v1.credit_pb2_grpc import CreditServiceAsyncStub
+    pass
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -55,75 +46,30 @@ LOG_TIMEOUT_S = 10.0
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-@dataclass
-class Services:
-    credit: Runtime
-    booking: Runtime
-    booking_stub: BookingServiceAsyncStub
-    credit_stub: CreditServiceAsyncStub
-    credit_db: asyncpg.Pool
-    booking_db: asyncpg.Pool
-
-
 @pytest.fixture(scope="module")
 async def services(postgres_server_url: str) -> AsyncIterator[Services]:
     """A credit and a booking server of this module's own: counters start from a known state.
     The outbox worker and the reconciler look rarely (each makes credit calls of its own), except
     where a test brings them work on purpose."""
-    credit_url, booking_url = await asyncio.gather(
-        fresh_database(postgres_server_url, "observability_credit"),
-        fresh_database(postgres_server_url, "observability_booking"),
-    )
-    credit = await start_credit(
-        CreditSettings.from_environment(
-            server_environment(
-                "CREDIT",
-                credit_url,
-                CREDIT_METRICS_REFRESH_INTERVAL_S=REFRESH_INTERVAL_S,
-                CREDIT_METRICS_SCAN_INTERVAL_S=REFRESH_INTERVAL_S,
-                CREDIT_DATABASE_POOL_MAX_SIZE=str(POOL_MAX_SIZE),
-            )
-        )
-    )
-    booking = await start_booking(
-        BookingSettings.from_environment(
-            server_environment(
-                "BOOKING",
-                booking_url,
-                BOOKING_CREDIT_TARGET=f"127.0.0.1:{credit.port}",
-                BOOKING_METRICS_REFRESH_INTERVAL_S=REFRESH_INTERVAL_S,
-                BOOKING_METRICS_SCAN_INTERVAL_S=REFRESH_INTERVAL_S,
-                BOOKING_DATABASE_POOL_MAX_SIZE=str(POOL_MAX_SIZE),
-                # Stale means older than 60 s (the default): only holds the test backdates.
-                BOOKING_RECONCILE_INTERVAL_S="0.2",
-                # Bookings commit inline; an outbox pass racing them would add commit calls.
-                BOOKING_OUTBOX_INTERVAL_S="600",
-            )
-        )
-    )
-    booking_channel = authorized_channel(f"127.0.0.1:{booking.port}")
-    credit_channel = authorized_channel(f"127.0.0.1:{credit.port}")
-    credit_db = await asyncpg.create_pool(credit_url, min_size=1, max_size=2)
-    booking_db = await asyncpg.create_pool(booking_url, min_size=1, max_size=2)
-    assert credit_db is not None and booking_db is not None
-    try:
-        await wait_serving(f"127.0.0.1:{credit.port}", CREDIT_SERVICE_NAME)
-        await wait_serving(f"127.0.0.1:{booking.port}", BOOKING_SERVICE_NAME)
-        yield Services(
-            credit,
-            booking,
-            booking_pb2_grpc.BookingServiceStub(booking_channel),
-            credit_pb2_grpc.CreditServiceStub(credit_channel),
-            credit_db,
-            booking_db,
-        )
-    finally:
-        await booking_channel.close()
-        await credit_channel.close()
-        await credit_db.close()
-        await booking_db.close()
-        await booking.stop()
-        await credit.stop()
+    async with own_services(
+        postgres_server_url,
+        "observability",
+        credit_env={
+            "CREDIT_METRICS_REFRESH_INTERVAL_S": REFRESH_INTERVAL_S,
+            "CREDIT_METRICS_SCAN_INTERVAL_S": REFRESH_INTERVAL_S,
+            "CREDIT_DATABASE_POOL_MAX_SIZE": str(POOL_MAX_SIZE),
+        },
+        booking_env={
+            "BOOKING_METRICS_REFRESH_INTERVAL_S": REFRESH_INTERVAL_S,
+            "BOOKING_METRICS_SCAN_INTERVAL_S": REFRESH_INTERVAL_S,
+            "BOOKING_DATABASE_POOL_MAX_SIZE": str(POOL_MAX_SIZE),
+            # Stale means older than 60 s (the default): only holds the test backdates.
+            "BOOKING_RECONCILE_INTERVAL_S": "0.2",
+            # Bookings commit inline; an outbox pass racing them would add commit calls.
+            "BOOKING_OUTBOX_INTERVAL_S": "600",
+        },
+    ) as services:
+        yield services
 
 
 # --- scraping ---
