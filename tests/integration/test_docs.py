@@ -106,6 +106,8 @@ def curl_calls(text: str) -> list[tuple[str, str, str]]:
         command = line.strip()
         if not command.startswith(("curl ", "T=$(curl", "S=$(curl", "B=$(curl")) or "application/grpc" in command:
             continue
+        if "-X OPTIONS" in command:
+            continue  # a browser's CORS preflight: it never carries credentials (test_gateway_edge.py)
         url = re.search(r"(?:\$GW|http://127\.0\.0\.1:8080)(/[^\s'\"]*)", command)
         if url is None:
             continue
