@@ -21,6 +21,12 @@ from pathlib import Path
 import asyncpg
 
 from bench.stack import child_pids, cpu_seconds
+from booking_service.availability import Interval
+from booking_service.decisions import Place, Refusal
+from booking_service.domain import Booking, BookingStatus, PaymentStatus
+from booking_service.store import calendar as calendar_store
+from credit_service import store as credit_store
+from credit_service.domain import ReservationStatus
 from devstack.postgres import EmbeddedPostgres, ensure_database
 from service_kit import migrations
 
@@ -120,9 +126,100 @@ async def run(items: int) -> None:
         await measure(meter, "baseline.book (the baseline's whole booking)", items, book)
         await credit.close()
         await baseline.close()
+        for plans in ("auto", "force_generic_plan"):
+            await measure_protocol(meter, url, owners, items, plans)
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+async def measure_protocol(meter: Meter, url: str, owners: list[uuid.UUID], items: int, plans: str) -> None:
+    """A lone booking's statements, each alone and then all of them, through the services' own
+    store functions, with the connections' plan_cache_mode set to `plans` (the services use
+    force_generic_plan: service_kit/database.py)."""
+    settings = {"plan_cache_mode": plans}
+    booking = await asyncpg.connect(await ensure_database(url, f"costs_booking_{plans}"), server_settings=settings)
+    credit = await asyncpg.connect(await ensure_database(url, "costs_credit"), server_settings=settings)
+    await migrations.migrate(booking, "booking", migrations.load("booking_service"))
+    therapist_id, type_id = uuid.uuid4(), uuid.uuid4()
+    await booking.execute(
+        "INSERT INTO booking.therapists (therapist_id, request_id, display_name, time_zone) VALUES ($1, $2, 'T', 'UTC')",
+        therapist_id,
+        str(uuid.uuid4()),
+    )
+    await booking.execute(
+        """INSERT INTO booking.session_types (session_type_id, therapist_id, request_id, name, duration_minutes,
+                                              credit_cost) VALUES ($1, $2, $3, 'S', 10, 1)""",
+        type_id,
+        therapist_id,
+        str(uuid.uuid4()),
+    )
+    version = await booking.fetchval(
+        "SELECT schedule_version FROM booking.therapists WHERE therapist_id = $1", therapist_id
+    )
+    start = datetime(2031, 1, 1, tzinfo=UTC)
+    slots = iter(range(10 * items))
+    taken = Refusal("SLOT_UNAVAILABLE", "taken")
+
+    def proposal() -> Place:
+        key, at, now = uuid.uuid4(), start + timedelta(minutes=10 * next(slots)), datetime.now(UTC)
+        draft = Booking(
+            key, str(key), owners[0], therapist_id, type_id, at, at + timedelta(minutes=10), "UTC", 1,
+            BookingStatus.CONFIRMED, PaymentStatus.COMMITTING, None, None, 0, None, 0, now, now,
+        )  # fmt: skip
+        return Place("costs", draft, Interval(at, at + timedelta(minutes=10)), version, {"type": "x"}, None, taken)
+
+    async def look_up() -> int:
+        place = proposal()
+        await calendar_store.look_up(
+            booking, [(place.request_key, therapist_id, (place.blocked.start, place.blocked.end))]
+        )
+        return 1
+
+    async def decide() -> int:
+        await calendar_store.decide(booking, [proposal()], wait=True, lock_timeout_ms=1000)
+        return 1
+
+    async def booking_side() -> int:
+        place = proposal()
+        await calendar_store.look_up(
+            booking, [(place.request_key, therapist_id, (place.blocked.start, place.blocked.end))]
+        )
+        await calendar_store.decide(booking, [place], wait=True, lock_timeout_ms=1000)
+        await calendar_store.mark_paid(booking, [place.request_key])
+        return 1
+
+    async def credit_side() -> int:
+        key = uuid.uuid4()
+        reserved = await credit_store.reserve_many(credit, [credit_store.ReserveItem(key, owners[1], 1, "costs")], 3600)
+        reservation = reserved[0].reservation
+        assert reservation is not None
+        current = await credit_store.fetch_reservations(credit, [key])
+        await credit_store.apply_transitions(credit, [(current[key].plan_commit(None), ReservationStatus.PENDING)])
+        return 1
+
+    placed: list[uuid.UUID] = []
+
+    async def decide_and_keep() -> int:
+        place = proposal()
+        await calendar_store.decide(booking, [place], wait=True, lock_timeout_ms=1000)
+        placed.append(place.request_key)
+        return 1
+
+    async def mark_paid() -> int:
+        await calendar_store.mark_paid(booking, [placed.pop()])
+        return 1
+
+    for label, run in (
+        ("booking.look_up", look_up),
+        ("booking.decide (place)", decide_and_keep),
+        ("mark paid (one UPDATE)", mark_paid),
+    ):
+        await measure(meter, f"{label}, plans {plans}", items, run)
+    await measure(meter, f"booking side of a booking, plans {plans}", items, booking_side)
+    await measure(meter, f"credit side of a booking, plans {plans}", items, credit_side)
+    await booking.close()
+    await credit.close()
 
 
 def main() -> None:
