@@ -143,7 +143,8 @@ async def measure_protocol(meter: Meter, url: str, owners: list[uuid.UUID], item
     await migrations.migrate(booking, "booking", migrations.load("booking_service"))
     therapist_id, type_id = uuid.uuid4(), uuid.uuid4()
     await booking.execute(
-        "INSERT INTO booking.therapists (therapist_id, request_id, display_name, time_zone) VALUES ($1, $2, 'T', 'UTC')",
+        "INSERT INTO booking.therapists (therapist_id, request_id, display_name, time_zone)"
+        " VALUES ($1, $2, 'T', 'UTC')",
         therapist_id,
         str(uuid.uuid4()),
     )
