@@ -31,7 +31,8 @@ class WebhookReceiver:
     # Answer this status (instead of 204) to the next `failures_left` requests.
     failing_status: int = 500
     failures_left: int = 0
-    requests: int = 0
+    # Every request as it came (headers, body), verified or not.
+    raw: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         webhooks.key_of(self.secret)  # a test that passes a bad secret fails here, not in the server
@@ -43,11 +44,11 @@ class WebhookReceiver:
         self.failures_left, self.failing_status = count, status
 
     async def receive(self, request: web.Request) -> web.Response:
-        self.requests += 1
+        body = await request.read()
+        self.raw.append((dict(request.headers), body))
         if self.failures_left > 0:
             self.failures_left -= 1
             return web.Response(status=self.failing_status, text="receiver failing on purpose")
-        body = await request.read()
         try:
             event = Webhook(self.secret).verify(body, dict(request.headers))
         except WebhookVerificationError as error:

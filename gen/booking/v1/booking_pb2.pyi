@@ -2028,7 +2028,9 @@ class WebhookAttempt(_message.Message):
     event_type: _builtins.str
     """The event's type, e.g. "booking.confirmed"."""
     delivery_id: _builtins.str
-    """The delivery this attempt retried (a UUID); empty for the first attempt."""
+    """The delivery that retries this event for this endpoint (a UUID), once an attempt failed;
+    empty for a first attempt that succeeded.
+    """
     http_status: _builtins.int
     """The HTTP status the endpoint answered; 0 when it did not answer (refused, timed out)."""
     latency_ms: _builtins.int
@@ -2148,7 +2150,9 @@ class WebhookDelivery(_message.Message):
     state: Global___WebhookDeliveryState.ValueType
     """Where it stands."""
     attempts: _builtins.int
-    """Attempts made by retries."""
+    """Attempts made, the first one included (0: queued behind the endpoint's earlier failures, not
+    tried yet).
+    """
     last_error: _builtins.str
     """The last failure."""
     @_builtins.property
