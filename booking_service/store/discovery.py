@@ -31,21 +31,28 @@ class TherapistFilter:
         return bool(self.min_credit_cost or self.max_credit_cost or self.duration_minutes)
 
 
-# The keyset cursor (created_at, therapist_id) > ($1, $2) is an index condition on
-# therapists_by_creation, in the generic plan too (tests/integration/test_listing_plans.py).
-LIST_THERAPISTS_SQL = f"""SELECT {rows.THERAPIST_COLUMNS} FROM booking.therapists t
-     WHERE (t.created_at, t.therapist_id) > ($1, $2::uuid)
-       AND ($3 OR t.archived_at IS NULL)
-       AND t.languages @> $4::text[]
-       AND t.specialties @> $5::text[]
-       AND (cardinality($6::text[]) = 0 OR t.time_zone = ANY($6::text[]))
-       AND (NOT $7 OR EXISTS (
-                SELECT 1 FROM booking.session_types st
-                 WHERE st.therapist_id = t.therapist_id AND st.retired_at IS NULL
-                   AND st.credit_cost >= $8 AND ($9::bigint = 0 OR st.credit_cost <= $9)
-                   AND ($10::integer = 0 OR st.duration_minutes = $10)))
-     ORDER BY t.created_at, t.therapist_id
-     LIMIT $11"""
+def list_therapists_sql(where: TherapistFilter) -> str:
+    """The listing's statement for one shape of filter: only the conditions the filter has, the
+    others a one-time check of their parameter. The keyset cursor (created_at, therapist_id) >
+    ($1, $2) is an index condition on therapists_by_creation in the generic plan of every shape
+    (tests/integration/test_listing_plans.py); the conditions filter the rows that index walks."""
+    languages = "t.languages @> $4::text[]" if where.languages else "cardinality($4::text[]) = 0"
+    specialties = "t.specialties @> $5::text[]" if where.specialties else "cardinality($5::text[]) = 0"
+    zones = "t.time_zone = ANY($6::text[])" if where.time_zones else "cardinality($6::text[]) = 0"
+    session_type = (
+        """EXISTS (SELECT 1 FROM booking.session_types st
+                    WHERE st.therapist_id = t.therapist_id AND st.retired_at IS NULL
+                      AND st.credit_cost >= $7 AND ($8::bigint = 0 OR st.credit_cost <= $8)
+                      AND ($9::integer = 0 OR st.duration_minutes = $9))"""
+        if where.needs_session_type
+        else "$7::bigint = 0 AND $8::bigint = 0 AND $9::integer = 0"
+    )
+    archived = "$3::boolean" if where.include_archived else "NOT $3::boolean AND t.archived_at IS NULL"
+    return f"""SELECT {rows.THERAPIST_COLUMNS} FROM booking.therapists t
+                WHERE (t.created_at, t.therapist_id) > ($1, $2::uuid)
+                  AND {archived} AND {languages} AND {specialties} AND {zones} AND {session_type}
+                ORDER BY t.created_at, t.therapist_id
+                LIMIT $10"""
 
 
 async def list_therapists(
@@ -54,14 +61,13 @@ async def list_therapists(
     """Therapists matching `where` after the cursor `after` ((created_at, therapist_id) of the
     previous page's last row; the nil cursor for the first page), in that order."""
     found = await connection.fetch(
-        LIST_THERAPISTS_SQL,
+        list_therapists_sql(where),
         after[0],
         after[1],
         where.include_archived,
         list(where.languages),
         list(where.specialties),
         list(where.time_zones),
-        where.needs_session_type,
         where.min_credit_cost,
         where.max_credit_cost,
         where.duration_minutes,

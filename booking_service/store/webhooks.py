@@ -435,18 +435,23 @@ async def purge(connection: Connection, older_than_s: float, limit: int) -> int:
 # --- the log and the deliveries (admin, or the endpoint's partner) ---
 
 
+# Newest first; the keyset cursor is an index condition on webhook_attempts_by_endpoint
+# (tests/integration/test_listing_plans.py).
+ATTEMPTS_SQL = """SELECT attempt_id, endpoint_id, event_id, event_type, delivery_id, attempted_at, http_status,
+                         latency_ms, succeeded, error
+                    FROM booking.webhook_attempts
+                   WHERE endpoint_id = $1 AND (attempted_at, attempt_id) < ($2, $3::uuid)
+                   ORDER BY attempted_at DESC, attempt_id DESC
+                   LIMIT $4"""
+
+
 async def attempts(
     connection: Connection, endpoint_id: uuid.UUID, after: tuple[datetime, uuid.UUID] | None, limit: int
 ) -> list[Attempt]:
     """Newest first, through webhook_attempts_by_endpoint."""
     cursor = after or _NEWEST
     found = await connection.fetch(
-        """SELECT attempt_id, endpoint_id, event_id, event_type, delivery_id, attempted_at, http_status, latency_ms,
-                  succeeded, error
-             FROM booking.webhook_attempts
-            WHERE endpoint_id = $1 AND (attempted_at, attempt_id) < ($2, $3::uuid)
-            ORDER BY attempted_at DESC, attempt_id DESC
-            LIMIT $4""",
+        ATTEMPTS_SQL,
         endpoint_id,
         cursor[0],
         cursor[1],
