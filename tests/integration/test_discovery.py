@@ -21,6 +21,7 @@ import pytest
 
 from booking.v1 import booking_pb2
 from booking_service.discovery import MAX_THERAPISTS_EXAMINED
+from tests.support.gateway import Gateway, request_json
 from tests.support.world import ALL_WEEK, World, every_day, future_hour, refusal, ts
 
 
@@ -332,3 +333,46 @@ async def test_an_unknown_display_zone_is_refused_like_list_available_slots(book
         booking_stub.SearchAvailability(search(new_tag(), start, start + timedelta(hours=1), time_zone="Mars/Base"))
     )
     assert (refused.code, refused.reason) == (grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_TIME_ZONE")
+
+
+# --- over HTTP, through the real gateway ---
+
+
+async def test_discovery_and_catalogue_changes_over_http(api_gateway: Gateway, booking_stub: Any) -> None:
+    """The routes a web app uses, with repeated query parameters, a field mask and custom verbs."""
+    tag = new_tag()
+    english = await therapist(booking_stub, tag, languages=("en", "pt-BR"))
+    await therapist(booking_stub, tag, languages=("ja",))
+    base = f"{api_gateway.url}/v1"
+
+    listed = await request_json("GET", f"{base}/therapists?specialties={tag}&languages=en&languages=pt-BR&page_size=5")
+    assert listed.status == 200, listed.text
+    assert [t["therapist_id"] for t in listed.json()["therapists"]] == [english.therapist_id]
+    assert listed.json()["therapists"][0]["languages"] == ["en", "pt-BR"]
+
+    start = future_hour(3, 9).strftime("%Y-%m-%dT%H:%M:%SZ")
+    end = future_hour(3, 12).strftime("%Y-%m-%dT%H:%M:%SZ")
+    found = await request_json(
+        "GET",
+        f"{base}/availability?duration_minutes=50&start_time={start}&end_time={end}&specialties={tag}"
+        "&languages=en&time_zone=America/New_York&slots_per_therapist=2",
+    )
+    assert found.status == 200, found.text
+    (result,) = found.json()["results"]
+    assert (result["therapist"]["therapist_id"], result["time_zone"]) == (english.therapist_id, "America/New_York")
+    assert len(result["slots"]) == 2 and found.json()["therapists_examined"] == 1  # the filter held in SQL
+
+    priced = await request_json(
+        "PATCH",
+        f"{base}/therapists/{english.therapist_id}/session-types/{english.session_type_id}?update_mask=credit_cost",
+        {"credit_cost": "15"},
+    )
+    assert (priced.status, priced.json()["session_type"]["credit_cost"]) == (200, "15"), priced.text
+    retired = await request_json(
+        "POST", f"{base}/therapists/{english.therapist_id}/session-types/{english.session_type_id}:retire", {}
+    )
+    assert "retire_time" in retired.json()["session_type"], retired.text
+    archived = await request_json("POST", f"{base}/therapists/{english.therapist_id}:archive", {})
+    assert "archive_time" in archived.json()["therapist"], archived.text
+    hidden = await request_json("GET", f"{base}/therapists?specialties={tag}")
+    assert [t["languages"] for t in hidden.json()["therapists"]] == [["ja"]]

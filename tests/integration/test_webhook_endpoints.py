@@ -24,6 +24,7 @@ from booking.v1 import booking_pb2
 from booking_service.webhook_endpoints import MAX_WEBHOOK_ENDPOINTS
 from tests.support.auth import bearer, token
 from tests.support.booking_server import Server, booking_server
+from tests.support.gateway import Gateway, request_json
 from tests.support.stack import fresh_database
 from tests.support.webhook_receiver import WebhookReceiver, running_webhook_receiver
 from tests.support.world import SETTLE_TIMEOUT_S, World, eventually, future_hour, refusal
@@ -350,3 +351,38 @@ async def test_booking_webhook_url_is_the_endpoint_made_at_the_first_start(
             (endpoint,) = listed.endpoints
             assert (endpoint.url, endpoint.description) == (receiver.url, "BOOKING_WEBHOOK_URL")
     assert receiver.rejected == []
+
+
+async def test_endpoints_over_http(api_gateway: Gateway) -> None:
+    """The operators' routes through the real gateway (the session's shared server: the endpoint
+    is disabled at once and deleted at the end, so that it receives nothing)."""
+    base = f"{api_gateway.url}/v1/webhook-endpoints"
+    created = await request_json(
+        "POST",
+        base,
+        {
+            "request_id": str(uuid.uuid4()),
+            "endpoint": {"url": "http://127.0.0.1:9/over-http", "event_types": ["booking.rescheduled"]},
+        },
+    )
+    assert created.status == 200, created.text
+    endpoint_id = created.json()["endpoint"]["endpoint_id"]
+    disabled = await request_json("POST", f"{base}/{endpoint_id}:disable", {})
+    assert disabled.json()["endpoint"]["state"] == "WEBHOOK_ENDPOINT_STATE_DISABLED", disabled.text
+
+    rotated = await request_json("POST", f"{base}/{endpoint_id}:rotateSecret", {"overlap": "3600s"})
+    assert rotated.status == 200, rotated.text
+    assert rotated.json()["secret"] not in (created.json()["secret"], "")
+    assert "previous_secret_expire_time" in rotated.json()["endpoint"]
+    changed = await request_json(
+        "PATCH", f"{base}/{endpoint_id}?update_mask=event_types", {"event_types": ["booking.cancelled"]}
+    )
+    assert changed.json()["endpoint"]["event_types"] == ["booking.cancelled"], changed.text
+    log = await request_json("GET", f"{base}/{endpoint_id}/attempts?page_size=5")
+    assert (log.status, log.json()["attempts"]) == (200, [])
+    dead = await request_json("GET", f"{base}/{endpoint_id}/deliveries?state=WEBHOOK_DELIVERY_STATE_DEAD")
+    assert (dead.status, dead.json()["deliveries"]) == (200, [])
+
+    deleted = await request_json("DELETE", f"{base}/{endpoint_id}")
+    assert deleted.status == 200, deleted.text
+    assert (await request_json("GET", f"{base}/{endpoint_id}")).status == 404
