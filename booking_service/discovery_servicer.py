@@ -4,6 +4,7 @@ the servicer (servicer.py): each handler checks its request, calls one use case 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import timedelta
 from typing import Any
 
@@ -100,8 +101,9 @@ class DiscoveryHandlers:
             except availability.AvailabilityError as error:
                 raise domain.domain_error(error) from None
         query = AvailabilityQuery(timedelta(minutes=duration), start, end, where, slots_per_therapist, page_size)
-        # The token belongs to this search: the same range, filters, zone and sizes.
-        filters = (query, display_zone)
+        # The token belongs to this search: the same range, filters, zone and slots per
+        # therapist (the page size may change from page to page).
+        filters = (replace(query, page_size=0), display_zone)
         after = pagination.decode_instant_and_id(request.page_token, filters)
         page = await self._service.discovery.search(query, after)
         next_token = ""

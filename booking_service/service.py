@@ -99,7 +99,9 @@ class BookingService:
         )
         self.discovery = Discovery(database, clock)
         self.webhook_endpoints = WebhookEndpoints(database)
-        self.webhook_delivery = WebhookDelivery(database, settings)
+        self.webhook_delivery = WebhookDelivery(
+            database, settings, lambda succeeded: metrics.webhook_attempt(succeeded=succeeded)
+        )
         self.outbox = Outbox(
             database,
             payments,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -66,9 +66,12 @@ class _Sent:
 
 
 class WebhookDelivery:
-    def __init__(self, database: Database, settings: BookingSettings) -> None:
+    def __init__(
+        self, database: Database, settings: BookingSettings, observe: Callable[[bool], None] = lambda _: None
+    ) -> None:
         self._database = database
         self._settings = settings
+        self._observe = observe  # each attempt's result, for the metrics
         self._policy = RetryPolicy(
             settings.outbox_base_delay_s, settings.outbox_max_delay_s, settings.outbox_max_attempts
         )
@@ -209,6 +212,7 @@ class WebhookDelivery:
             started_s = time.perf_counter()
             failure = await attempt(self._post(endpoint.url, body, headers, status))
             latency_ms = round((time.perf_counter() - started_s) * 1000)
+        self._observe(failure is None)
         if failure is not None and delivery_id is None:
             delivery_id = uuid.uuid4()
         error = None if failure is None else failure.reason[:_MAX_ERROR_LENGTH]

@@ -432,6 +432,16 @@ async def purge(connection: Connection, older_than_s: float, limit: int) -> int:
     return int(attempts) + int(deliveries)
 
 
+async def waiting_count(connection: Connection) -> int:
+    """Deliveries still to retry, for the metrics: through webhook_deliveries_due."""
+    return int(await connection.fetchval("SELECT count(*) FROM booking.webhook_deliveries WHERE status = 'pending'"))
+
+
+async def dead_count(connection: Connection) -> int:
+    """Dead deliveries, for the metrics (a scan: the metrics run it rarely)."""
+    return int(await connection.fetchval("SELECT count(*) FROM booking.webhook_deliveries WHERE status = 'dead'"))
+
+
 # --- the log and the deliveries (admin, or the endpoint's partner) ---
 
 

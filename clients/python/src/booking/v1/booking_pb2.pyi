@@ -1217,7 +1217,9 @@ class SearchAvailabilityRequest(_message.Message):
     page_size: _builtins.int
     """Therapists to return at most (default 10, at most 50)."""
     page_token: _builtins.str
-    """The next_page_token of the previous page, with the same request otherwise."""
+    """The next_page_token of the previous page, with the same request otherwise (page_size may
+    change).
+    """
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start of the range (inclusive): slots start at or after it."""
