@@ -12,6 +12,7 @@ same busy ranges), so every slot found here is one ListAvailableSlots lists.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -30,8 +31,8 @@ from service_kit.pagination import Page
 MAX_THERAPISTS_EXAMINED = 50
 # The widest range one search covers (each therapist's schedule is expanded over it).
 MAX_SEARCH_RANGE = timedelta(days=14)
-# Therapists read per round trip: enough that a page of mostly busy therapists takes few trips.
-MIN_CHUNK = 10
+# Therapists read per round trip: enough that a call at its bound takes two trips.
+MIN_CHUNK = 25
 # Any zone puts an instant within a day of its UTC date; availability pads one more day.
 _DATE_PADDING = timedelta(days=2)
 _FIRST_CURSOR = (datetime.min.replace(tzinfo=UTC), uuid.UUID(int=0))
@@ -87,46 +88,45 @@ class Discovery:
         results: list[Available] = []
         examined = 0
         exhausted = False
-        async with self._database.pool.acquire() as connection:
-            while examined < MAX_THERAPISTS_EXAMINED and len(results) < query.page_size and not exhausted:
-                chunk = min(MAX_THERAPISTS_EXAMINED - examined, max(query.page_size - len(results), MIN_CHUNK))
-                therapists = await store.list_therapists(connection, where, cursor, chunk)
-                exhausted = len(therapists) < chunk
-                if not therapists:
-                    break
-                candidates = await store.candidates(
-                    connection,
-                    therapists,
-                    where,
-                    (query.start - _DATE_PADDING).date(),
-                    (query.end + _DATE_PADDING).date(),
+        while examined < MAX_THERAPISTS_EXAMINED and len(results) < query.page_size and not exhausted:
+            chunk = min(MAX_THERAPISTS_EXAMINED - examined, max(query.page_size - len(results), MIN_CHUNK))
+            read = await self._read_chunk(query, where, cursor, chunk)
+            exhausted = len(read) < chunk
+            for candidate, schedule, busy in read:
+                # Each therapist's slots are a few milliseconds of Python: let the other calls of
+                # this process run between two, so that a search never holds the loop for long.
+                await asyncio.sleep(0)
+                examined += 1
+                cursor = (candidate.therapist.created_at, candidate.therapist.therapist_id)
+                slots = free_slots(
+                    schedule, query.duration, query.start, query.end, now, busy, max_slots=query.slots_per_therapist
                 )
-                schedules = {
-                    c.therapist.therapist_id: schedule_of(c.therapist, c.weekly, c.overrides) for c in candidates
-                }
-                busy = await catalogue_store.busy_ranges(
-                    connection,
-                    [
-                        (therapist_id, *busy_window(schedule, query.duration, query.start, query.end))
-                        for therapist_id, schedule in schedules.items()
-                    ],
-                )
-                for candidate in candidates:
-                    therapist_id = candidate.therapist.therapist_id
-                    examined += 1
-                    cursor = (candidate.therapist.created_at, therapist_id)
-                    slots = free_slots(
-                        schedules[therapist_id],
-                        query.duration,
-                        query.start,
-                        query.end,
-                        now,
-                        busy[therapist_id],
-                        max_slots=query.slots_per_therapist,
-                    )
-                    if slots and candidate.session_types:
-                        results.append(Available(candidate.therapist, candidate.session_types, slots))
-                        if len(results) == query.page_size:
-                            exhausted = exhausted and candidate is candidates[-1]
-                            break
+                if slots and candidate.session_types:
+                    results.append(Available(candidate.therapist, candidate.session_types, slots))
+                    if len(results) == query.page_size:
+                        exhausted = exhausted and candidate is read[-1][0]
+                        break
         return SearchPage(results, examined, None if exhausted else cursor)
+
+    async def _read_chunk(
+        self, query: AvailabilityQuery, where: TherapistFilter, cursor: tuple[datetime, uuid.UUID], chunk: int
+    ) -> list[tuple[store.Candidate, availability.Schedule, list[tuple[datetime, datetime]]]]:
+        """The next `chunk` therapists after `cursor`, each with its schedule and its busy ranges,
+        in three statements; the connection goes back to the pool before any slot is computed."""
+        async with self._database.pool.acquire() as connection:
+            therapists = await store.list_therapists(connection, where, cursor, chunk)
+            if not therapists:
+                return []
+            first_date, last_date = (query.start - _DATE_PADDING).date(), (query.end + _DATE_PADDING).date()
+            candidates = await store.candidates(connection, therapists, where, first_date, last_date)
+            schedules = [schedule_of(c.therapist, c.weekly, c.overrides) for c in candidates]
+            busy = await catalogue_store.busy_ranges(
+                connection,
+                [
+                    (c.therapist.therapist_id, *busy_window(schedule, query.duration, query.start, query.end))
+                    for c, schedule in zip(candidates, schedules, strict=True)
+                ],
+            )
+        return [
+            (c, schedule, busy[c.therapist.therapist_id]) for c, schedule in zip(candidates, schedules, strict=True)
+        ]
