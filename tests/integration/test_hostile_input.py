@@ -147,12 +147,16 @@ async def endpoint(world: World) -> str:
     return endpoint_id
 
 
-@pytest.fixture
-async def scene(world: World) -> Scene:
+async def spares_of(world: World) -> Spares:
     spare_therapist = await World.create(world.booking, world.credit, credits=0)
-    spares = Spares(
+    return Spares(
         spare_therapist.therapist_id, await world.add_session_type(45), await endpoint(world), await endpoint(world)
     )
+
+
+@pytest.fixture
+async def scene(world: World) -> Scene:
+    spares = await spares_of(world)
     first = await world.book(future_hour(3, 10))
     second = await world.book(future_hour(4, 10))
     spare_reservation_ids = (str(uuid.uuid4()), str(uuid.uuid4()))
