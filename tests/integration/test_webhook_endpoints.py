@@ -81,6 +81,14 @@ async def attempts_of(server: Server, endpoint_id: str, **metadata: Any) -> list
     return list(page.attempts)
 
 
+async def logged(server: Server, endpoint_id: str, count: int) -> list[booking_pb2.WebhookAttempt]:
+    """The endpoint's log once it holds `count` attempts: a receiver has a request a moment
+    before the worker writes its attempt down."""
+    return await eventually(
+        lambda: attempts_of(server, endpoint_id), lambda found: len(found) >= count, timeout_s=SETTLE_TIMEOUT_S
+    )
+
+
 async def test_a_webhook_is_received_and_verified_with_standardwebhooks(
     server: Server, receivers: list[WebhookReceiver], credit_stub: Any
 ) -> None:
@@ -103,7 +111,7 @@ async def test_a_webhook_is_received_and_verified_with_standardwebhooks(
     events = await received(receiver, booking.booking_id, 2)
     assert sorted(e["type"] for e in events) == ["booking.cancelled", "booking.confirmed"]
 
-    log = await attempts_of(server, endpoint_id)
+    log = await logged(server, endpoint_id, 2)
     assert [(a.event_type, a.http_status, a.succeeded) for a in log] == [
         ("booking.cancelled", 204, True),
         ("booking.confirmed", 204, True),
@@ -202,7 +210,7 @@ async def test_a_failing_endpoint_retries_on_its_own_and_holds_back_no_other(
     await received(healthy, booking.booking_id, 1)
     await received(failing, booking.booking_id, 1)  # the third attempt
 
-    log = await attempts_of(server, failing_id)
+    log = await logged(server, failing_id, 3)
     assert [(a.http_status, a.succeeded) for a in reversed(log)] == [(503, False), (503, False), (204, True)]
     assert "503" in log[-1].error
     assert len({a.delivery_id for a in log}) == 1 and log[0].delivery_id  # one delivery retried it
