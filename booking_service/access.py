@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from booking.v1 import booking_pb2
 from booking_service import domain
-from service_kit.auth import ADMIN, CLIENT, THERAPIST, AccessRules, Principal, anyone_with, either, own
+from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST, AccessRules, Principal, anyone_with, either, own
 
 # Who may call what (docs/security.md). The catalogue (therapists, schedules, session types,
 # slots) is readable by every signed-in caller; a therapist changes only its own; a client books
@@ -35,6 +35,27 @@ ACCESS_RULES: AccessRules = {
     # Operators only: dead letters carry other people's bookings.
     "ListDeadLetters": anyone_with(ADMIN),
     "RetryDeadLetter": anyone_with(ADMIN),
+    # Discovery is the catalogue's: readable by every signed-in caller.
+    "ListTherapists": _READERS,
+    "SearchAvailability": _READERS,
+    "ArchiveTherapist": anyone_with(ADMIN),
+    "UnarchiveTherapist": anyone_with(ADMIN),
+    "UpdateSessionType": either(anyone_with(ADMIN), own(THERAPIST, "session_type.therapist_id")),
+    "RetireSessionType": _THERAPIST_SELF,
+    # Webhook endpoints are the operators'. An endpoint's partner (role `service`, subject =
+    # partner_id) reads it, its log and its deliveries and retries a dead one: the rule lets the
+    # role in, the servicer checks the partner (NOT_FOUND for another's, so it looks missing).
+    "CreateWebhookEndpoint": anyone_with(ADMIN),
+    "ListWebhookEndpoints": anyone_with(ADMIN),
+    "UpdateWebhookEndpoint": anyone_with(ADMIN),
+    "RotateWebhookSecret": anyone_with(ADMIN),
+    "DisableWebhookEndpoint": anyone_with(ADMIN),
+    "EnableWebhookEndpoint": anyone_with(ADMIN),
+    "DeleteWebhookEndpoint": anyone_with(ADMIN),
+    "GetWebhookEndpoint": anyone_with(ADMIN, SERVICE),
+    "ListWebhookAttempts": anyone_with(ADMIN, SERVICE),
+    "ListWebhookDeliveries": anyone_with(ADMIN, SERVICE),
+    "RetryWebhookDelivery": anyone_with(ADMIN, SERVICE),
 }
 # Which cancellation actor each role may speak as (an admin may act for anyone).
 ACTORS_OF_ROLE = {

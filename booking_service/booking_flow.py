@@ -114,6 +114,9 @@ class BookingFlow:
         nothing: INVALID_ARGUMENT is no answer to a request that never started."""
         duration = rules.session_type.duration
         blocked = checked(lambda: availability.session_blocked_interval(rules.schedule, start, duration))
+        closed = rules.closed()  # an archived therapist, a retired session type
+        if closed is not None:
+            return blocked, closed
         try:
             checked(lambda: availability.check_bookable(rules.schedule, start, duration, self._clock()))
         except Refused as refusal:

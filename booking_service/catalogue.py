@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, TypeVar
 
 import structlog
@@ -30,6 +30,9 @@ from service_kit.database import Database, in_transaction
 
 log = structlog.get_logger()
 T = TypeVar("T")
+
+# The most slots one answer of ListAvailableSlots holds.
+MAX_SLOTS = 1000
 
 
 def checked(rule: Callable[[], T]) -> T:
@@ -84,13 +87,12 @@ class Catalogue:
     ) -> tuple[Therapist, list[availability.Interval]]:
         async with self._pool.acquire() as connection:
             rules = await self._read_rules(connection, therapist_id, session_type_id)
+            closed = rules.closed()
+            if closed is not None:
+                raise closed  # no slot of an archived therapist or a retired type is bookable
             schedule, duration = rules.schedule, rules.session_type.duration
-            # Busy ranges are the blocked ranges (with buffers) of confirmed sessions near the range.
-            margin = schedule.buffer_before + schedule.buffer_after + duration
-            busy = await store.busy_ranges(connection, therapist_id, start - margin, end + margin)
-        busy_intervals = [availability.Interval(s, e) for s, e in busy]
-        slots = checked(lambda: availability.free_slots(schedule, duration, start, end, self._clock(), busy_intervals))
-        return rules.therapist, slots
+            busy = await store.busy_ranges(connection, [(therapist_id, *busy_window(schedule, duration, start, end))])
+        return rules.therapist, free_slots(schedule, duration, start, end, self._clock(), busy[therapist_id])
 
     # --- therapists and schedules (admin, or the therapist) ---
 
@@ -108,6 +110,7 @@ class Catalogue:
             therapist_id=therapist.therapist_id,
             created_at=therapist.created_at,
             updated_at=therapist.updated_at,
+            archived_at=therapist.archived_at,
         )
         if asked != therapist:
             raise RequestIdReused(request_id)
@@ -168,6 +171,16 @@ class Catalogue:
             upcoming = await store.overrides(connection, therapist_id, from_date=today.isoformat())
         return therapist, weekly, upcoming
 
+    async def set_archived(self, therapist_id: uuid.UUID, *, archived: bool) -> Therapist:
+        """Archives (or restores) the therapist. The update moves the schedule_version on, so every
+        replica reads the rules again and refuses (or takes) the next booking."""
+        async with self._pool.acquire() as connection:
+            therapist = await store.set_archived(connection, therapist_id, archived=archived)
+        if therapist is None:
+            raise TherapistNotFound(therapist_id)
+        log.info("therapist_archived" if archived else "therapist_unarchived", therapist_id=str(therapist_id))
+        return therapist
+
     async def _therapist_for_update(self, connection: Connection, therapist_id: uuid.UUID) -> Therapist:
         therapist = await store.fetch_therapist(connection, therapist_id, for_update=True)
         if therapist is None:
@@ -189,8 +202,69 @@ class Catalogue:
             raise RequestIdReused(request_id)
         return existing
 
-    async def session_types(self, therapist_id: uuid.UUID) -> list[SessionType]:
+    async def session_types(self, therapist_id: uuid.UUID, *, include_retired: bool = False) -> list[SessionType]:
         async with self._pool.acquire() as connection:
             if await store.fetch_therapist(connection, therapist_id) is None:
                 raise TherapistNotFound(therapist_id)
-            return await store.session_types(connection, therapist_id)
+            return await store.session_types(connection, therapist_id, include_retired=include_retired)
+
+    async def update_session_type(
+        self, therapist_id: uuid.UUID, session_type_id: uuid.UUID, changes: dict[str, Any]
+    ) -> SessionType:
+        """Changes the name or price. The therapist's row is locked first (the order every
+        catalogue change takes); the trigger then moves its schedule_version on."""
+
+        async def work(connection: Connection) -> SessionType:
+            current = await self._session_type_for_update(connection, therapist_id, session_type_id)
+            return await store.update_session_type(connection, replace(current, **changes))
+
+        updated = await in_transaction(self._pool, work)
+        log.info("session_type_updated", session_type_id=str(session_type_id), fields=sorted(changes))
+        return updated
+
+    async def retire_session_type(self, therapist_id: uuid.UUID, session_type_id: uuid.UUID) -> SessionType:
+        async def work(connection: Connection) -> SessionType:
+            current = await self._session_type_for_update(connection, therapist_id, session_type_id)
+            if current.retired_at is not None:
+                return current  # retiring twice changes nothing (and moves no version on)
+            return await store.retire_session_type(connection, session_type_id)
+
+        retired = await in_transaction(self._pool, work)
+        log.info("session_type_retired", session_type_id=str(session_type_id))
+        return retired
+
+    async def _session_type_for_update(
+        self, connection: Connection, therapist_id: uuid.UUID, session_type_id: uuid.UUID
+    ) -> SessionType:
+        await self._therapist_for_update(connection, therapist_id)
+        found = await store.fetch_session_type(connection, therapist_id, session_type_id)
+        if found is None:
+            raise SessionTypeNotFound(session_type_id)
+        return found
+
+
+def busy_window(
+    schedule: availability.Schedule, duration: timedelta, start: datetime, end: datetime
+) -> tuple[datetime, datetime]:
+    """Where the sessions that can touch a slot starting in [start, end) lie: a slot's blocked
+    range reaches buffer_before before its start and its duration and buffer_after beyond; so
+    does an existing session's, the other way."""
+    margin = schedule.buffer_before + schedule.buffer_after + duration
+    return start - margin, end + margin
+
+
+def free_slots(
+    schedule: availability.Schedule,
+    duration: timedelta,
+    start: datetime,
+    end: datetime,
+    now: datetime,
+    busy: list[tuple[datetime, datetime]],
+    max_slots: int = MAX_SLOTS,
+) -> list[availability.Interval]:
+    """The free slots of one therapist: ListAvailableSlots and SearchAvailability both answer
+    with this, given the busy ranges of `busy_window` (store.busy_ranges)."""
+    busy_intervals = [availability.Interval(s, e) for s, e in busy]
+    return checked(
+        lambda: availability.free_slots(schedule, duration, start, end, now, busy_intervals, max_slots=max_slots)
+    )

@@ -107,7 +107,11 @@ class Changes:
             schedule, duration = rules.schedule, rules.session_type.duration
             blocked = checked(partial(availability.session_blocked_interval, schedule, request.start, duration))
             now = self._clock()
-            refusal = _unmovable(current, now) or self._outside_rules(rules.schedule, request.start, duration, now)
+            refusal = (
+                _unmovable(current, now)
+                or rules.therapist_closed()  # a retired session type still moves; an archived therapist not
+                or self._outside_rules(rules.schedule, request.start, duration, now)
+            )
             if refusal is not None:
                 proposal: Move | Refuse = Refuse(
                     request.key, request.fingerprint, current.therapist_id, current.booking_id, Refusal.of(refusal)

@@ -9,6 +9,7 @@ from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from booking_service import webhooks
 from service_kit import config
 from service_kit.auth import AuthSettings, load_private_key
 from service_kit.batching import BatchSettings
@@ -66,8 +67,12 @@ class BookingSettings:
     outbox_max_delay_s: float
     crash_points: frozenset[str]
     notification_sink: str
+    # BOOKING_WEBHOOK_URL and its secret: the endpoint made at the first start when the sink is
+    # `webhook` (then managed like any other: docs/notifications.md).
     webhook_url: str
     webhook_secret: Secret
+    # How long the webhook delivery log (attempts, delivered retries) is kept.
+    webhook_log_retention_s: float
     video_provider: str
     daily_api_url: str
     daily_api_key: Secret
@@ -149,6 +154,13 @@ def _side_effects(env: Mapping[str, str]) -> dict[str, Any]:
         _require_http_url("BOOKING_WEBHOOK_URL", webhook_url)
         if not webhook_secret:
             raise config.ConfigError("BOOKING_WEBHOOK_SECRET is required when BOOKING_NOTIFICATION_SINK=webhook")
+        try:
+            webhooks.key_of(webhook_secret)
+        except webhooks.InvalidSecret as error:
+            raise config.ConfigError(
+                f"BOOKING_WEBHOOK_SECRET is not a Standard Webhooks secret ({error}); make one with "
+                "`python -m booking_service.webhooks`"
+            ) from None
     daily_api_url = env.get("BOOKING_DAILY_API_URL") or DEFAULT_DAILY_API_URL
     daily_api_key = Secret(env.get("BOOKING_DAILY_API_KEY", ""))
     if provider == "daily":
@@ -159,6 +171,8 @@ def _side_effects(env: Mapping[str, str]) -> dict[str, Any]:
         "notification_sink": sink,
         "webhook_url": webhook_url,
         "webhook_secret": webhook_secret,
+        "webhook_log_retention_s": 3600.0
+        * config.number(env, "BOOKING_WEBHOOK_LOG_RETENTION_H", 168.0, minimum=1.0, maximum=24.0 * 90),
         "video_provider": provider,
         "daily_api_url": daily_api_url.rstrip("/"),
         "daily_api_key": daily_api_key,

@@ -8,6 +8,9 @@ error, a timeout) is retried with exponential backoff and jitter until the attem
 
 from __future__ import annotations
 
+import random
+from collections.abc import Awaitable
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 
@@ -32,6 +35,51 @@ class PermanentFailure(Exception):
 
 class TransientFailure(Exception):
     """A 5xx: worth retrying later."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """How one attempt at a side effect failed: retry after `delay_s` (None: backoff), or never."""
+
+    reason: str
+    delay_s: float | None = None
+    permanent: bool = False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """The outbox's: exponential backoff with jitter from `base_delay_s` up to `max_delay_s`
+    (which also bounds a receiver's Retry-After), dead after `max_attempts`."""
+
+    base_delay_s: float
+    max_delay_s: float
+    max_attempts: int
+
+    def backoff_s(self, attempts: int) -> float:
+        """Half to all of the doubled delay, bounded (jitter, not crypto)."""
+        base_s = self.base_delay_s * float(2 ** min(attempts, 30))
+        return min(self.max_delay_s, base_s) * random.uniform(0.5, 1.0)  # jitter, not crypto
+
+    def after_failure(self, failure: Failure, attempts_made: int) -> tuple[bool, float]:
+        """(dead, delay_s) after a failed attempt, `attempts_made` counting it."""
+        dead = failure.permanent or attempts_made >= self.max_attempts
+        if failure.permanent:
+            return dead, 0.0
+        delay_s = failure.delay_s if failure.delay_s is not None else self.backoff_s(attempts_made - 1)
+        return dead, min(self.max_delay_s, delay_s)
+
+
+async def attempt(delivery: Awaitable[object]) -> Failure | None:
+    """Awaits one delivery; None when it succeeded, else how it failed."""
+    try:
+        await delivery
+    except RetryLater as later:
+        return Failure(later.reason, delay_s=later.delay_s)
+    except PermanentFailure as failure:
+        return Failure(failure.reason, permanent=True)
+    except Exception as error:  # noqa: BLE001  # any failure counts as an attempt, so a poison event dead-letters
+        return Failure(repr(error))
+    return None
 
 
 def check_response(response: httpx.Response, what: str) -> None:

@@ -60,6 +60,11 @@ class Therapist:
     booking_horizon_days: int
     created_at: datetime
     updated_at: datetime
+    # BCP 47 tags and lowercase tags, each sorted and without repeats (what the listing filters on).
+    languages: tuple[str, ...] = ()
+    specialties: tuple[str, ...] = ()
+    # Set while archived: not listed, not bookable; the bookings stay.
+    archived_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -69,6 +74,8 @@ class SessionType:
     name: str
     duration_minutes: int
     credit_cost: int
+    # Set once retired: not bookable; the bookings stay.
+    retired_at: datetime | None = None
 
     @property
     def duration(self) -> timedelta:
@@ -188,6 +195,20 @@ class SessionTypeNotFound(NotFound):
         super().__init__("session type", session_type_id)
 
 
+class WebhookEndpointNotFound(NotFound):
+    reason = "WEBHOOK_ENDPOINT_NOT_FOUND"
+
+    def __init__(self, endpoint_id: uuid.UUID) -> None:
+        super().__init__("webhook endpoint", endpoint_id)
+
+
+class WebhookDeliveryNotFound(NotFound):
+    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
+
+    def __init__(self, delivery_id: uuid.UUID) -> None:
+        super().__init__("webhook delivery", delivery_id)
+
+
 class DeadLetterNotFound(NotFound):
     reason = "DEAD_LETTER_NOT_FOUND"
 
@@ -232,6 +253,45 @@ class OutsideSchedule(Refused):
     def __init__(self, error: availability.AvailabilityError) -> None:
         super().__init__(str(error), metadata=error.metadata)
         self.reason = error.reason  # type: ignore[misc]  # the finer reason of this instance
+
+
+class TherapistArchived(Refused):
+    """An archived therapist takes no new session (a booking, or a booking moved to a new time)."""
+
+    reason = "THERAPIST_ARCHIVED"
+
+    def __init__(self, therapist_id: uuid.UUID) -> None:
+        super().__init__(
+            f"therapist {therapist_id} is archived and takes no bookings", metadata={"therapist_id": str(therapist_id)}
+        )
+
+
+class SessionTypeRetired(Refused):
+    """A retired session type can no longer be booked; its bookings stay as they are."""
+
+    reason = "SESSION_TYPE_RETIRED"
+
+    def __init__(self, session_type_id: uuid.UUID) -> None:
+        super().__init__(
+            f"session type {session_type_id} is retired and can no longer be booked",
+            metadata={"session_type_id": str(session_type_id)},
+        )
+
+
+class WebhookEndpointLimit(Refused):
+    """At most MAX_WEBHOOK_ENDPOINTS endpoints: each is called for every event it subscribes to."""
+
+    reason = "WEBHOOK_ENDPOINT_LIMIT"
+
+
+class WebhookDeliveryNotDead(Refused):
+    reason = "WEBHOOK_DELIVERY_NOT_DEAD"
+
+    def __init__(self, delivery_id: uuid.UUID) -> None:
+        super().__init__(
+            f"webhook delivery {delivery_id} is not dead: only a dead delivery is retried by hand",
+            metadata={"delivery_id": str(delivery_id)},
+        )
 
 
 class InsufficientCredits(Refused):
@@ -348,6 +408,8 @@ _RECORDED_REFUSALS: dict[str, type[DomainError]] = {
     NoCreditAccount.reason: NoCreditAccount,
     BookingNotActive.reason: BookingNotActive,
     SessionAlreadyStarted.reason: SessionAlreadyStarted,
+    TherapistArchived.reason: TherapistArchived,
+    SessionTypeRetired.reason: SessionTypeRetired,
     BookingAborted.reason: BookingAborted,
 }
 

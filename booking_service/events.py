@@ -29,6 +29,8 @@ LEGACY_VIDEO_ROOM_KINDS = ("create_video_room", "move_video_room", "delete_video
 CONFIRMED = "booking.confirmed"
 CANCELLED = "booking.cancelled"
 RESCHEDULED = "booking.rescheduled"
+# What a webhook endpoint may subscribe to.
+EVENT_TYPES = (CONFIRMED, CANCELLED, RESCHEDULED)
 
 
 def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:

@@ -6,6 +6,7 @@ a BadRequest violation (`service_kit.validation.Checks`)."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -33,7 +34,17 @@ UPDATABLE_FIELDS = (
     "buffer_after_minutes",
     "minimum_notice_minutes",
     "booking_horizon_days",
+    "languages",
+    "specialties",
 )
+SESSION_TYPE_UPDATABLE_FIELDS = ("name", "credit_cost")
+MAX_LANGUAGES = 10
+MAX_SPECIALTIES = 20
+MAX_SPECIALTY_LENGTH = 50
+MAX_FILTER_ZONES = 20
+# A BCP 47 tag as a marketplace uses them: a language, then up to two subtags (script, region).
+_LANGUAGE_TAG = re.compile(r"^[a-z]{2,3}(-[A-Za-z0-9]{2,8}){0,2}$")
+_SPECIALTY = re.compile(r"^[a-z0-9]+(-[a-z0-9]+)*$")
 _STATUS_TO_PROTO = {
     domain.BookingStatus.CONFIRMED: booking_pb2.BOOKING_STATUS_CONFIRMED,
     domain.BookingStatus.CANCELLED: booking_pb2.BOOKING_STATUS_CANCELLED,
@@ -94,6 +105,9 @@ def therapist_message(therapist: Therapist) -> booking_pb2.Therapist:
         booking_horizon_days=therapist.booking_horizon_days,
         create_time=timestamp(therapist.created_at),
         update_time=timestamp(therapist.updated_at),
+        languages=therapist.languages,
+        specialties=therapist.specialties,
+        archive_time=timestamp(therapist.archived_at) if therapist.archived_at else None,
     )
 
 
@@ -104,6 +118,17 @@ def session_type_message(session_type: SessionType) -> booking_pb2.SessionType:
         name=session_type.name,
         duration_minutes=session_type.duration_minutes,
         credit_cost=session_type.credit_cost,
+        retire_time=timestamp(session_type.retired_at) if session_type.retired_at else None,
+    )
+
+
+def slot_message(slot: availability.Interval, zone_name: str) -> booking_pb2.Slot:
+    """A free slot, with its local times in `zone_name`."""
+    return booking_pb2.Slot(
+        start_time=timestamp(slot.start),
+        end_time=timestamp(slot.end),
+        local_start=availability.local_rendering(slot.start, zone_name),
+        local_end=availability.local_rendering(slot.end, zone_name),
     )
 
 
@@ -218,7 +243,45 @@ def therapist_fields(
             values[path] = checks.integer(name, value, minimum=0, maximum=43200)
         elif path == "booking_horizon_days":
             values[path] = checks.integer(name, value, minimum=1, maximum=730)
+        elif path == "languages":
+            values[path] = languages(checks, name, value)
+        elif path == "specialties":
+            values[path] = specialties(checks, name, value)
     return values
+
+
+def languages(checks: Checks, field: str, values: Sequence[str]) -> tuple[str, ...]:
+    """BCP 47 tags, sorted and without repeats (so equal sets compare equal)."""
+    return _tags(checks, field, values, _LANGUAGE_TAG, MAX_LANGUAGES, 'a BCP 47 language tag such as "en" or "pt-BR"')
+
+
+def specialties(checks: Checks, field: str, values: Sequence[str]) -> tuple[str, ...]:
+    return _tags(
+        checks, field, values, _SPECIALTY, MAX_SPECIALTIES, 'a lowercase tag such as "anxiety" or "couples-therapy"'
+    )
+
+
+def _tags(
+    checks: Checks, field: str, values: Sequence[str], form: re.Pattern[str], max_items: int, what: str
+) -> tuple[str, ...]:
+    if len(values) > max_items:
+        checks.fail(field, f"at most {max_items} values")
+    for index, value in enumerate(values[:max_items]):
+        if len(value) > MAX_SPECIALTY_LENGTH or not form.fullmatch(value):
+            checks.fail(f"{field}[{index}]", f"must be {what}")
+    return tuple(sorted(set(values[:max_items])))
+
+
+def time_zones(checks: Checks, field: str, values: Sequence[str]) -> tuple[str, ...]:
+    """IANA zone names, as a filter: each must be one (a misspelt zone would match nothing)."""
+    if len(values) > MAX_FILTER_ZONES:
+        checks.fail(field, f"at most {MAX_FILTER_ZONES} values")
+    for index, value in enumerate(values[:MAX_FILTER_ZONES]):
+        try:
+            availability.zone(value)
+        except availability.UnknownTimeZone:
+            checks.fail(f"{field}[{index}]", "must be an IANA time zone name, e.g. Europe/London")
+    return tuple(sorted(set(values[:MAX_FILTER_ZONES])))
 
 
 def check_therapist_zone(values: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from booking.v1 import booking_pb2
 from booking_service.store import outbox as store
+from booking_service.store import webhooks as webhook_store
 from service_kit.config import ServerSettings
 from service_kit.database import Database
 from service_kit.server import Worker
@@ -38,6 +39,7 @@ OUTCOMES = (
     "other",
 )
 RECONCILER_ACTIONS = ("committed", "released", "deferred")
+WEBHOOK_RESULTS = ("succeeded", "failed")
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
 
 _REFUSAL_OUTCOMES = {
@@ -93,6 +95,22 @@ class BookingMetrics:
             "Outbox rows that failed BOOKING_OUTBOX_MAX_ATTEMPTS times and are no longer retried.",
             registry=registry,
         )
+        self.webhook_attempts = Counter(
+            "booking_webhook_attempts",
+            "Requests to webhook endpoints, by whether the endpoint took them (a 2xx).",
+            ("result",),
+            registry=registry,
+        )
+        self.webhook_deliveries_waiting = Gauge(
+            "booking_webhook_deliveries_waiting",
+            "Webhook deliveries that failed at least once (or wait behind one) and are retried.",
+            registry=registry,
+        )
+        self.webhook_dead_deliveries = Gauge(
+            "booking_webhook_dead_deliveries",
+            "Webhook deliveries given up (an endpoint's dead letters), every endpoint together.",
+            registry=registry,
+        )
         # How well concurrent bookings coalesce (service_kit/batching.py): items per batch, and
         # how long a batch takes, by step (claim_attempts, reserve_credits, decide_bookings, ...).
         self.batch_size = Histogram(
@@ -110,6 +128,8 @@ class BookingMetrics:
         self._outcomes = {outcome: self.bookings.labels(outcome) for outcome in OUTCOMES}
         for action in RECONCILER_ACTIONS:
             self.reconciler_actions.labels(action)
+        for result in WEBHOOK_RESULTS:
+            self.webhook_attempts.labels(result)
 
     def rpc_finished(
         self, service: str, rpc: str, code: grpc.StatusCode, reason: str | None, duration_s: float
@@ -132,6 +152,9 @@ class BookingMetrics:
         assert action in RECONCILER_ACTIONS, action
         self.reconciler_actions.labels(action).inc()
 
+    def webhook_attempt(self, *, succeeded: bool) -> None:
+        self.webhook_attempts.labels("succeeded" if succeeded else "failed").inc()
+
     def refresher(self, database: Database, settings: ServerSettings) -> Worker:
         """A worker that reads the outbox gauges from the database: the depth (an index-only
         count) every `metrics_refresh_interval_s`, the dead letters (a whole-table scan) every
@@ -143,10 +166,15 @@ class BookingMetrics:
             now = asyncio.get_running_loop().time()
             async with database.pool.acquire() as connection:
                 pending = await store.outbox_pending_count(connection)
-                dead = await store.outbox_dead_count(connection) if now >= next_scan_at else None
+                waiting = await webhook_store.waiting_count(connection)
+                scan = now >= next_scan_at
+                dead = await store.outbox_dead_count(connection) if scan else None
+                dead_deliveries = await webhook_store.dead_count(connection) if scan else None
             self.outbox_depth.set(pending)
-            if dead is not None:
+            self.webhook_deliveries_waiting.set(waiting)
+            if dead is not None and dead_deliveries is not None:
                 self.outbox_dead_letters.set(dead)
+                self.webhook_dead_deliveries.set(dead_deliveries)
                 next_scan_at = now + settings.metrics_scan_interval_s
             return False
 

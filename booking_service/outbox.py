@@ -1,9 +1,11 @@
 """The outbox worker: the side effects of booking events, and the payments that did not settle
 inline (docs/notifications.md, docs/design.md). At least once, with backoff, dead letters.
 
-A change to a booking writes one `booking_event` row. The worker delivers its notification and
-brings its video room to the booking's state; an effect that fails is retried alone from the same
-row (the payload's `pending_effects`). Once the effects are out, a booking whose payment is still
+A change to a booking writes one `booking_event` row. The worker delivers its notification (to
+the log sink, and to every webhook endpoint subscribed to it: webhook_delivery.py) and brings its
+video room to the booking's state; an effect that fails is retried alone from the same row (the
+payload's `pending_effects`). A webhook endpoint that fails is retried on its own delivery row,
+not from the event's. Once the effects are out, a booking whose payment is still
 COMMITTING or REFUNDING is left to the inline call until the row is
 BOOKING_COMMIT_RETRY_AFTER_S old, then settled from the row (the commit retry row of the previous
 design, written only when needed: never, when the inline call finished). Rows of the previous
@@ -14,9 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 import uuid
-from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -24,12 +24,15 @@ import structlog
 
 from booking_service import events
 from booking_service.config import BookingSettings
-from booking_service.delivery import PermanentFailure, RetryLater
+from booking_service.delivery import Failure, PermanentFailure, RetryPolicy, attempt
 from booking_service.domain import Booking, BookingStatus, DeadLetterNotFound, PaymentStatus, VideoRoomState
 from booking_service.payments import Payments
 from booking_service.side_effects import Notifier, VideoProvider
 from booking_service.store import calendar as calendar_store
 from booking_service.store import outbox as store
+from booking_service.store.webhooks import SigningEndpoint
+from booking_service.webhook_delivery import FanOut, WebhookDelivery
+from service_kit.connection import Connection
 from service_kit.database import Database
 from service_kit.pagination import Page
 
@@ -38,24 +41,19 @@ log = structlog.get_logger()
 _UNSETTLED = (PaymentStatus.COMMITTING, PaymentStatus.REFUNDING)
 
 
-@dataclass(frozen=True)
-class Failure:
-    """How one attempt at an effect failed: retry after `delay_s` (None: backoff), or never."""
-
-    reason: str
-    delay_s: float | None = None
-    permanent: bool = False
-
-
 @dataclass
 class Pass:
-    """What one pass did, written back in one statement at its end."""
+    """What one pass did, written back in one transaction at its end."""
 
+    # The enabled webhook endpoints, as read at the start of the pass.
+    endpoints: list[SigningEndpoint]
     delivered: list[uuid.UUID] = field(default_factory=list)
     deferred: list[store.Deferred] = field(default_factory=list)
     # The rooms' new states, by booking: the last event of a booking decides.
     rooms: dict[uuid.UUID, tuple[VideoRoomState, str | None]] = field(default_factory=dict)
     synced: list[tuple[uuid.UUID, str, VideoRoomState]] = field(default_factory=list)
+    # What each event's webhook fan-out left to write, by event: written with the event's outcome.
+    webhooks: dict[uuid.UUID, FanOut] = field(default_factory=dict)
 
 
 class Outbox:
@@ -66,12 +64,17 @@ class Outbox:
         settings: BookingSettings,
         notifier: Notifier,
         video: VideoProvider | None,
+        webhooks: WebhookDelivery,
     ) -> None:
         self._database = database
         self._payments = payments
         self._settings = settings
         self._notifier = notifier
         self._video = video  # None: no video rooms (BOOKING_VIDEO_PROVIDER=none)
+        self._webhooks = webhooks
+        self._policy = RetryPolicy(
+            settings.outbox_base_delay_s, settings.outbox_max_delay_s, settings.outbox_max_attempts
+        )
 
     async def deliver_once(self) -> bool:
         """Delivers up to one batch of due events; True when the batch was full. Events of
@@ -83,19 +86,26 @@ class Outbox:
             leased = await store.lease_due_events(
                 connection, self._settings.outbox_batch_size, self._settings.outbox_lease_s
             )
+            if not leased:
+                return False
             bookings = await calendar_store.fetch_bookings(connection, list({e.booking_id for e in leased}))
+            endpoints = await self._webhooks.endpoints(connection)
         by_booking: dict[uuid.UUID, list[store.OutboxEvent]] = {}
         for event in leased:
             by_booking.setdefault(event.booking_id, []).append(event)
-        done = Pass()
+        done = Pass(endpoints)
         await asyncio.gather(
             *(self._deliver_in_order(group, bookings.get(booking_id), done) for booking_id, group in by_booking.items())
         )
-        if done.delivered or done.deferred:
-            async with self._database.pool.acquire() as connection:
+        if done.delivered or done.deferred or done.webhooks:
+            fan_outs = FanOut()
+            for fan_out in done.webhooks.values():
+                fan_outs.extend(fan_out)
+            async with self._database.pool.acquire() as connection, connection.transaction():
                 await store.finish_events(
                     connection, done.delivered, done.deferred, done.rooms, defer_s=self._settings.commit_retry_after_s
                 )
+                await self._webhooks.record(connection, fan_outs)
             for booking_id, kind, state in done.synced:
                 log.debug("video_room_synced", booking_id=str(booking_id), kind=kind, state=state.value)
         return len(leased) == self._settings.outbox_batch_size
@@ -108,20 +118,20 @@ class Outbox:
         if event.kind == events.BOOKING_EVENT:
             failed, failure = await self._effects(event, booking, done)
             if failure is not None:
-                await self._failed(event, failure, pending_effects=failed)
+                await self._failed(event, failure, done, pending_effects=failed)
                 return
         else:
-            failure = await self._attempt(self._legacy(event, booking, done))
+            failure = await attempt(self._legacy(event, booking, done))
             if failure is not None:
-                await self._failed(event, failure)
+                await self._failed(event, failure, done)
                 return
         if event.kind == events.BOOKING_EVENT and booking is not None and booking.payment_status in _UNSETTLED:
             if event.age_s < self._settings.commit_retry_after_s:
                 done.deferred.append(store.Deferred(event.event_id))  # the inline call may still settle it
                 return
-            failure = await self._attempt(self._payments.settle(booking))
+            failure = await attempt(self._payments.settle(booking))
             if failure is not None:
-                await self._failed(event, failure, pending_effects=())
+                await self._failed(event, failure, done, pending_effects=())
                 return
         done.delivered.append(event.event_id)
 
@@ -133,9 +143,9 @@ class Outbox:
         worst: Failure | None = None
         for effect in events.pending_effects(event.payload):
             if effect == events.NOTIFICATION:
-                failure = await self._attempt(self._notify(event))
+                failure = await attempt(self._notify(event, done))
             else:
-                failure = await self._attempt(self._sync_video_room(event, booking, done))
+                failure = await attempt(self._sync_video_room(event, booking, done))
             if failure is not None:
                 failed.append(effect)
                 if worst is None or failure.permanent or (not worst.permanent and failure.delay_s is not None):
@@ -148,36 +158,22 @@ class Outbox:
             if booking is not None and booking.payment_status in _UNSETTLED:
                 await self._payments.settle(booking)
         elif event.kind == events.NOTIFICATION:
-            await self._notify(event)
+            await self._notify(event, done)
         elif event.kind in events.LEGACY_VIDEO_ROOM_KINDS:
             await self._sync_video_room(event, booking, done)
         else:
             raise PermanentFailure(f"unknown outbox event kind {event.kind!r}")
 
-    async def _attempt(self, delivery: Awaitable[object]) -> Failure | None:
-        """Awaits one delivery; None when it succeeded, else how it failed."""
-        try:
-            await delivery
-        except RetryLater as later:
-            return Failure(later.reason, delay_s=later.delay_s)
-        except PermanentFailure as failure:
-            return Failure(failure.reason, permanent=True)
-        except Exception as error:  # noqa: BLE001  # any failure counts as an attempt, so a poison event dead-letters
-            return Failure(repr(error))
-        return None
-
-    def _backoff_s(self, attempts: int) -> float:
-        """Exponential backoff with jitter (half to all of the doubled delay), bounded."""
-        base_s = self._settings.outbox_base_delay_s * float(2 ** min(attempts, 30))
-        return min(self._settings.outbox_max_delay_s, base_s) * random.uniform(0.5, 1.0)  # jitter, not crypto
-
     async def _failed(
-        self, event: store.OutboxEvent, failure: Failure, *, pending_effects: list[str] | tuple[()] | None = None
+        self,
+        event: store.OutboxEvent,
+        failure: Failure,
+        done: Pass,
+        *,
+        pending_effects: list[str] | tuple[()] | None = None,
     ) -> None:
         attempts = event.attempts + 1
-        dead = failure.permanent or attempts >= self._settings.outbox_max_attempts
-        delay_s = failure.delay_s if failure.delay_s is not None else self._backoff_s(event.attempts)
-        delay_s = 0.0 if failure.permanent else min(self._settings.outbox_max_delay_s, delay_s)
+        dead, delay_s = self._policy.after_failure(failure, attempts)
         room_failed = dead and (
             event.kind in events.LEGACY_VIDEO_ROOM_KINDS or events.VIDEO_ROOM in (pending_effects or ())
         )
@@ -185,6 +181,8 @@ class Outbox:
             await store.retry_event(
                 connection, event.event_id, delay_s, failure.reason, dead=dead, pending_effects=pending_effects
             )
+            # The webhook deliveries this attempt left go with it: the notification is done.
+            await self._record_webhooks(connection, done.webhooks.pop(event.event_id, None))
             if room_failed:
                 await calendar_store.set_video_room(
                     connection, event.booking_id, VideoRoomState.FAILED, failure_reason=failure.reason
@@ -200,12 +198,20 @@ class Outbox:
             error=failure.reason,
         )
 
-    async def _notify(self, event: store.OutboxEvent) -> None:
+    async def _record_webhooks(self, connection: Connection, fan_out: FanOut | None) -> None:
+        if fan_out is not None:
+            await self._webhooks.record(connection, fan_out)
+
+    async def _notify(self, event: store.OutboxEvent, done: Pass) -> None:
+        """The notification: to the log sink (BOOKING_NOTIFICATION_SINK=log), and to every webhook
+        endpoint subscribed to its type. An endpoint's failure is its own delivery's to retry."""
         # Serialized the same way on every attempt, so a retry carries the same bytes.
         body = json.dumps(
             events.notification_body(event.event_id, event.payload), sort_keys=True, separators=(",", ":")
-        )
-        await self._notifier.send(str(event.event_id), str(event.payload.get("type")), body.encode())
+        ).encode()
+        event_type = str(event.payload.get("type"))
+        await self._notifier.send(str(event.event_id), event_type, body)
+        done.webhooks[event.event_id] = await self._webhooks.fan_out(event.event_id, event_type, body, done.endpoints)
 
     async def _sync_video_room(self, event: store.OutboxEvent, booking: Booking | None, done: Pass) -> None:
         """Brings the room to the booking's state as read for this pass, whatever the event: events

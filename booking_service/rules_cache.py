@@ -5,9 +5,11 @@ overrides, buffers, notice, horizon) and the session type's duration and cost. R
 is one of the dearest parts of a booking (docs/performance.md), and it changes rarely, so the
 service keeps it here, tagged with the therapist's `schedule_version` (migration 0004). Nothing
 is trusted on memory alone: every claim names the version its rules were checked against, and
-the database refuses the claim as stale when the version moved on (any change to the therapist
-or its schedule moves it), after which the service reads the schedule again. So a booking is
-decided on what the database holds at the claim, exactly as without this cache.
+the database refuses the claim as stale when the version moved on (any change to the therapist,
+its schedule or one of its session types moves it: migrations 0004 and 0006), after which the
+service reads the schedule again. So a booking is decided on what the database holds at the
+claim, exactly as without this cache: a price changed or a session type retired on one replica
+is obeyed by the next booking on every other.
 
 Bounded (TIGER_STYLE): at most `max_therapists` therapists, each with at most
 `MAX_SESSION_TYPES_PER_THERAPIST` session types; the oldest entry goes first.
@@ -19,7 +21,7 @@ import uuid
 from dataclasses import dataclass, field
 
 from booking_service.availability import Schedule
-from booking_service.domain import SessionType, Therapist
+from booking_service.domain import Refused, SessionType, SessionTypeRetired, Therapist, TherapistArchived
 
 MAX_SESSION_TYPES_PER_THERAPIST = 64
 
@@ -33,13 +35,26 @@ class BookingRules:
     schedule: Schedule
     schedule_version: int
 
+    def therapist_closed(self) -> Refused | None:
+        """Why the therapist takes no new session at all (archived), if it does not."""
+        if self.therapist.archived_at is not None:
+            return TherapistArchived(self.therapist.therapist_id)
+        return None
+
+    def closed(self) -> Refused | None:
+        """Why no new session of this type can be booked (the therapist archived, the type
+        retired), if none can: a refusal of the rules, recorded as the request's answer."""
+        if self.session_type.retired_at is not None:
+            return self.therapist_closed() or SessionTypeRetired(self.session_type.session_type_id)
+        return self.therapist_closed()
+
 
 @dataclass
 class _TherapistEntry:
     therapist: Therapist
     schedule: Schedule
     schedule_version: int
-    # Session types never change once made (there is no RPC that changes one).
+    # The session types read at this schedule_version: a change to one moves the version on.
     session_types: dict[uuid.UUID, SessionType] = field(default_factory=dict)
 
 

@@ -6,6 +6,9 @@ the calendar's steps and the payments.
     changes     cancel and reschedule (changes.py)
     reconciler  stale holds (recovery.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
+    discovery   therapists listed and searched by availability (discovery.py)
+    webhook_endpoints, webhook_delivery
+                the webhook endpoints operators manage, and the sending to them
 """
 
 from __future__ import annotations
@@ -21,11 +24,14 @@ from booking_service.calendar import Calendar
 from booking_service.catalogue import Catalogue
 from booking_service.changes import Changes
 from booking_service.config import BookingSettings
+from booking_service.discovery import Discovery
 from booking_service.metrics import BookingMetrics
 from booking_service.outbox import Outbox
 from booking_service.payments import Credits, Payments
 from booking_service.recovery import Reconciler
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
+from booking_service.webhook_delivery import WebhookDelivery
+from booking_service.webhook_endpoints import WebhookEndpoints
 from service_kit.database import Database
 
 log = structlog.get_logger()
@@ -91,8 +97,22 @@ class BookingService:
             reconcile_after_s=settings.reconcile_after_s,
             batch_size=settings.reconcile_batch_size,
         )
-        self.outbox = Outbox(database, payments, settings, notifier if notifier is not None else LogNotifier(), video)
+        self.discovery = Discovery(database, clock)
+        self.webhook_endpoints = WebhookEndpoints(database)
+        self.webhook_delivery = WebhookDelivery(
+            database, settings, lambda succeeded: metrics.webhook_attempt(succeeded=succeeded)
+        )
+        self.outbox = Outbox(
+            database,
+            payments,
+            settings,
+            notifier if notifier is not None else LogNotifier(),
+            video,
+            self.webhook_delivery,
+        )
 
     async def close(self) -> None:
-        """Stops the batching (after the server stopped taking calls), writing what waits."""
+        """Stops the batching (after the server stopped taking calls), writing what waits, and
+        closes the webhooks' HTTP client."""
         await self.calendar.close()
+        await self.webhook_delivery.close()

@@ -1,5 +1,6 @@
 """booking.v1.BookingService over gRPC: each handler checks its request, calls one use case and
-answers; the one table of status codes. Translations live in messages.py, access rules in access.py."""
+answers; the one table of status codes. Translations live in messages.py, access rules in access.py;
+the discovery and webhook endpoint handlers in discovery_servicer.py and webhook_servicer.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import grpc
 from booking.v1 import booking_pb2, booking_pb2_grpc
 from booking_service import availability, domain
 from booking_service.access import ACTORS_OF_ROLE, may_see
+from booking_service.discovery_servicer import DiscoveryHandlers
 from booking_service.domain import (
     MAX_OVERRIDE_WINDOWS,
     MAX_SLOT_RANGE,
@@ -36,14 +38,15 @@ from booking_service.messages import (
     parse_window,
     session_type_message,
     shown,
+    slot_message,
     start_of,
     therapist_fields,
     therapist_message,
-    timestamp,
     weekly_message,
 )
 from booking_service.requests import NewBooking, NewStart
 from booking_service.service import BookingService
+from booking_service.webhook_servicer import WebhookHandlers
 from service_kit import pagination
 from service_kit.auth import PermissionDenied, current_principal
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
@@ -75,7 +78,7 @@ ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
+class BookingServicer(DiscoveryHandlers, WebhookHandlers, booking_pb2_grpc.BookingServiceServicer):
     def __init__(self, service: BookingService) -> None:
         self._service = service
 
@@ -205,7 +208,7 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         checks = Checks()
         therapist_id = checks.uuid("therapist_id", request.therapist_id)
         checks.done()
-        found = await self._service.catalogue.session_types(therapist_id)
+        found = await self._service.catalogue.session_types(therapist_id, include_retired=request.include_retired)
         return booking_pb2.ListSessionTypesResponse(session_types=[session_type_message(s) for s in found])
 
     async def ListAvailableSlots(
@@ -228,16 +231,7 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         therapist, slots = await self._service.catalogue.available_slots(therapist_id, session_type_id, start, end)
         zone_name = display_zone or therapist.time_zone
         return booking_pb2.ListAvailableSlotsResponse(
-            time_zone=zone_name,
-            slots=[
-                booking_pb2.Slot(
-                    start_time=timestamp(slot.start),
-                    end_time=timestamp(slot.end),
-                    local_start=availability.local_rendering(slot.start, zone_name),
-                    local_end=availability.local_rendering(slot.end, zone_name),
-                )
-                for slot in slots
-            ],
+            time_zone=zone_name, slots=[slot_message(slot, zone_name) for slot in slots]
         )
 
     async def CreateBooking(

@@ -1,13 +1,13 @@
-"""The receivers of a booking's side effects: a notification sink and a video-room provider.
+"""The receivers of a booking's side effects: a notification sink and a video-room provider
+(webhook endpoints are webhook_delivery.py's).
 
 Both are called by the outbox worker only, never while a booking waits. Every HTTP call has a
 timeout; a failure is classified by `booking_service.delivery` for the outbox's retry policy.
-Secrets (the webhook secret, the Daily API key) go into headers only and are never logged.
+Secrets (the Daily API key) go into headers only and are never logged.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol
@@ -15,7 +15,6 @@ from typing import Any, Protocol
 import httpx
 import structlog
 
-from booking_service import webhooks
 from booking_service.config import BookingSettings, Secret
 from booking_service.delivery import PermanentFailure, check_response
 
@@ -60,22 +59,15 @@ class LogNotifier:
         return None
 
 
-class WebhookNotifier:
-    """HTTP POST of the JSON body, signed (booking_service/webhooks.py)."""
-
-    def __init__(self, url: str, secret: Secret, timeout_s: float) -> None:
-        self._url = url
-        self._secret = secret
-        self._client = httpx.AsyncClient(timeout=timeout_s, follow_redirects=False)
+class NoNotifier:
+    """BOOKING_NOTIFICATION_SINK=webhook: notifications go to the webhook endpoints only
+    (webhook_delivery.py), BOOKING_WEBHOOK_URL's among them."""
 
     async def send(self, event_id: str, event_type: str, body: bytes) -> None:
-        headers = webhooks.sign(self._secret, event_id, int(time.time()), body)
-        headers["Content-Type"] = "application/json"
-        response = await self._client.post(self._url, content=body, headers=headers)
-        check_response(response, "webhook")
+        return None
 
     async def close(self) -> None:
-        await self._client.aclose()
+        return None
 
 
 class LocalVideoProvider:
@@ -132,7 +124,7 @@ def _room_url(answer: Any) -> str:
 
 def notifier_from(settings: BookingSettings) -> Notifier:
     if settings.notification_sink == "webhook":
-        return WebhookNotifier(settings.webhook_url, settings.webhook_secret, settings.side_effect_http_timeout_s)
+        return NoNotifier()
     return LogNotifier()
 
 

@@ -29,9 +29,12 @@ THERAPIST_FIELDS = (
     "booking_horizon_days",
     "created_at",
     "updated_at",
+    "languages",
+    "specialties",
+    "archived_at",
 )
 THERAPIST_COLUMNS = ", ".join(THERAPIST_FIELDS)
-SESSION_TYPE_FIELDS = ("session_type_id", "therapist_id", "name", "duration_minutes", "credit_cost")
+SESSION_TYPE_FIELDS = ("session_type_id", "therapist_id", "name", "duration_minutes", "credit_cost", "retired_at")
 SESSION_TYPE_COLUMNS = ", ".join(SESSION_TYPE_FIELDS)
 BOOKING_FIELDS = (
     "booking_id",
@@ -62,12 +65,17 @@ BOOKING_WITH_ROOM = (
 SESSIONS_WITH_ROOM = "booking.sessions s LEFT JOIN booking.video_rooms v USING (booking_id)"
 
 
-def therapist(row: asyncpg.Record) -> Therapist:
-    return Therapist(**{field: row[field] for field in THERAPIST_FIELDS})
+def therapist(row: asyncpg.Record, prefix: str = "") -> Therapist:
+    """A therapist from a row holding THERAPIST_FIELDS (each named `prefix` + field)."""
+    values = {field: row[prefix + field] for field in THERAPIST_FIELDS}
+    values["languages"] = tuple(values["languages"])
+    values["specialties"] = tuple(values["specialties"])
+    return Therapist(**values)
 
 
-def session_type(row: asyncpg.Record) -> SessionType:
-    return SessionType(**{field: row[field] for field in SESSION_TYPE_FIELDS})
+def session_type(row: asyncpg.Record, prefix: str = "") -> SessionType:
+    """A session type from a row holding SESSION_TYPE_FIELDS (each named `prefix` + field)."""
+    return SessionType(**{field: row[prefix + field] for field in SESSION_TYPE_FIELDS})
 
 
 def booking(row: asyncpg.Record, room: VideoRoom | None = None) -> Booking:

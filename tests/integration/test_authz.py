@@ -68,6 +68,25 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "ListDeadLetters": {"admin": OK},
     # The admin may; the dead letter does not exist.
     "RetryDeadLetter": {"admin": MISSING},
+    "ListTherapists": dict.fromkeys(READERS, OK),
+    "SearchAvailability": dict.fromkeys(READERS, OK),
+    "ArchiveTherapist": {"admin": OK},
+    "UnarchiveTherapist": {"admin": OK},
+    "UpdateSessionType": {"therapist_self": OK, "admin": OK},
+    "RetireSessionType": {"therapist_self": OK, "admin": OK},
+    "CreateWebhookEndpoint": {"admin": OK},
+    "ListWebhookEndpoints": {"admin": OK},
+    "UpdateWebhookEndpoint": {"admin": OK},
+    "RotateWebhookSecret": {"admin": OK},
+    "DisableWebhookEndpoint": {"admin": OK},
+    "EnableWebhookEndpoint": {"admin": OK},
+    "DeleteWebhookEndpoint": {"admin": OK},
+    # The endpoint's partner (role service, subject = partner_id) reads it; nobody else but admins.
+    "GetWebhookEndpoint": {"admin": OK, "service": OK},
+    "ListWebhookAttempts": {"admin": OK, "service": OK},
+    "ListWebhookDeliveries": {"admin": OK, "service": OK},
+    # The caller may; the delivery does not exist.
+    "RetryWebhookDelivery": {"admin": MISSING, "service": MISSING},
     "GrantCredits": {"admin": OK},
     "GetBalance": {"client_self": OK, "admin": OK},
     "ListLedgerEntries": {"client_self": OK, "admin": OK},
@@ -97,6 +116,16 @@ def test_the_table_names_every_rpc_of_both_services() -> None:
     assert set(EXPECTED) == set(BOOKING_RPCS) | set(CREDIT_RPCS)
 
 
+# The webhook endpoints of this module: nowhere reachable (the discard port), for reschedules only,
+# and deleted when the module ends, so that no other test's events go to them.
+AUTHZ_ENDPOINT = booking_pb2.WebhookEndpoint(
+    url="http://127.0.0.1:9/authz",
+    event_types=["booking.rescheduled"],
+    description="authz",
+    partner_id="booking-service",
+)
+
+
 @dataclass
 class Scene:
     world: World
@@ -106,6 +135,8 @@ class Scene:
     # Channels that attach no token at all.
     anonymous_booking: Any
     anonymous_credit: Any
+    # A disabled endpoint whose partner is the `service` caller.
+    endpoint_id: str
 
     def next_start(self) -> datetime:
         day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=2)
@@ -124,6 +155,7 @@ async def scene(
 ) -> AsyncIterator[Scene]:
     world = await World.create(booking_stub, credit_stub)
     await grant(world.credit, world.client_id, 10_000)
+    endpoint = await new_endpoint(booking_stub)
     async with (
         grpc.aio.insecure_channel(booking_address) as booking_channel,
         grpc.aio.insecure_channel(credit_address) as credit_channel,
@@ -135,7 +167,23 @@ async def scene(
             itertools.count(),
             booking_pb2_grpc.BookingServiceStub(booking_channel),
             credit_pb2_grpc.CreditServiceStub(credit_channel),
+            endpoint,
         )
+    admin: Any = booking_stub
+    listed = await admin.ListWebhookEndpoints(booking_pb2.ListWebhookEndpointsRequest(page_size=500))
+    for made in listed.endpoints:
+        if made.description == AUTHZ_ENDPOINT.description:
+            await admin.DeleteWebhookEndpoint(booking_pb2.DeleteWebhookEndpointRequest(endpoint_id=made.endpoint_id))
+
+
+async def new_endpoint(booking_stub: Any) -> str:
+    """A disabled endpoint of this module (by an admin); its id."""
+    created = await booking_stub.CreateWebhookEndpoint(
+        booking_pb2.CreateWebhookEndpointRequest(request_id=str(uuid.uuid4()), endpoint=AUTHZ_ENDPOINT)
+    )
+    endpoint_id: str = created.endpoint.endpoint_id
+    await booking_stub.DisableWebhookEndpoint(booking_pb2.DisableWebhookEndpointRequest(endpoint_id=endpoint_id))
+    return endpoint_id
 
 
 def caller_token(caller: str, world: World, via: str = "pem") -> str | None:
@@ -275,6 +323,11 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         "GetReservation": lambda: plain(c.GetReservation, credit_pb2.GetReservationRequest(reservation_id=rid)),
         "ListReservations": lambda: plain(c.ListReservations, credit_pb2.ListReservationsRequest(owner_id=w.client_id)),
     }
+    requests.update(discovery_requests(scene, start))
+    requests.update(webhook_requests(scene, rid))
+    prepared = await request_on_its_own_target(rpc, scene)
+    if prepared is not None:
+        return prepared
     if rpc in ("GetBooking", "CancelBooking", "RescheduleBooking"):
         booking_id = await scene.fresh_booking()
         if rpc == "GetBooking":
@@ -289,6 +342,100 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
             booking_id=booking_id, request_id=rid, start_time=ts(scene.next_start())
         )
     return await requests[rpc]()
+
+
+async def request_on_its_own_target(rpc: str, scene: Scene) -> tuple[Any, Any] | None:
+    """The calls whose success would spoil the scene for the calls after them (an archived
+    therapist, a retired type, a deleted endpoint) act on a target of their own, made now."""
+    w, b, c = scene.world, scene.booking_stub, scene.credit_stub
+    if rpc == "ArchiveTherapist":
+        other = await World.create(b, c, credits=0)
+        return b.ArchiveTherapist, booking_pb2.ArchiveTherapistRequest(therapist_id=other.therapist_id)
+    if rpc == "UnarchiveTherapist":
+        other = await World.create(b, c, credits=0)
+        await b.ArchiveTherapist(booking_pb2.ArchiveTherapistRequest(therapist_id=other.therapist_id))
+        return b.UnarchiveTherapist, booking_pb2.UnarchiveTherapistRequest(therapist_id=other.therapist_id)
+    if rpc == "RetireSessionType":
+        spare = await w.add_session_type(50)
+        return b.RetireSessionType, booking_pb2.RetireSessionTypeRequest(
+            therapist_id=w.therapist_id, session_type_id=spare
+        )
+    if rpc == "DeleteWebhookEndpoint":
+        return b.DeleteWebhookEndpoint, booking_pb2.DeleteWebhookEndpointRequest(endpoint_id=await new_endpoint(b))
+    return None
+
+
+def discovery_requests(scene: Scene, start: datetime) -> dict[str, Callable[[], Awaitable[tuple[Any, Any]]]]:
+    w, b = scene.world, scene.booking_stub
+
+    async def plain(method: Any, request: Any) -> tuple[Any, Any]:
+        return method, request
+
+    return {
+        "ListTherapists": lambda: plain(b.ListTherapists, booking_pb2.ListTherapistsRequest(page_size=5)),
+        "SearchAvailability": lambda: plain(
+            b.SearchAvailability,
+            booking_pb2.SearchAvailabilityRequest(
+                duration_minutes=50, start_time=ts(start), end_time=ts(start + timedelta(hours=2)), page_size=2
+            ),
+        ),
+        "UpdateSessionType": lambda: plain(
+            b.UpdateSessionType,
+            booking_pb2.UpdateSessionTypeRequest(
+                session_type=booking_pb2.SessionType(
+                    therapist_id=w.therapist_id, session_type_id=w.session_type_id, name="Auth"
+                ),
+                update_mask=field_mask_pb2.FieldMask(paths=["name"]),
+            ),
+        ),
+    }
+
+
+def webhook_requests(scene: Scene, rid: str) -> dict[str, Callable[[], Awaitable[tuple[Any, Any]]]]:
+    b, endpoint_id = scene.booking_stub, scene.endpoint_id
+
+    async def plain(method: Any, request: Any) -> tuple[Any, Any]:
+        return method, request
+
+    return {
+        "CreateWebhookEndpoint": lambda: plain(
+            b.CreateWebhookEndpoint,
+            booking_pb2.CreateWebhookEndpointRequest(request_id=rid, endpoint=AUTHZ_ENDPOINT),
+        ),
+        "GetWebhookEndpoint": lambda: plain(
+            b.GetWebhookEndpoint, booking_pb2.GetWebhookEndpointRequest(endpoint_id=endpoint_id)
+        ),
+        "ListWebhookEndpoints": lambda: plain(b.ListWebhookEndpoints, booking_pb2.ListWebhookEndpointsRequest()),
+        "UpdateWebhookEndpoint": lambda: plain(
+            b.UpdateWebhookEndpoint,
+            booking_pb2.UpdateWebhookEndpointRequest(
+                endpoint=booking_pb2.WebhookEndpoint(endpoint_id=endpoint_id, description="authz"),
+                update_mask=field_mask_pb2.FieldMask(paths=["description"]),
+            ),
+        ),
+        "RotateWebhookSecret": lambda: plain(
+            b.RotateWebhookSecret, booking_pb2.RotateWebhookSecretRequest(endpoint_id=endpoint_id)
+        ),
+        "DisableWebhookEndpoint": lambda: plain(
+            b.DisableWebhookEndpoint, booking_pb2.DisableWebhookEndpointRequest(endpoint_id=endpoint_id)
+        ),
+        # Enabling it changes nothing an outsider could see: the scene's own enabled endpoint is
+        # disabled again by the next DisableWebhookEndpoint call, and nothing is sent meanwhile but
+        # reschedules to the discard port.
+        "EnableWebhookEndpoint": lambda: plain(
+            b.EnableWebhookEndpoint, booking_pb2.EnableWebhookEndpointRequest(endpoint_id=endpoint_id)
+        ),
+        "ListWebhookAttempts": lambda: plain(
+            b.ListWebhookAttempts, booking_pb2.ListWebhookAttemptsRequest(endpoint_id=endpoint_id)
+        ),
+        "ListWebhookDeliveries": lambda: plain(
+            b.ListWebhookDeliveries, booking_pb2.ListWebhookDeliveriesRequest(endpoint_id=endpoint_id)
+        ),
+        "RetryWebhookDelivery": lambda: plain(
+            b.RetryWebhookDelivery,
+            booking_pb2.RetryWebhookDeliveryRequest(endpoint_id=endpoint_id, delivery_id=rid),
+        ),
+    }
 
 
 @pytest.mark.parametrize("via", ["pem", "jwks"])

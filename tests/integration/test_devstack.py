@@ -479,13 +479,25 @@ def test_run_serves_through_the_gateway_and_stops_everything_on_sigterm() -> Non
         assert body["code"] == 5
         assert "ACCOUNT_NOT_FOUND" in json.dumps(body)
         assert len(children) == 3, output.text()
-        # What a web app's team looks for first: the API's description, and its browser allowed.
+        # What a web app's team looks for first: the therapists, the API's description, and its
+        # browser allowed.
         gateway_url = f"http://127.0.0.1:{ports['gateway']}"
+        demo_therapist = json.loads((folder / "demo.json").read_text())["therapist_id"]
+        status, listed = http_get(f"{gateway_url}/v1/therapists?page_size=10", admin_token[1])
+        assert status == 200, listed
+        assert [t["therapist_id"] for t in listed["therapists"]] == [demo_therapist]  # type: ignore[attr-defined]
         status, description = http_get(f"{gateway_url}/openapi.json")
         assert status == 200
         validate(description)
         described = {path for path in description["paths"]}  # type: ignore[attr-defined]
-        assert {"/v1/bookings", "/v1/accounts/{owner_id}/balance", "/v1/therapists/{therapist_id}/slots"} <= described
+        assert {
+            "/v1/bookings",
+            "/v1/accounts/{owner_id}/balance",
+            "/v1/therapists/{therapist_id}/slots",
+            "/v1/therapists",
+            "/v1/availability",
+            "/v1/webhook-endpoints",
+        } <= described
         assert f"{gateway_url}/docs" in output.text()
         assert preflight(f"{gateway_url}/v1/bookings", "http://localhost:3000") == "http://localhost:3000"
         assert preflight(f"{gateway_url}/v1/bookings", "http://evil.example") is None

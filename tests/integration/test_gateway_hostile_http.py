@@ -86,6 +86,13 @@ class Scene:
             "owner_id": self.world.client_id,
             "reservation_id": self.booking_id,
             "event_id": str(uuid.uuid4()),
+            "session_type_id": self.world.session_type_id,
+            "session_type.therapist_id": self.world.therapist_id,
+            "session_type.session_type_id": self.world.session_type_id,
+            # Endpoints and deliveries nobody made: whatever gets past the gateway finds nothing.
+            "endpoint_id": str(uuid.uuid4()),
+            "endpoint.endpoint_id": str(uuid.uuid4()),
+            "delivery_id": str(uuid.uuid4()),
         }
         names = re.findall(r"\{([^}]+)\}", route.template)
         path = route.template.encode()

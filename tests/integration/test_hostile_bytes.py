@@ -47,7 +47,7 @@ from credit_service.servicer import SERVICE_NAME as CREDIT_SERVICE_NAME
 from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST
 from service_kit.errors import MAX_REASON_LENGTH, error_details
 from service_kit.server import Runtime
-from tests.integration.test_hostile_input import names_a_field, valid_requests
+from tests.integration.test_hostile_input import names_a_field, spares_of, valid_requests
 from tests.support.auth import bearer, token
 from tests.support.pair import own_services
 from tests.support.wire import INVALID_UTF8, Corruption, Kind, corruptions, length_delimited
@@ -206,7 +206,7 @@ async def scene(stack: Stack) -> dict[str, bytes]:
                 reservation_id=reservation_id, owner_id=world.client_id, amount=5, reference="bytes"
             )
         )
-    valid = valid_requests(world, (first.booking_id, second.booking_id), reservation_ids)
+    valid = valid_requests(world, (first.booking_id, second.booking_id), reservation_ids, await spares_of(world))
     return {name: request.SerializeToString() for name, request in valid.items()}
 
 

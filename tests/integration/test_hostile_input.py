@@ -20,14 +20,15 @@ from __future__ import annotations
 import re
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import grpc
 import pytest
-from google.protobuf import descriptor, field_mask_pb2
+from google.protobuf import descriptor, duration_pb2, field_mask_pb2
 from google.protobuf.message import Message
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -79,7 +80,13 @@ LEAK = re.compile(r'Traceback|asyncpg|File "|\b[A-Z][A-Za-z0-9]*(Error|Exception
 REFUSED_VALID_REQUESTS = {
     # Dead letters come only from an outbox event failing for good, which no RPC can cause.
     "booking.v1.BookingService.RetryDeadLetter": "NOT_FOUND DEAD_LETTER_NOT_FOUND",
+    # Likewise a dead webhook delivery: an endpoint has to refuse an event for good first.
+    "booking.v1.BookingService.RetryWebhookDelivery": "NOT_FOUND WEBHOOK_DELIVERY_NOT_FOUND",
 }
+# The scene's webhook endpoints: nowhere reachable (the discard port), reschedules only.
+HOSTILE_ENDPOINT = booking_pb2.WebhookEndpoint(
+    url="http://127.0.0.1:9/hostile", event_types=["booking.rescheduled"], description="hostile"
+)
 UPDATABLE_THERAPIST_FIELDS = (
     "display_name",
     "time_zone",
@@ -111,8 +118,45 @@ class Scene:
         return self._strategies[method.full_name]
 
 
+@dataclass(frozen=True)
+class Spares:
+    """What the RPCs that retire, archive or delete act on, so that the scene's own therapist,
+    session type and endpoint stay for the RPCs after them."""
+
+    therapist_id: str
+    session_type_id: str
+    endpoint_id: str
+    deleted_endpoint_id: str
+
+
+@pytest.fixture(autouse=True)
+async def no_endpoint_outlives_a_test(booking_db: asyncpg.Pool) -> AsyncIterator[None]:
+    """Webhook endpoints are global to the shared server: those a test made (its scene's, and
+    whatever hostile requests managed to create) go when it ends, so that none receives another
+    test's events and their number stays far from its bound."""
+    started = await booking_db.fetchval("SELECT now()")
+    yield
+    await booking_db.execute("DELETE FROM booking.webhook_endpoints WHERE created_at >= $1", started)
+
+
+async def endpoint(world: World) -> str:
+    created = await world.booking.CreateWebhookEndpoint(
+        booking_pb2.CreateWebhookEndpointRequest(request_id=str(uuid.uuid4()), endpoint=HOSTILE_ENDPOINT)
+    )
+    endpoint_id: str = created.endpoint.endpoint_id
+    return endpoint_id
+
+
+async def spares_of(world: World) -> Spares:
+    spare_therapist = await World.create(world.booking, world.credit, credits=0)
+    return Spares(
+        spare_therapist.therapist_id, await world.add_session_type(45), await endpoint(world), await endpoint(world)
+    )
+
+
 @pytest.fixture
 async def scene(world: World) -> Scene:
+    spares = await spares_of(world)
     first = await world.book(future_hour(3, 10))
     second = await world.book(future_hour(4, 10))
     spare_reservation_ids = (str(uuid.uuid4()), str(uuid.uuid4()))
@@ -143,10 +187,13 @@ async def scene(world: World) -> Scene:
             first.booking_id,
             second.booking_id,
             *spare_reservation_ids,
+            spares.therapist_id,
+            spares.session_type_id,
+            spares.endpoint_id,
         ),
         page_tokens=tokens,
     )
-    valid = valid_requests(world, (first.booking_id, second.booking_id), spare_reservation_ids)
+    valid = valid_requests(world, (first.booking_id, second.booking_id), spare_reservation_ids, spares)
     valid.update(
         {
             "booking.v1.BookingService.ListBookings": bookings,
@@ -158,7 +205,9 @@ async def scene(world: World) -> Scene:
     return Scene(material, valid)
 
 
-def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: tuple[str, str]) -> dict[str, Message]:
+def valid_requests(
+    world: World, booking_ids: tuple[str, str], reservation_ids: tuple[str, str], spares: Spares
+) -> dict[str, Message]:
     """A well-formed request per RPC, keyed by its full name, that succeeds when each is called
     once in descriptor order (but REFUSED_VALID_REQUESTS): the first booking is cancelled, the
     second moved; the first reservation is committed, then partly refunded, the second cancelled."""
@@ -221,6 +270,8 @@ def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: 
             booking_id=second_booking_id, request_id=str(uuid.uuid4()), start_time=ts(future_hour(6, 10))
         ),
         "RetryDeadLetter": booking_pb2.RetryDeadLetterRequest(event_id=str(uuid.uuid4())),
+        **discovery_requests(world, spares),
+        **webhook_requests(spares),
     }
     credit = {
         "GrantCredits": credit_pb2.GrantCreditsRequest(
@@ -252,6 +303,61 @@ def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: 
     }
     return {f"booking.v1.BookingService.{name}": request for name, request in booking.items()} | {
         f"credit.v1.CreditService.{name}": request for name, request in credit.items()
+    }
+
+
+def discovery_requests(world: World, spares: Spares) -> dict[str, Message]:
+    slots_from = future_hour(3, 0)
+    return {
+        "ListTherapists": booking_pb2.ListTherapistsRequest(page_size=5, languages=["en"]),
+        "SearchAvailability": booking_pb2.SearchAvailabilityRequest(
+            duration_minutes=50,
+            start_time=ts(slots_from),
+            end_time=ts(slots_from + timedelta(days=1)),
+            time_zone="Europe/London",
+            page_size=2,
+        ),
+        "ArchiveTherapist": booking_pb2.ArchiveTherapistRequest(therapist_id=spares.therapist_id),
+        "UnarchiveTherapist": booking_pb2.UnarchiveTherapistRequest(therapist_id=spares.therapist_id),
+        "UpdateSessionType": booking_pb2.UpdateSessionTypeRequest(
+            session_type=booking_pb2.SessionType(
+                therapist_id=world.therapist_id, session_type_id=world.session_type_id, name="Hostile", credit_cost=10
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["name", "credit_cost"]),
+        ),
+        "RetireSessionType": booking_pb2.RetireSessionTypeRequest(
+            therapist_id=world.therapist_id, session_type_id=spares.session_type_id
+        ),
+    }
+
+
+def webhook_requests(spares: Spares) -> dict[str, Message]:
+    endpoint_id = spares.endpoint_id
+    return {
+        "CreateWebhookEndpoint": booking_pb2.CreateWebhookEndpointRequest(
+            request_id=str(uuid.uuid4()), endpoint=HOSTILE_ENDPOINT
+        ),
+        "GetWebhookEndpoint": booking_pb2.GetWebhookEndpointRequest(endpoint_id=endpoint_id),
+        "ListWebhookEndpoints": booking_pb2.ListWebhookEndpointsRequest(page_size=5),
+        "UpdateWebhookEndpoint": booking_pb2.UpdateWebhookEndpointRequest(
+            endpoint=booking_pb2.WebhookEndpoint(
+                endpoint_id=endpoint_id, url="http://127.0.0.1:9/hostile-2", description="hostile, updated"
+            ),
+            update_mask=field_mask_pb2.FieldMask(paths=["url", "description"]),
+        ),
+        "RotateWebhookSecret": booking_pb2.RotateWebhookSecretRequest(
+            endpoint_id=endpoint_id, overlap=duration_pb2.Duration(seconds=60)
+        ),
+        "DisableWebhookEndpoint": booking_pb2.DisableWebhookEndpointRequest(endpoint_id=endpoint_id),
+        "EnableWebhookEndpoint": booking_pb2.EnableWebhookEndpointRequest(endpoint_id=endpoint_id),
+        "DeleteWebhookEndpoint": booking_pb2.DeleteWebhookEndpointRequest(endpoint_id=spares.deleted_endpoint_id),
+        "ListWebhookAttempts": booking_pb2.ListWebhookAttemptsRequest(endpoint_id=endpoint_id, page_size=5),
+        "ListWebhookDeliveries": booking_pb2.ListWebhookDeliveriesRequest(
+            endpoint_id=endpoint_id, state=booking_pb2.WEBHOOK_DELIVERY_STATE_DEAD
+        ),
+        "RetryWebhookDelivery": booking_pb2.RetryWebhookDeliveryRequest(
+            endpoint_id=endpoint_id, delivery_id=str(uuid.uuid4())
+        ),
     }
 
 

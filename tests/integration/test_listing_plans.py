@@ -22,6 +22,9 @@ import asyncpg
 import pytest
 
 from booking_service.store import calendar as booking_store
+from booking_service.store import discovery as discovery_store
+from booking_service.store import webhooks as webhook_store
+from booking_service.store.discovery import TherapistFilter
 from credit_service import store as credit_store
 from service_kit import migrations
 from tests.support.stack import fresh_database
@@ -31,6 +34,9 @@ RESERVATIONS = 20_000
 ENTRIES = 5_000
 THERAPISTS = 50
 SESSIONS = 10_000
+# Therapists only listed (a session type each, no sessions), and one webhook endpoint's delivery log.
+LISTED_THERAPISTS = 10_000
+ATTEMPTS = 10_000
 NIL = "00000000-0000-0000-0000-000000000000"
 SOME_ID = "3f2b8c1e-7d4a-4b7e-9a55-0c1d2e3f4a5b"
 # The shape main had: the cursor as `$n IS NULL OR ...`.
@@ -84,7 +90,23 @@ async def booking_db(postgres_server_url: str) -> AsyncIterator[asyncpg.Connecti
                    LATERAL (SELECT ('00000000-0000-4000-8000-' || lpad(to_hex(1 + i % {THERAPISTS}), 12, '0'))::uuid
                                    AS id) t,
                    LATERAL (SELECT timestamptz '2030-01-01' + make_interval(hours => i) AS at) s;
-            ANALYZE booking.therapists, booking.session_types, booking.sessions;"""
+            INSERT INTO booking.therapists (therapist_id, request_id, display_name, time_zone, languages, created_at)
+            SELECT gen_random_uuid(), 'plans-listed-' || i, 'L', 'UTC',
+                   CASE WHEN i % 10 = 0 THEN ARRAY['pt-BR'] ELSE ARRAY['en'] END,
+                   timestamptz '2030-01-01' + make_interval(secs => i)
+              FROM generate_series(1, {LISTED_THERAPISTS}) i;
+            INSERT INTO booking.session_types
+                   (session_type_id, therapist_id, request_id, name, duration_minutes, credit_cost)
+            SELECT gen_random_uuid(), therapist_id, 'plans-listed-st-' || therapist_id, 'S', 50, 5 + random() * 30
+              FROM booking.therapists WHERE request_id LIKE 'plans-listed-%';
+            INSERT INTO booking.webhook_endpoints (endpoint_id, request_id, url, event_types, secret)
+            VALUES ('{SOME_ID}', 'plans-endpoint', 'https://example.com/hooks', ARRAY['booking.confirmed'], 'whsec_x');
+            INSERT INTO booking.webhook_attempts
+                   (attempt_id, endpoint_id, event_id, event_type, attempted_at, latency_ms, succeeded)
+            SELECT gen_random_uuid(), '{SOME_ID}', gen_random_uuid(), 'booking.confirmed',
+                   timestamptz '2030-01-01' + make_interval(secs => i), 5, true
+              FROM generate_series(1, {ATTEMPTS}) i;
+            ANALYZE booking.therapists, booking.session_types, booking.sessions, booking.webhook_attempts;"""
     )
     yield connection
     await connection.close()
@@ -170,3 +192,44 @@ async def test_bookings_page_by_index(booking_db: asyncpg.Connection, by_client:
     plan = await generic_plan(booking_db, sql, arguments)
 
     assert_cursor_is_an_index_condition(plan, "sessions", "starts_at")
+
+
+@pytest.mark.parametrize(
+    "where",
+    [
+        TherapistFilter(),
+        TherapistFilter(include_archived=True),
+        TherapistFilter(languages=("en",)),
+        TherapistFilter(specialties=("anxiety",), time_zones=("UTC",)),
+        TherapistFilter(duration_minutes=50, max_credit_cost=20),
+    ],
+    ids=["none", "archived", "language", "specialty-and-zone", "session-type"],
+)
+async def test_therapists_page_by_index(booking_db: asyncpg.Connection, where: TherapistFilter) -> None:
+    def array(values: tuple[str, ...]) -> str:
+        return "'{" + ",".join(values) + "}'"
+
+    arguments = [
+        "'2030-01-01T01:00:00Z'",
+        f"'{SOME_ID}'",
+        str(where.include_archived).lower(),
+        array(where.languages),
+        array(where.specialties),
+        array(where.time_zones),
+        str(where.min_credit_cost),
+        str(where.max_credit_cost),
+        str(where.duration_minutes),
+        "51",
+    ]
+
+    plan = await generic_plan(booking_db, discovery_store.list_therapists_sql(where), arguments)
+
+    assert_cursor_is_an_index_condition(plan, "therapists", "created_at")
+
+
+async def test_the_webhook_log_pages_by_index(booking_db: asyncpg.Connection) -> None:
+    arguments = [f"'{SOME_ID}'", "'2030-01-01T01:00:00Z'", f"'{SOME_ID}'", "51"]
+
+    plan = await generic_plan(booking_db, webhook_store.ATTEMPTS_SQL, arguments)
+
+    assert_cursor_is_an_index_condition(plan, "webhook_attempts", "attempted_at")

@@ -15,7 +15,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -24,51 +23,23 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from booking.v1 import booking_pb2, booking_pb2_grpc
-from booking_service.config import BookingSettings
-from booking_service.server import start as start_booking
-from booking_service.servicer import SERVICE_NAME
+from booking.v1 import booking_pb2
 from credit.v1 import credit_pb2_grpc
-from service_kit.server import Runtime
-from tests.support.auth import authorized_channel
+from tests.support.booking_server import booking_server
 from tests.support.fake_daily import API_KEY, Answer, FakeDaily, running_fake_daily
-from tests.support.stack import fresh_database, server_environment, wait_serving
+from tests.support.stack import fresh_database
 from tests.support.webhook_receiver import SECRET, WebhookReceiver, running_webhook_receiver
 from tests.support.world import SETTLE_TIMEOUT_S, World, eventually, future_hour
 
 if TYPE_CHECKING:
-    from booking.v1.booking_pb2_grpc import BookingServiceAsyncStub
+    pass
 
 pytestmark = pytest.mark.slow
 
-FAST_OUTBOX = {"BOOKING_OUTBOX_INTERVAL_S": "0.05", "BOOKING_OUTBOX_BASE_DELAY_S": "0.1"}
 READY = booking_pb2.VIDEO_ROOM_STATE_READY
 PENDING = booking_pb2.VIDEO_ROOM_STATE_PENDING
 FAILED = booking_pb2.VIDEO_ROOM_STATE_FAILED
 DELETED = booking_pb2.VIDEO_ROOM_STATE_DELETED
-
-
-@dataclass
-class Server:
-    runtime: Runtime
-    stub: BookingServiceAsyncStub
-    database_url: str
-
-
-@asynccontextmanager
-async def booking_server(database_url: str, credit_address: str, **env: str) -> AsyncIterator[Server]:
-    settings = BookingSettings.from_environment(
-        server_environment("BOOKING", database_url, BOOKING_CREDIT_TARGET=credit_address, **{**FAST_OUTBOX, **env})
-    )
-    runtime = await start_booking(settings)
-    try:
-        address = f"127.0.0.1:{runtime.port}"
-        await wait_serving(address, SERVICE_NAME)
-        async with authorized_channel(address) as channel:
-            stub: BookingServiceAsyncStub = booking_pb2_grpc.BookingServiceStub(channel)
-            yield Server(runtime, stub, database_url)
-    finally:
-        await runtime.stop()
 
 
 def daily_env(fake: FakeDaily) -> dict[str, str]:

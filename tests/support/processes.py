@@ -48,6 +48,8 @@ CREDIT_MODULE = "credit_service"
 BOOKING_MODULE = "booking_service"
 START_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 15.0
+# How long a restart waits for the harness's own channels to the process to connect again.
+RECONNECT_TIMEOUT_S = 10.0
 # At teardown nobody waits for a graceful exit for long: the test's verdict is already in.
 TEARDOWN_STOP_TIMEOUT_S = 5.0
 POLL_INTERVAL_S = 0.05
@@ -333,6 +335,17 @@ class Stack:
             process.env = _apply(process.env, env)
         process.start()
         await _wait_serving(process)
+        await self._reconnected(process)
+
+    async def _reconnected(self, process: ServiceProcess) -> None:
+        """This harness's channels to `process` connected again. A channel whose peer went away
+        waits out its reconnect backoff (a second or more) before it tries again, and a call made
+        meanwhile fails at once with UNAVAILABLE: a test calling right after a restart saw that
+        now and then, instead of the answer it meant to check."""
+        for target, channel in self._channels.items():
+            if process.address in target:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(channel.channel_ready(), RECONNECT_TIMEOUT_S)
 
     async def restart(self, process: ServiceProcess, env: EnvOverrides | None = None) -> None:
         """A graceful stop (if running), then `start` with `env` changes."""

@@ -412,6 +412,13 @@ async def scene_rows(booking_db: asyncpg.Pool, credit_db: asyncpg.Pool, world: W
             )
         )
     found.append(await booking_db.fetchval("SELECT count(*) FROM booking.therapists"))
+    found.append(await booking_db.fetchval("SELECT count(*) FROM booking.therapists WHERE archived_at IS NOT NULL"))
+    found.append(await booking_db.fetchval("SELECT count(*) FROM booking.session_types WHERE retired_at IS NOT NULL"))
+    found.append(
+        await booking_db.fetchval(
+            "SELECT string_agg(e::text, '|' ORDER BY e.endpoint_id) FROM booking.webhook_endpoints e"
+        )
+    )
     for table in ("accounts", "reservations", "ledger_entries"):
         found.append(
             await credit_db.fetchval(

@@ -60,6 +60,65 @@ class BookingServiceStub:
     """Lists a therapist's session types."""
     ListAvailableSlots: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ListAvailableSlotsRequest, _booking_pb2.ListAvailableSlotsResponse]
     """Lists bookable start times of a session type in a range of at most 31 days."""
+    ListTherapists: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ListTherapistsRequest, _booking_pb2.ListTherapistsResponse]
+    """--- Discovery, session-type changes and webhook endpoints ---
+
+    Lists therapists in a stable order (oldest first), filtered by what a marketplace asks:
+    languages, specialties, time zones, the price and length of their session types. Archived
+    therapists only when include_archived is set.
+    """
+    SearchAvailability: _grpc.UnaryUnaryMultiCallable[_booking_pb2.SearchAvailabilityRequest, _booking_pb2.SearchAvailabilityResponse]
+    """Finds therapists who are free for a session of one length in a range of time, with their
+    first free slots, by the same rules as ListAvailableSlots. Each call examines at most 50
+    therapists (see docs/http-api.md): a page may hold fewer results than page_size, even none,
+    and still have a next_page_token.
+    """
+    ArchiveTherapist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ArchiveTherapistRequest, _booking_pb2.ArchiveTherapistResponse]
+    """Archives a therapist (admin): no longer listed nor bookable; their bookings stay readable
+    and can still be cancelled. Idempotent.
+    """
+    UnarchiveTherapist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.UnarchiveTherapistRequest, _booking_pb2.UnarchiveTherapistResponse]
+    """Makes an archived therapist listed and bookable again (admin). Idempotent."""
+    UpdateSessionType: _grpc.UnaryUnaryMultiCallable[_booking_pb2.UpdateSessionTypeRequest, _booking_pb2.UpdateSessionTypeResponse]
+    """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
+    their price; every booking decided after the change, on any replica, uses the new one.
+    """
+    RetireSessionType: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RetireSessionTypeRequest, _booking_pb2.RetireSessionTypeResponse]
+    """Retires a session type (admin, or the therapist): it can no longer be booked; its bookings
+    stay readable. Idempotent.
+    """
+    CreateWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CreateWebhookEndpointRequest, _booking_pb2.CreateWebhookEndpointResponse]
+    """Registers a webhook endpoint (admin) and returns its signing secret. Idempotent by
+    request_id.
+    """
+    GetWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetWebhookEndpointRequest, _booking_pb2.GetWebhookEndpointResponse]
+    """Returns one webhook endpoint (admin, or its partner), without its secret."""
+    ListWebhookEndpoints: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ListWebhookEndpointsRequest, _booking_pb2.ListWebhookEndpointsResponse]
+    """Lists webhook endpoints, oldest first (admin)."""
+    UpdateWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_booking_pb2.UpdateWebhookEndpointRequest, _booking_pb2.UpdateWebhookEndpointResponse]
+    """Changes an endpoint's URL, event types, description or partner (admin)."""
+    RotateWebhookSecret: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RotateWebhookSecretRequest, _booking_pb2.RotateWebhookSecretResponse]
+    """Gives an endpoint a new secret (admin). During the overlap every request is signed with both
+    the new and the previous secret, so the receiver can switch at any moment within it.
+    """
+    DisableWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_booking_pb2.DisableWebhookEndpointRequest, _booking_pb2.DisableWebhookEndpointResponse]
+    """Stops sending to an endpoint (admin); its waiting deliveries wait. Idempotent."""
+    EnableWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_booking_pb2.EnableWebhookEndpointRequest, _booking_pb2.EnableWebhookEndpointResponse]
+    """Sends to a disabled endpoint again (admin); its waiting deliveries resume. Idempotent."""
+    DeleteWebhookEndpoint: _grpc.UnaryUnaryMultiCallable[_booking_pb2.DeleteWebhookEndpointRequest, _booking_pb2.DeleteWebhookEndpointResponse]
+    """Deletes an endpoint with its deliveries and its log (admin)."""
+    ListWebhookAttempts: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ListWebhookAttemptsRequest, _booking_pb2.ListWebhookAttemptsResponse]
+    """The endpoint's delivery log: recent attempts, newest first, with the HTTP status and the
+    latency (admin, or its partner).
+    """
+    ListWebhookDeliveries: _grpc.UnaryUnaryMultiCallable[_booking_pb2.ListWebhookDeliveriesRequest, _booking_pb2.ListWebhookDeliveriesResponse]
+    """The endpoint's deliveries that did not go through at the first attempt: retrying, delivered
+    later, or dead; newest first (admin, or its partner).
+    """
+    RetryWebhookDelivery: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RetryWebhookDeliveryRequest, _booking_pb2.RetryWebhookDeliveryResponse]
+    """Makes a dead delivery due again with fresh attempts, once its cause is fixed (admin, or its
+    partner).
+    """
     CreateBooking: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CreateBookingRequest, _booking_pb2.CreateBookingResponse]
     """Books a session and pays for it with credits, atomically. Idempotent by request_id."""
     GetBooking: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetBookingRequest, _booking_pb2.GetBookingResponse]
@@ -107,6 +166,65 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Lists a therapist's session types."""
     ListAvailableSlots: _aio.UnaryUnaryMultiCallable[_booking_pb2.ListAvailableSlotsRequest, _booking_pb2.ListAvailableSlotsResponse]  # type: ignore[assignment]
     """Lists bookable start times of a session type in a range of at most 31 days."""
+    ListTherapists: _aio.UnaryUnaryMultiCallable[_booking_pb2.ListTherapistsRequest, _booking_pb2.ListTherapistsResponse]  # type: ignore[assignment]
+    """--- Discovery, session-type changes and webhook endpoints ---
+
+    Lists therapists in a stable order (oldest first), filtered by what a marketplace asks:
+    languages, specialties, time zones, the price and length of their session types. Archived
+    therapists only when include_archived is set.
+    """
+    SearchAvailability: _aio.UnaryUnaryMultiCallable[_booking_pb2.SearchAvailabilityRequest, _booking_pb2.SearchAvailabilityResponse]  # type: ignore[assignment]
+    """Finds therapists who are free for a session of one length in a range of time, with their
+    first free slots, by the same rules as ListAvailableSlots. Each call examines at most 50
+    therapists (see docs/http-api.md): a page may hold fewer results than page_size, even none,
+    and still have a next_page_token.
+    """
+    ArchiveTherapist: _aio.UnaryUnaryMultiCallable[_booking_pb2.ArchiveTherapistRequest, _booking_pb2.ArchiveTherapistResponse]  # type: ignore[assignment]
+    """Archives a therapist (admin): no longer listed nor bookable; their bookings stay readable
+    and can still be cancelled. Idempotent.
+    """
+    UnarchiveTherapist: _aio.UnaryUnaryMultiCallable[_booking_pb2.UnarchiveTherapistRequest, _booking_pb2.UnarchiveTherapistResponse]  # type: ignore[assignment]
+    """Makes an archived therapist listed and bookable again (admin). Idempotent."""
+    UpdateSessionType: _aio.UnaryUnaryMultiCallable[_booking_pb2.UpdateSessionTypeRequest, _booking_pb2.UpdateSessionTypeResponse]  # type: ignore[assignment]
+    """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
+    their price; every booking decided after the change, on any replica, uses the new one.
+    """
+    RetireSessionType: _aio.UnaryUnaryMultiCallable[_booking_pb2.RetireSessionTypeRequest, _booking_pb2.RetireSessionTypeResponse]  # type: ignore[assignment]
+    """Retires a session type (admin, or the therapist): it can no longer be booked; its bookings
+    stay readable. Idempotent.
+    """
+    CreateWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_booking_pb2.CreateWebhookEndpointRequest, _booking_pb2.CreateWebhookEndpointResponse]  # type: ignore[assignment]
+    """Registers a webhook endpoint (admin) and returns its signing secret. Idempotent by
+    request_id.
+    """
+    GetWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetWebhookEndpointRequest, _booking_pb2.GetWebhookEndpointResponse]  # type: ignore[assignment]
+    """Returns one webhook endpoint (admin, or its partner), without its secret."""
+    ListWebhookEndpoints: _aio.UnaryUnaryMultiCallable[_booking_pb2.ListWebhookEndpointsRequest, _booking_pb2.ListWebhookEndpointsResponse]  # type: ignore[assignment]
+    """Lists webhook endpoints, oldest first (admin)."""
+    UpdateWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_booking_pb2.UpdateWebhookEndpointRequest, _booking_pb2.UpdateWebhookEndpointResponse]  # type: ignore[assignment]
+    """Changes an endpoint's URL, event types, description or partner (admin)."""
+    RotateWebhookSecret: _aio.UnaryUnaryMultiCallable[_booking_pb2.RotateWebhookSecretRequest, _booking_pb2.RotateWebhookSecretResponse]  # type: ignore[assignment]
+    """Gives an endpoint a new secret (admin). During the overlap every request is signed with both
+    the new and the previous secret, so the receiver can switch at any moment within it.
+    """
+    DisableWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_booking_pb2.DisableWebhookEndpointRequest, _booking_pb2.DisableWebhookEndpointResponse]  # type: ignore[assignment]
+    """Stops sending to an endpoint (admin); its waiting deliveries wait. Idempotent."""
+    EnableWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_booking_pb2.EnableWebhookEndpointRequest, _booking_pb2.EnableWebhookEndpointResponse]  # type: ignore[assignment]
+    """Sends to a disabled endpoint again (admin); its waiting deliveries resume. Idempotent."""
+    DeleteWebhookEndpoint: _aio.UnaryUnaryMultiCallable[_booking_pb2.DeleteWebhookEndpointRequest, _booking_pb2.DeleteWebhookEndpointResponse]  # type: ignore[assignment]
+    """Deletes an endpoint with its deliveries and its log (admin)."""
+    ListWebhookAttempts: _aio.UnaryUnaryMultiCallable[_booking_pb2.ListWebhookAttemptsRequest, _booking_pb2.ListWebhookAttemptsResponse]  # type: ignore[assignment]
+    """The endpoint's delivery log: recent attempts, newest first, with the HTTP status and the
+    latency (admin, or its partner).
+    """
+    ListWebhookDeliveries: _aio.UnaryUnaryMultiCallable[_booking_pb2.ListWebhookDeliveriesRequest, _booking_pb2.ListWebhookDeliveriesResponse]  # type: ignore[assignment]
+    """The endpoint's deliveries that did not go through at the first attempt: retrying, delivered
+    later, or dead; newest first (admin, or its partner).
+    """
+    RetryWebhookDelivery: _aio.UnaryUnaryMultiCallable[_booking_pb2.RetryWebhookDeliveryRequest, _booking_pb2.RetryWebhookDeliveryResponse]  # type: ignore[assignment]
+    """Makes a dead delivery due again with fresh attempts, once its cause is fixed (admin, or its
+    partner).
+    """
     CreateBooking: _aio.UnaryUnaryMultiCallable[_booking_pb2.CreateBookingRequest, _booking_pb2.CreateBookingResponse]  # type: ignore[assignment]
     """Books a session and pays for it with credits, atomically. Idempotent by request_id."""
     GetBooking: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetBookingRequest, _booking_pb2.GetBookingResponse]  # type: ignore[assignment]
@@ -211,6 +329,167 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.ListAvailableSlotsResponse, _abc.Awaitable[_booking_pb2.ListAvailableSlotsResponse]]:
         """Lists bookable start times of a session type in a range of at most 31 days."""
+
+    @_abc_1.abstractmethod
+    def ListTherapists(
+        self,
+        request: _booking_pb2.ListTherapistsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.ListTherapistsResponse, _abc.Awaitable[_booking_pb2.ListTherapistsResponse]]:
+        """--- Discovery, session-type changes and webhook endpoints ---
+
+        Lists therapists in a stable order (oldest first), filtered by what a marketplace asks:
+        languages, specialties, time zones, the price and length of their session types. Archived
+        therapists only when include_archived is set.
+        """
+
+    @_abc_1.abstractmethod
+    def SearchAvailability(
+        self,
+        request: _booking_pb2.SearchAvailabilityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.SearchAvailabilityResponse, _abc.Awaitable[_booking_pb2.SearchAvailabilityResponse]]:
+        """Finds therapists who are free for a session of one length in a range of time, with their
+        first free slots, by the same rules as ListAvailableSlots. Each call examines at most 50
+        therapists (see docs/http-api.md): a page may hold fewer results than page_size, even none,
+        and still have a next_page_token.
+        """
+
+    @_abc_1.abstractmethod
+    def ArchiveTherapist(
+        self,
+        request: _booking_pb2.ArchiveTherapistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.ArchiveTherapistResponse, _abc.Awaitable[_booking_pb2.ArchiveTherapistResponse]]:
+        """Archives a therapist (admin): no longer listed nor bookable; their bookings stay readable
+        and can still be cancelled. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def UnarchiveTherapist(
+        self,
+        request: _booking_pb2.UnarchiveTherapistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.UnarchiveTherapistResponse, _abc.Awaitable[_booking_pb2.UnarchiveTherapistResponse]]:
+        """Makes an archived therapist listed and bookable again (admin). Idempotent."""
+
+    @_abc_1.abstractmethod
+    def UpdateSessionType(
+        self,
+        request: _booking_pb2.UpdateSessionTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.UpdateSessionTypeResponse, _abc.Awaitable[_booking_pb2.UpdateSessionTypeResponse]]:
+        """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
+        their price; every booking decided after the change, on any replica, uses the new one.
+        """
+
+    @_abc_1.abstractmethod
+    def RetireSessionType(
+        self,
+        request: _booking_pb2.RetireSessionTypeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RetireSessionTypeResponse, _abc.Awaitable[_booking_pb2.RetireSessionTypeResponse]]:
+        """Retires a session type (admin, or the therapist): it can no longer be booked; its bookings
+        stay readable. Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def CreateWebhookEndpoint(
+        self,
+        request: _booking_pb2.CreateWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.CreateWebhookEndpointResponse, _abc.Awaitable[_booking_pb2.CreateWebhookEndpointResponse]]:
+        """Registers a webhook endpoint (admin) and returns its signing secret. Idempotent by
+        request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWebhookEndpoint(
+        self,
+        request: _booking_pb2.GetWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.GetWebhookEndpointResponse, _abc.Awaitable[_booking_pb2.GetWebhookEndpointResponse]]:
+        """Returns one webhook endpoint (admin, or its partner), without its secret."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookEndpoints(
+        self,
+        request: _booking_pb2.ListWebhookEndpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.ListWebhookEndpointsResponse, _abc.Awaitable[_booking_pb2.ListWebhookEndpointsResponse]]:
+        """Lists webhook endpoints, oldest first (admin)."""
+
+    @_abc_1.abstractmethod
+    def UpdateWebhookEndpoint(
+        self,
+        request: _booking_pb2.UpdateWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.UpdateWebhookEndpointResponse, _abc.Awaitable[_booking_pb2.UpdateWebhookEndpointResponse]]:
+        """Changes an endpoint's URL, event types, description or partner (admin)."""
+
+    @_abc_1.abstractmethod
+    def RotateWebhookSecret(
+        self,
+        request: _booking_pb2.RotateWebhookSecretRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RotateWebhookSecretResponse, _abc.Awaitable[_booking_pb2.RotateWebhookSecretResponse]]:
+        """Gives an endpoint a new secret (admin). During the overlap every request is signed with both
+        the new and the previous secret, so the receiver can switch at any moment within it.
+        """
+
+    @_abc_1.abstractmethod
+    def DisableWebhookEndpoint(
+        self,
+        request: _booking_pb2.DisableWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.DisableWebhookEndpointResponse, _abc.Awaitable[_booking_pb2.DisableWebhookEndpointResponse]]:
+        """Stops sending to an endpoint (admin); its waiting deliveries wait. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def EnableWebhookEndpoint(
+        self,
+        request: _booking_pb2.EnableWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.EnableWebhookEndpointResponse, _abc.Awaitable[_booking_pb2.EnableWebhookEndpointResponse]]:
+        """Sends to a disabled endpoint again (admin); its waiting deliveries resume. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def DeleteWebhookEndpoint(
+        self,
+        request: _booking_pb2.DeleteWebhookEndpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.DeleteWebhookEndpointResponse, _abc.Awaitable[_booking_pb2.DeleteWebhookEndpointResponse]]:
+        """Deletes an endpoint with its deliveries and its log (admin)."""
+
+    @_abc_1.abstractmethod
+    def ListWebhookAttempts(
+        self,
+        request: _booking_pb2.ListWebhookAttemptsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.ListWebhookAttemptsResponse, _abc.Awaitable[_booking_pb2.ListWebhookAttemptsResponse]]:
+        """The endpoint's delivery log: recent attempts, newest first, with the HTTP status and the
+        latency (admin, or its partner).
+        """
+
+    @_abc_1.abstractmethod
+    def ListWebhookDeliveries(
+        self,
+        request: _booking_pb2.ListWebhookDeliveriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.ListWebhookDeliveriesResponse, _abc.Awaitable[_booking_pb2.ListWebhookDeliveriesResponse]]:
+        """The endpoint's deliveries that did not go through at the first attempt: retrying, delivered
+        later, or dead; newest first (admin, or its partner).
+        """
+
+    @_abc_1.abstractmethod
+    def RetryWebhookDelivery(
+        self,
+        request: _booking_pb2.RetryWebhookDeliveryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RetryWebhookDeliveryResponse, _abc.Awaitable[_booking_pb2.RetryWebhookDeliveryResponse]]:
+        """Makes a dead delivery due again with fresh attempts, once its cause is fixed (admin, or its
+        partner).
+        """
 
     @_abc_1.abstractmethod
     def CreateBooking(

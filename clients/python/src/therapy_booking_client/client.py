@@ -196,6 +196,20 @@ class BookingClient(_ServiceClient, BookingServiceAsyncStub):
             "CancelBooking",
             "RescheduleBooking",
             "ListDeadLetters",
+            "ListTherapists",
+            "SearchAvailability",
+            "ArchiveTherapist",
+            "UnarchiveTherapist",
+            "UpdateSessionType",
+            "RetireSessionType",
+            "CreateWebhookEndpoint",
+            "GetWebhookEndpoint",
+            "ListWebhookEndpoints",
+            "UpdateWebhookEndpoint",
+            "DisableWebhookEndpoint",
+            "EnableWebhookEndpoint",
+            "ListWebhookAttempts",
+            "ListWebhookDeliveries",
         }
     )
 

@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import field_mask_pb2 as _field_mask_pb2
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -64,6 +65,58 @@ DAY_OF_WEEK_SATURDAY: DayOfWeek.ValueType  # 6
 DAY_OF_WEEK_SUNDAY: DayOfWeek.ValueType  # 7
 """Sunday."""
 Global___DayOfWeek: _TypeAlias = DayOfWeek  # noqa: Y015
+
+class _WebhookEndpointState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookEndpointStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookEndpointState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_ENDPOINT_STATE_UNSPECIFIED: _WebhookEndpointState.ValueType  # 0
+    """Not set (never in an answer)."""
+    WEBHOOK_ENDPOINT_STATE_ENABLED: _WebhookEndpointState.ValueType  # 1
+    """Events are sent to it."""
+    WEBHOOK_ENDPOINT_STATE_DISABLED: _WebhookEndpointState.ValueType  # 2
+    """Nothing is sent to it; its waiting deliveries wait."""
+
+class WebhookEndpointState(_WebhookEndpointState, metaclass=_WebhookEndpointStateEnumTypeWrapper):
+    """Whether a webhook endpoint receives events."""
+
+WEBHOOK_ENDPOINT_STATE_UNSPECIFIED: WebhookEndpointState.ValueType  # 0
+"""Not set (never in an answer)."""
+WEBHOOK_ENDPOINT_STATE_ENABLED: WebhookEndpointState.ValueType  # 1
+"""Events are sent to it."""
+WEBHOOK_ENDPOINT_STATE_DISABLED: WebhookEndpointState.ValueType  # 2
+"""Nothing is sent to it; its waiting deliveries wait."""
+Global___WebhookEndpointState: _TypeAlias = WebhookEndpointState  # noqa: Y015
+
+class _WebhookDeliveryState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WebhookDeliveryStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WebhookDeliveryState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WEBHOOK_DELIVERY_STATE_UNSPECIFIED: _WebhookDeliveryState.ValueType  # 0
+    """Not set; as a filter of ListWebhookDeliveries, every state."""
+    WEBHOOK_DELIVERY_STATE_PENDING: _WebhookDeliveryState.ValueType  # 1
+    """Waiting for its next attempt."""
+    WEBHOOK_DELIVERY_STATE_DELIVERED: _WebhookDeliveryState.ValueType  # 2
+    """Delivered by a retry."""
+    WEBHOOK_DELIVERY_STATE_DEAD: _WebhookDeliveryState.ValueType  # 3
+    """Given up (the endpoint refused it for good, or the attempts ran out): a dead letter."""
+
+class WebhookDeliveryState(_WebhookDeliveryState, metaclass=_WebhookDeliveryStateEnumTypeWrapper):
+    """Where a delivery stands."""
+
+WEBHOOK_DELIVERY_STATE_UNSPECIFIED: WebhookDeliveryState.ValueType  # 0
+"""Not set; as a filter of ListWebhookDeliveries, every state."""
+WEBHOOK_DELIVERY_STATE_PENDING: WebhookDeliveryState.ValueType  # 1
+"""Waiting for its next attempt."""
+WEBHOOK_DELIVERY_STATE_DELIVERED: WebhookDeliveryState.ValueType  # 2
+"""Delivered by a retry."""
+WEBHOOK_DELIVERY_STATE_DEAD: WebhookDeliveryState.ValueType  # 3
+"""Given up (the endpoint refused it for good, or the attempts ran out): a dead letter."""
+Global___WebhookDeliveryState: _TypeAlias = WebhookDeliveryState  # noqa: Y015
 
 class _Disambiguation:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -272,6 +325,9 @@ class Therapist(_message.Message):
     BOOKING_HORIZON_DAYS_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    SPECIALTIES_FIELD_NUMBER: _builtins.int
+    ARCHIVE_TIME_FIELD_NUMBER: _builtins.int
     therapist_id: _builtins.str
     """A UUID, assigned on creation."""
     display_name: _builtins.str
@@ -294,6 +350,20 @@ class Therapist(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it last changed."""
 
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Languages the therapist holds sessions in: BCP 47 tags such as "en" or "pt-BR", at most 10."""
+
+    @_builtins.property
+    def specialties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the therapist works with: lowercase tags such as "anxiety" or "couples-therapy", at most
+        20.
+        """
+
+    @_builtins.property
+    def archive_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while the therapist is archived (ArchiveTherapist); output only."""
+
     def __init__(
         self,
         *,
@@ -306,10 +376,13 @@ class Therapist(_message.Message):
         booking_horizon_days: _builtins.int = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+        specialties: _abc.Iterable[_builtins.str] | None = ...,
+        archive_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_horizon_days", b"booking_horizon_days", "buffer_after_minutes", b"buffer_after_minutes", "buffer_before_minutes", b"buffer_before_minutes", "create_time", b"create_time", "display_name", b"display_name", "minimum_notice_minutes", b"minimum_notice_minutes", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["archive_time", b"archive_time", "booking_horizon_days", b"booking_horizon_days", "buffer_after_minutes", b"buffer_after_minutes", "buffer_before_minutes", b"buffer_before_minutes", "create_time", b"create_time", "display_name", b"display_name", "languages", b"languages", "minimum_notice_minutes", b"minimum_notice_minutes", "specialties", b"specialties", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -428,7 +501,7 @@ class UpdateTherapistRequest(_message.Message):
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
         """Which fields to change: display_name, time_zone, buffer_before_minutes,
-        buffer_after_minutes, minimum_notice_minutes, booking_horizon_days.
+        buffer_after_minutes, minimum_notice_minutes, booking_horizon_days, languages, specialties.
         """
 
     def __init__(
@@ -769,6 +842,7 @@ class SessionType(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DURATION_MINUTES_FIELD_NUMBER: _builtins.int
     CREDIT_COST_FIELD_NUMBER: _builtins.int
+    RETIRE_TIME_FIELD_NUMBER: _builtins.int
     session_type_id: _builtins.str
     """A UUID, assigned on creation."""
     therapist_id: _builtins.str
@@ -779,6 +853,10 @@ class SessionType(_message.Message):
     """5 to 480 minutes."""
     credit_cost: _builtins.int
     """Credits it costs, 1 to 10,000."""
+    @_builtins.property
+    def retire_time(self) -> _timestamp_pb2.Timestamp:
+        """Set once retired (RetireSessionType): no longer bookable; output only."""
+
     def __init__(
         self,
         *,
@@ -787,10 +865,11 @@ class SessionType(_message.Message):
         name: _builtins.str = ...,
         duration_minutes: _builtins.int = ...,
         credit_cost: _builtins.int = ...,
+        retire_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["retire_time", b"retire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "name", b"name", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "name", b"name", "retire_time", b"retire_time", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -859,16 +938,20 @@ class ListSessionTypesRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    INCLUDE_RETIRED_FIELD_NUMBER: _builtins.int
     therapist_id: _builtins.str
     """A UUID."""
+    include_retired: _builtins.bool
+    """Include retired session types too."""
     def __init__(
         self,
         *,
         therapist_id: _builtins.str = ...,
+        include_retired: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["therapist_id", b"therapist_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_retired", b"include_retired", "therapist_id", b"therapist_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -883,7 +966,7 @@ class ListSessionTypesResponse(_message.Message):
     SESSION_TYPES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def session_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionType]:
-        """All of the therapist's session types."""
+        """The therapist's session types, oldest first (retired ones only when asked for)."""
 
     def __init__(
         self,
@@ -1005,6 +1088,1220 @@ class ListAvailableSlotsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListAvailableSlotsResponse: _TypeAlias = ListAvailableSlotsResponse  # noqa: Y015
+
+@_typing.final
+class ListTherapistsRequest(_message.Message):
+    """--- Discovery, session-type changes and webhook endpoints ---
+
+    The request of ListTherapists: a page, and filters that all must hold (each optional).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    SPECIALTIES_FIELD_NUMBER: _builtins.int
+    TIME_ZONES_FIELD_NUMBER: _builtins.int
+    MIN_CREDIT_COST_FIELD_NUMBER: _builtins.int
+    MAX_CREDIT_COST_FIELD_NUMBER: _builtins.int
+    DURATION_MINUTES_FIELD_NUMBER: _builtins.int
+    INCLUDE_ARCHIVED_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, at most 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same filters."""
+    min_credit_cost: _builtins.int
+    """Only therapists with a bookable session type costing at least this many credits; 0: any."""
+    max_credit_cost: _builtins.int
+    """Only therapists with a bookable session type costing at most this many credits; 0: any.
+    The price bounds and duration_minutes must hold for one and the same session type.
+    """
+    duration_minutes: _builtins.int
+    """Only therapists with a bookable session type of exactly this many minutes; 0: any."""
+    include_archived: _builtins.bool
+    """Archived therapists too (they are left out otherwise)."""
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only therapists holding sessions in every one of these languages (exact BCP 47 tags)."""
+
+    @_builtins.property
+    def specialties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only therapists with every one of these specialties."""
+
+    @_builtins.property
+    def time_zones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only therapists in one of these IANA time zones."""
+
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+        specialties: _abc.Iterable[_builtins.str] | None = ...,
+        time_zones: _abc.Iterable[_builtins.str] | None = ...,
+        min_credit_cost: _builtins.int = ...,
+        max_credit_cost: _builtins.int = ...,
+        duration_minutes: _builtins.int = ...,
+        include_archived: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_minutes", b"duration_minutes", "include_archived", b"include_archived", "languages", b"languages", "max_credit_cost", b"max_credit_cost", "min_credit_cost", b"min_credit_cost", "page_size", b"page_size", "page_token", b"page_token", "specialties", b"specialties", "time_zones", b"time_zones"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTherapistsRequest: _TypeAlias = ListTherapistsRequest  # noqa: Y015
+
+@_typing.final
+class ListTherapistsResponse(_message.Message):
+    """One page of ListTherapists."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPISTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def therapists(self) -> _containers.RepeatedCompositeFieldContainer[Global___Therapist]:
+        """Oldest first (by create_time, then therapist_id): a stable order across pages."""
+
+    def __init__(
+        self,
+        *,
+        therapists: _abc.Iterable[Global___Therapist] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "therapists", b"therapists"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListTherapistsResponse: _TypeAlias = ListTherapistsResponse  # noqa: Y015
+
+@_typing.final
+class SearchAvailabilityRequest(_message.Message):
+    """The request of SearchAvailability: "who can see me for 50 minutes between Tuesday 18:00 and
+    Thursday 20:00", as instants, with the filters of ListTherapists.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DURATION_MINUTES_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    END_TIME_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    LANGUAGES_FIELD_NUMBER: _builtins.int
+    SPECIALTIES_FIELD_NUMBER: _builtins.int
+    THERAPIST_TIME_ZONES_FIELD_NUMBER: _builtins.int
+    MIN_CREDIT_COST_FIELD_NUMBER: _builtins.int
+    MAX_CREDIT_COST_FIELD_NUMBER: _builtins.int
+    SLOTS_PER_THERAPIST_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    duration_minutes: _builtins.int
+    """The session's length: therapists offering a bookable session type of exactly this length,
+    5 to 480 minutes.
+    """
+    time_zone: _builtins.str
+    """IANA zone to render local times in; empty for each therapist's own zone."""
+    min_credit_cost: _builtins.int
+    """Only session types costing at least this many credits; 0: any."""
+    max_credit_cost: _builtins.int
+    """Only session types costing at most this many credits; 0: any."""
+    slots_per_therapist: _builtins.int
+    """Free slots to return per therapist, the first ones by start (default 3, at most 10)."""
+    page_size: _builtins.int
+    """Therapists to return at most (default 10, at most 50)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same request otherwise (page_size may
+    change).
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """Start of the range (inclusive): slots start at or after it."""
+
+    @_builtins.property
+    def end_time(self) -> _timestamp_pb2.Timestamp:
+        """End of the range (exclusive), at most 14 days after start_time: slots start before it (as in
+        ListAvailableSlots).
+        """
+
+    @_builtins.property
+    def languages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only therapists holding sessions in every one of these languages."""
+
+    @_builtins.property
+    def specialties(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only therapists with every one of these specialties."""
+
+    @_builtins.property
+    def therapist_time_zones(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only therapists in one of these IANA time zones."""
+
+    def __init__(
+        self,
+        *,
+        duration_minutes: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        end_time: _timestamp_pb2.Timestamp | None = ...,
+        time_zone: _builtins.str = ...,
+        languages: _abc.Iterable[_builtins.str] | None = ...,
+        specialties: _abc.Iterable[_builtins.str] | None = ...,
+        therapist_time_zones: _abc.Iterable[_builtins.str] | None = ...,
+        min_credit_cost: _builtins.int = ...,
+        max_credit_cost: _builtins.int = ...,
+        slots_per_therapist: _builtins.int = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end_time", b"end_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_minutes", b"duration_minutes", "end_time", b"end_time", "languages", b"languages", "max_credit_cost", b"max_credit_cost", "min_credit_cost", b"min_credit_cost", "page_size", b"page_size", "page_token", b"page_token", "slots_per_therapist", b"slots_per_therapist", "specialties", b"specialties", "start_time", b"start_time", "therapist_time_zones", b"therapist_time_zones", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAvailabilityRequest: _TypeAlias = SearchAvailabilityRequest  # noqa: Y015
+
+@_typing.final
+class TherapistAvailability(_message.Message):
+    """A therapist who is free in the searched range."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_FIELD_NUMBER: _builtins.int
+    SESSION_TYPES_FIELD_NUMBER: _builtins.int
+    SLOTS_FIELD_NUMBER: _builtins.int
+    TIME_ZONE_FIELD_NUMBER: _builtins.int
+    time_zone: _builtins.str
+    """The zone local_start and local_end are rendered in."""
+    @_builtins.property
+    def therapist(self) -> Global___Therapist:
+        """The therapist."""
+
+    @_builtins.property
+    def session_types(self) -> _containers.RepeatedCompositeFieldContainer[Global___SessionType]:
+        """Their bookable session types of the asked length within the price bounds, cheapest first:
+        any of them can be booked in any of the slots.
+        """
+
+    @_builtins.property
+    def slots(self) -> _containers.RepeatedCompositeFieldContainer[Global___Slot]:
+        """The first free slots, by start."""
+
+    def __init__(
+        self,
+        *,
+        therapist: Global___Therapist | None = ...,
+        session_types: _abc.Iterable[Global___SessionType] | None = ...,
+        slots: _abc.Iterable[Global___Slot] | None = ...,
+        time_zone: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["therapist", b"therapist"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_types", b"session_types", "slots", b"slots", "therapist", b"therapist", "time_zone", b"time_zone"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TherapistAvailability: _TypeAlias = TherapistAvailability  # noqa: Y015
+
+@_typing.final
+class SearchAvailabilityResponse(_message.Message):
+    """One page of SearchAvailability."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    THERAPISTS_EXAMINED_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty when every therapist matching the filters was examined."""
+    therapists_examined: _builtins.int
+    """How many therapists this call examined (at most 50)."""
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TherapistAvailability]:
+        """Therapists with at least one free slot, in the order of ListTherapists."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___TherapistAvailability] | None = ...,
+        next_page_token: _builtins.str = ...,
+        therapists_examined: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["next_page_token", b"next_page_token", "results", b"results", "therapists_examined", b"therapists_examined"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SearchAvailabilityResponse: _TypeAlias = SearchAvailabilityResponse  # noqa: Y015
+
+@_typing.final
+class ArchiveTherapistRequest(_message.Message):
+    """The request of ArchiveTherapist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    therapist_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        therapist_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArchiveTherapistRequest: _TypeAlias = ArchiveTherapistRequest  # noqa: Y015
+
+@_typing.final
+class ArchiveTherapistResponse(_message.Message):
+    """The answer of ArchiveTherapist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def therapist(self) -> Global___Therapist:
+        """The therapist, with archive_time set."""
+
+    def __init__(
+        self,
+        *,
+        therapist: Global___Therapist | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["therapist", b"therapist"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["therapist", b"therapist"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArchiveTherapistResponse: _TypeAlias = ArchiveTherapistResponse  # noqa: Y015
+
+@_typing.final
+class UnarchiveTherapistRequest(_message.Message):
+    """The request of UnarchiveTherapist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    therapist_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        therapist_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnarchiveTherapistRequest: _TypeAlias = UnarchiveTherapistRequest  # noqa: Y015
+
+@_typing.final
+class UnarchiveTherapistResponse(_message.Message):
+    """The answer of UnarchiveTherapist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def therapist(self) -> Global___Therapist:
+        """The therapist, without archive_time."""
+
+    def __init__(
+        self,
+        *,
+        therapist: Global___Therapist | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["therapist", b"therapist"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["therapist", b"therapist"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnarchiveTherapistResponse: _TypeAlias = UnarchiveTherapistResponse  # noqa: Y015
+
+@_typing.final
+class UpdateSessionTypeRequest(_message.Message):
+    """The request of UpdateSessionType: the new values and the mask naming them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TYPE_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session_type(self) -> Global___SessionType:
+        """The session type with its therapist_id, its session_type_id and the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change: name, credit_cost. A duration never changes (its bookings keep
+        theirs): create another session type and retire this one.
+        """
+
+    def __init__(
+        self,
+        *,
+        session_type: Global___SessionType | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_type", b"session_type", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_type", b"session_type", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSessionTypeRequest: _TypeAlias = UpdateSessionTypeRequest  # noqa: Y015
+
+@_typing.final
+class UpdateSessionTypeResponse(_message.Message):
+    """The answer of UpdateSessionType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session_type(self) -> Global___SessionType:
+        """The changed session type."""
+
+    def __init__(
+        self,
+        *,
+        session_type: Global___SessionType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_type", b"session_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_type", b"session_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateSessionTypeResponse: _TypeAlias = UpdateSessionTypeResponse  # noqa: Y015
+
+@_typing.final
+class RetireSessionTypeRequest(_message.Message):
+    """The request of RetireSessionType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """One of the therapist's session types (a UUID)."""
+    def __init__(
+        self,
+        *,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireSessionTypeRequest: _TypeAlias = RetireSessionTypeRequest  # noqa: Y015
+
+@_typing.final
+class RetireSessionTypeResponse(_message.Message):
+    """The answer of RetireSessionType."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SESSION_TYPE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def session_type(self) -> Global___SessionType:
+        """The session type, with retire_time set."""
+
+    def __init__(
+        self,
+        *,
+        session_type: Global___SessionType | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["session_type", b"session_type"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["session_type", b"session_type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetireSessionTypeResponse: _TypeAlias = RetireSessionTypeResponse  # noqa: Y015
+
+@_typing.final
+class WebhookEndpoint(_message.Message):
+    """A receiver of booking events, signed by the Standard Webhooks scheme (docs/notifications.md)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EVENT_TYPES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PARTNER_ID_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SECRET_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID, assigned on creation."""
+    url: _builtins.str
+    """Where events are POSTed: an http:// or https:// URL, at most 2000 characters."""
+    description: _builtins.str
+    """Free text for operators, at most 500 characters."""
+    state: Global___WebhookEndpointState.ValueType
+    """Whether events are sent to it; output only (DisableWebhookEndpoint, EnableWebhookEndpoint)."""
+    partner_id: _builtins.str
+    """The subject of the partner's token (role service) that may read this endpoint, its
+    deliveries and its log; empty: operators only.
+    """
+    @_builtins.property
+    def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The event types it receives, e.g. "booking.confirmed": at least one of booking.confirmed,
+        booking.cancelled, booking.rescheduled.
+        """
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    @_builtins.property
+    def previous_secret_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Set while a rotated-out secret still signs too: until then requests carry both signatures."""
+
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        event_types: _abc.Iterable[_builtins.str] | None = ...,
+        description: _builtins.str = ...,
+        state: Global___WebhookEndpointState.ValueType = ...,
+        partner_id: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        previous_secret_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "previous_secret_expire_time", b"previous_secret_expire_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "description", b"description", "endpoint_id", b"endpoint_id", "event_types", b"event_types", "partner_id", b"partner_id", "previous_secret_expire_time", b"previous_secret_expire_time", "state", b"state", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookEndpoint: _TypeAlias = WebhookEndpoint  # noqa: Y015
+
+@_typing.final
+class CreateWebhookEndpointRequest(_message.Message):
+    """The request of CreateWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the caller (1 to 128 printable characters)."""
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint: url, event_types, and optionally description and partner_id."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookEndpointRequest: _TypeAlias = CreateWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class CreateWebhookEndpointResponse(_message.Message):
+    """The answer of CreateWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """Its signing secret, "whsec_" and base64: give it to the receiver, which verifies every request
+    with it (e.g. with a Standard Webhooks library). Shown here and by RotateWebhookSecret only.
+    """
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateWebhookEndpointResponse: _TypeAlias = CreateWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class GetWebhookEndpointRequest(_message.Message):
+    """The request of GetWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookEndpointRequest: _TypeAlias = GetWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class GetWebhookEndpointResponse(_message.Message):
+    """The answer of GetWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWebhookEndpointResponse: _TypeAlias = GetWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class ListWebhookEndpointsRequest(_message.Message):
+    """The request of ListWebhookEndpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """At most this many (default 50, at most 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookEndpointsRequest: _TypeAlias = ListWebhookEndpointsRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookEndpointsResponse(_message.Message):
+    """One page of ListWebhookEndpoints."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def endpoints(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookEndpoint]:
+        """Oldest first."""
+
+    def __init__(
+        self,
+        *,
+        endpoints: _abc.Iterable[Global___WebhookEndpoint] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoints", b"endpoints", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookEndpointsResponse: _TypeAlias = ListWebhookEndpointsResponse  # noqa: Y015
+
+@_typing.final
+class UpdateWebhookEndpointRequest(_message.Message):
+    """The request of UpdateWebhookEndpoint: the new values and the mask naming them."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint with its id and the new values."""
+
+    @_builtins.property
+    def update_mask(self) -> _field_mask_pb2.FieldMask:
+        """Which fields to change: url, event_types, description, partner_id."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+        update_mask: _field_mask_pb2.FieldMask | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "update_mask", b"update_mask"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "update_mask", b"update_mask"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWebhookEndpointRequest: _TypeAlias = UpdateWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class UpdateWebhookEndpointResponse(_message.Message):
+    """The answer of UpdateWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The changed endpoint."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateWebhookEndpointResponse: _TypeAlias = UpdateWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretRequest(_message.Message):
+    """The request of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    OVERLAP_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    @_builtins.property
+    def overlap(self) -> _duration_pb2.Duration:
+        """How long the current secret keeps signing beside the new one: unset for 24 hours, at most 7
+        days; zero ends it at once.
+        """
+
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        overlap: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["overlap", b"overlap"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "overlap", b"overlap"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretRequest: _TypeAlias = RotateWebhookSecretRequest  # noqa: Y015
+
+@_typing.final
+class RotateWebhookSecretResponse(_message.Message):
+    """The answer of RotateWebhookSecret."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    SECRET_FIELD_NUMBER: _builtins.int
+    secret: _builtins.str
+    """The new secret, "whsec_" and base64."""
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint, with previous_secret_expire_time set when there is an overlap."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+        secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint", "secret", b"secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateWebhookSecretResponse: _TypeAlias = RotateWebhookSecretResponse  # noqa: Y015
+
+@_typing.final
+class DisableWebhookEndpointRequest(_message.Message):
+    """The request of DisableWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableWebhookEndpointRequest: _TypeAlias = DisableWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class DisableWebhookEndpointResponse(_message.Message):
+    """The answer of DisableWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint, disabled."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DisableWebhookEndpointResponse: _TypeAlias = DisableWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class EnableWebhookEndpointRequest(_message.Message):
+    """The request of EnableWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableWebhookEndpointRequest: _TypeAlias = EnableWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class EnableWebhookEndpointResponse(_message.Message):
+    """The answer of EnableWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def endpoint(self) -> Global___WebhookEndpoint:
+        """The endpoint, enabled."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: Global___WebhookEndpoint | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint", b"endpoint"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___EnableWebhookEndpointResponse: _TypeAlias = EnableWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookEndpointRequest(_message.Message):
+    """The request of DeleteWebhookEndpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookEndpointRequest: _TypeAlias = DeleteWebhookEndpointRequest  # noqa: Y015
+
+@_typing.final
+class DeleteWebhookEndpointResponse(_message.Message):
+    """The answer of DeleteWebhookEndpoint: empty."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteWebhookEndpointResponse: _TypeAlias = DeleteWebhookEndpointResponse  # noqa: Y015
+
+@_typing.final
+class WebhookAttempt(_message.Message):
+    """One attempt to deliver one event to one endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPT_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    LATENCY_MS_FIELD_NUMBER: _builtins.int
+    SUCCEEDED_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    attempt_id: _builtins.str
+    """A UUID."""
+    endpoint_id: _builtins.str
+    """The endpoint (a UUID)."""
+    event_id: _builtins.str
+    """The event (a UUID): the request's webhook-id header and the body's id."""
+    event_type: _builtins.str
+    """The event's type, e.g. "booking.confirmed"."""
+    delivery_id: _builtins.str
+    """The delivery that retries this event for this endpoint (a UUID), once an attempt failed;
+    empty for a first attempt that succeeded.
+    """
+    http_status: _builtins.int
+    """The HTTP status the endpoint answered; 0 when it did not answer (refused, timed out)."""
+    latency_ms: _builtins.int
+    """How long the attempt took, in milliseconds."""
+    succeeded: _builtins.bool
+    """Whether the endpoint took it (a 2xx answer)."""
+    error: _builtins.str
+    """Why it failed: the answer's status and start, or the network error."""
+    @_builtins.property
+    def attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When the attempt was made."""
+
+    def __init__(
+        self,
+        *,
+        attempt_id: _builtins.str = ...,
+        endpoint_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
+        attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        http_status: _builtins.int = ...,
+        latency_ms: _builtins.int = ...,
+        succeeded: _builtins.bool = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["attempt_time", b"attempt_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_id", b"attempt_id", "attempt_time", b"attempt_time", "delivery_id", b"delivery_id", "endpoint_id", b"endpoint_id", "error", b"error", "event_id", b"event_id", "event_type", b"event_type", "http_status", b"http_status", "latency_ms", b"latency_ms", "succeeded", b"succeeded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookAttempt: _TypeAlias = WebhookAttempt  # noqa: Y015
+
+@_typing.final
+class ListWebhookAttemptsRequest(_message.Message):
+    """The request of ListWebhookAttempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    page_size: _builtins.int
+    """At most this many (default 50, at most 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookAttemptsRequest: _TypeAlias = ListWebhookAttemptsRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookAttemptsResponse(_message.Message):
+    """One page of ListWebhookAttempts."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def attempts(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookAttempt]:
+        """Newest first."""
+
+    def __init__(
+        self,
+        *,
+        attempts: _abc.Iterable[Global___WebhookAttempt] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookAttemptsResponse: _TypeAlias = ListWebhookAttemptsResponse  # noqa: Y015
+
+@_typing.final
+class WebhookDelivery(_message.Message):
+    """One event for one endpoint that did not go through at the first attempt, retried on its own."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_ID_FIELD_NUMBER: _builtins.int
+    EVENT_TYPE_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    ATTEMPTS_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    NEXT_ATTEMPT_TIME_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    delivery_id: _builtins.str
+    """A UUID."""
+    endpoint_id: _builtins.str
+    """The endpoint (a UUID)."""
+    event_id: _builtins.str
+    """The event (a UUID)."""
+    event_type: _builtins.str
+    """The event's type."""
+    state: Global___WebhookDeliveryState.ValueType
+    """Where it stands."""
+    attempts: _builtins.int
+    """Attempts made, the first one included (0: queued behind the endpoint's earlier failures, not
+    tried yet).
+    """
+    last_error: _builtins.str
+    """The last failure."""
+    @_builtins.property
+    def next_attempt_time(self) -> _timestamp_pb2.Timestamp:
+        """When it is tried next (pending only)."""
+
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When the first attempt failed (or the event was queued behind earlier failures)."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it last changed."""
+
+    def __init__(
+        self,
+        *,
+        delivery_id: _builtins.str = ...,
+        endpoint_id: _builtins.str = ...,
+        event_id: _builtins.str = ...,
+        event_type: _builtins.str = ...,
+        state: Global___WebhookDeliveryState.ValueType = ...,
+        attempts: _builtins.int = ...,
+        last_error: _builtins.str = ...,
+        next_attempt_time: _timestamp_pb2.Timestamp | None = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "next_attempt_time", b"next_attempt_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "create_time", b"create_time", "delivery_id", b"delivery_id", "endpoint_id", b"endpoint_id", "event_id", b"event_id", "event_type", b"event_type", "last_error", b"last_error", "next_attempt_time", b"next_attempt_time", "state", b"state", "update_time", b"update_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WebhookDelivery: _TypeAlias = WebhookDelivery  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesRequest(_message.Message):
+    """The request of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """A UUID."""
+    state: Global___WebhookDeliveryState.ValueType
+    """Only this state (e.g. DEAD for the dead letters); unspecified for all."""
+    page_size: _builtins.int
+    """At most this many (default 50, at most 500)."""
+    page_token: _builtins.str
+    """The next_page_token of the previous page, with the same filter."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        state: Global___WebhookDeliveryState.ValueType = ...,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["endpoint_id", b"endpoint_id", "page_size", b"page_size", "page_token", b"page_token", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesRequest: _TypeAlias = ListWebhookDeliveriesRequest  # noqa: Y015
+
+@_typing.final
+class ListWebhookDeliveriesResponse(_message.Message):
+    """One page of ListWebhookDeliveries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERIES_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Empty on the last page."""
+    @_builtins.property
+    def deliveries(self) -> _containers.RepeatedCompositeFieldContainer[Global___WebhookDelivery]:
+        """Newest change first."""
+
+    def __init__(
+        self,
+        *,
+        deliveries: _abc.Iterable[Global___WebhookDelivery] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["deliveries", b"deliveries", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListWebhookDeliveriesResponse: _TypeAlias = ListWebhookDeliveriesResponse  # noqa: Y015
+
+@_typing.final
+class RetryWebhookDeliveryRequest(_message.Message):
+    """The request of RetryWebhookDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENDPOINT_ID_FIELD_NUMBER: _builtins.int
+    DELIVERY_ID_FIELD_NUMBER: _builtins.int
+    endpoint_id: _builtins.str
+    """The endpoint (a UUID)."""
+    delivery_id: _builtins.str
+    """The dead delivery (a UUID)."""
+    def __init__(
+        self,
+        *,
+        endpoint_id: _builtins.str = ...,
+        delivery_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery_id", b"delivery_id", "endpoint_id", b"endpoint_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryWebhookDeliveryRequest: _TypeAlias = RetryWebhookDeliveryRequest  # noqa: Y015
+
+@_typing.final
+class RetryWebhookDeliveryResponse(_message.Message):
+    """The answer of RetryWebhookDelivery."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DELIVERY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def delivery(self) -> Global___WebhookDelivery:
+        """The delivery, pending again with its attempts reset."""
+
+    def __init__(
+        self,
+        *,
+        delivery: Global___WebhookDelivery | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["delivery", b"delivery"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryWebhookDeliveryResponse: _TypeAlias = RetryWebhookDeliveryResponse  # noqa: Y015
 
 @_typing.final
 class LocalDateTime(_message.Message):

@@ -89,6 +89,91 @@ class BookingServiceStub:
                 request_serializer=booking_dot_v1_dot_booking__pb2.ListAvailableSlotsRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_booking__pb2.ListAvailableSlotsResponse.FromString,
                 _registered_method=True)
+        self.ListTherapists = channel.unary_unary(
+                '/booking.v1.BookingService/ListTherapists',
+                request_serializer=booking_dot_v1_dot_booking__pb2.ListTherapistsRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.ListTherapistsResponse.FromString,
+                _registered_method=True)
+        self.SearchAvailability = channel.unary_unary(
+                '/booking.v1.BookingService/SearchAvailability',
+                request_serializer=booking_dot_v1_dot_booking__pb2.SearchAvailabilityRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.SearchAvailabilityResponse.FromString,
+                _registered_method=True)
+        self.ArchiveTherapist = channel.unary_unary(
+                '/booking.v1.BookingService/ArchiveTherapist',
+                request_serializer=booking_dot_v1_dot_booking__pb2.ArchiveTherapistRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.ArchiveTherapistResponse.FromString,
+                _registered_method=True)
+        self.UnarchiveTherapist = channel.unary_unary(
+                '/booking.v1.BookingService/UnarchiveTherapist',
+                request_serializer=booking_dot_v1_dot_booking__pb2.UnarchiveTherapistRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.UnarchiveTherapistResponse.FromString,
+                _registered_method=True)
+        self.UpdateSessionType = channel.unary_unary(
+                '/booking.v1.BookingService/UpdateSessionType',
+                request_serializer=booking_dot_v1_dot_booking__pb2.UpdateSessionTypeRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.UpdateSessionTypeResponse.FromString,
+                _registered_method=True)
+        self.RetireSessionType = channel.unary_unary(
+                '/booking.v1.BookingService/RetireSessionType',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RetireSessionTypeRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RetireSessionTypeResponse.FromString,
+                _registered_method=True)
+        self.CreateWebhookEndpoint = channel.unary_unary(
+                '/booking.v1.BookingService/CreateWebhookEndpoint',
+                request_serializer=booking_dot_v1_dot_booking__pb2.CreateWebhookEndpointRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.CreateWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.GetWebhookEndpoint = channel.unary_unary(
+                '/booking.v1.BookingService/GetWebhookEndpoint',
+                request_serializer=booking_dot_v1_dot_booking__pb2.GetWebhookEndpointRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.GetWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookEndpoints = channel.unary_unary(
+                '/booking.v1.BookingService/ListWebhookEndpoints',
+                request_serializer=booking_dot_v1_dot_booking__pb2.ListWebhookEndpointsRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.ListWebhookEndpointsResponse.FromString,
+                _registered_method=True)
+        self.UpdateWebhookEndpoint = channel.unary_unary(
+                '/booking.v1.BookingService/UpdateWebhookEndpoint',
+                request_serializer=booking_dot_v1_dot_booking__pb2.UpdateWebhookEndpointRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.UpdateWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.RotateWebhookSecret = channel.unary_unary(
+                '/booking.v1.BookingService/RotateWebhookSecret',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RotateWebhookSecretRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RotateWebhookSecretResponse.FromString,
+                _registered_method=True)
+        self.DisableWebhookEndpoint = channel.unary_unary(
+                '/booking.v1.BookingService/DisableWebhookEndpoint',
+                request_serializer=booking_dot_v1_dot_booking__pb2.DisableWebhookEndpointRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.DisableWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.EnableWebhookEndpoint = channel.unary_unary(
+                '/booking.v1.BookingService/EnableWebhookEndpoint',
+                request_serializer=booking_dot_v1_dot_booking__pb2.EnableWebhookEndpointRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.EnableWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.DeleteWebhookEndpoint = channel.unary_unary(
+                '/booking.v1.BookingService/DeleteWebhookEndpoint',
+                request_serializer=booking_dot_v1_dot_booking__pb2.DeleteWebhookEndpointRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.DeleteWebhookEndpointResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookAttempts = channel.unary_unary(
+                '/booking.v1.BookingService/ListWebhookAttempts',
+                request_serializer=booking_dot_v1_dot_booking__pb2.ListWebhookAttemptsRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.ListWebhookAttemptsResponse.FromString,
+                _registered_method=True)
+        self.ListWebhookDeliveries = channel.unary_unary(
+                '/booking.v1.BookingService/ListWebhookDeliveries',
+                request_serializer=booking_dot_v1_dot_booking__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.ListWebhookDeliveriesResponse.FromString,
+                _registered_method=True)
+        self.RetryWebhookDelivery = channel.unary_unary(
+                '/booking.v1.BookingService/RetryWebhookDelivery',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RetryWebhookDeliveryRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RetryWebhookDeliveryResponse.FromString,
+                _registered_method=True)
         self.CreateBooking = channel.unary_unary(
                 '/booking.v1.BookingService/CreateBooking',
                 request_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingRequest.SerializeToString,
@@ -205,6 +290,140 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListTherapists(self, request, context):
+        """--- Discovery, session-type changes and webhook endpoints ---
+
+        Lists therapists in a stable order (oldest first), filtered by what a marketplace asks:
+        languages, specialties, time zones, the price and length of their session types. Archived
+        therapists only when include_archived is set.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SearchAvailability(self, request, context):
+        """Finds therapists who are free for a session of one length in a range of time, with their
+        first free slots, by the same rules as ListAvailableSlots. Each call examines at most 50
+        therapists (see docs/http-api.md): a page may hold fewer results than page_size, even none,
+        and still have a next_page_token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ArchiveTherapist(self, request, context):
+        """Archives a therapist (admin): no longer listed nor bookable; their bookings stay readable
+        and can still be cancelled. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnarchiveTherapist(self, request, context):
+        """Makes an archived therapist listed and bookable again (admin). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateSessionType(self, request, context):
+        """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
+        their price; every booking decided after the change, on any replica, uses the new one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetireSessionType(self, request, context):
+        """Retires a session type (admin, or the therapist): it can no longer be booked; its bookings
+        stay readable. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateWebhookEndpoint(self, request, context):
+        """Registers a webhook endpoint (admin) and returns its signing secret. Idempotent by
+        request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWebhookEndpoint(self, request, context):
+        """Returns one webhook endpoint (admin, or its partner), without its secret.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookEndpoints(self, request, context):
+        """Lists webhook endpoints, oldest first (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UpdateWebhookEndpoint(self, request, context):
+        """Changes an endpoint's URL, event types, description or partner (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateWebhookSecret(self, request, context):
+        """Gives an endpoint a new secret (admin). During the overlap every request is signed with both
+        the new and the previous secret, so the receiver can switch at any moment within it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DisableWebhookEndpoint(self, request, context):
+        """Stops sending to an endpoint (admin); its waiting deliveries wait. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def EnableWebhookEndpoint(self, request, context):
+        """Sends to a disabled endpoint again (admin); its waiting deliveries resume. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteWebhookEndpoint(self, request, context):
+        """Deletes an endpoint with its deliveries and its log (admin).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookAttempts(self, request, context):
+        """The endpoint's delivery log: recent attempts, newest first, with the HTTP status and the
+        latency (admin, or its partner).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWebhookDeliveries(self, request, context):
+        """The endpoint's deliveries that did not go through at the first attempt: retrying, delivered
+        later, or dead; newest first (admin, or its partner).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RetryWebhookDelivery(self, request, context):
+        """Makes a dead delivery due again with fresh attempts, once its cause is fixed (admin, or its
+        partner).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateBooking(self, request, context):
         """Books a session and pays for it with credits, atomically. Idempotent by request_id.
         """
@@ -306,6 +525,91 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.ListAvailableSlots,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.ListAvailableSlotsRequest.FromString,
                     response_serializer=booking_dot_v1_dot_booking__pb2.ListAvailableSlotsResponse.SerializeToString,
+            ),
+            'ListTherapists': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTherapists,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.ListTherapistsRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.ListTherapistsResponse.SerializeToString,
+            ),
+            'SearchAvailability': grpc.unary_unary_rpc_method_handler(
+                    servicer.SearchAvailability,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.SearchAvailabilityRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.SearchAvailabilityResponse.SerializeToString,
+            ),
+            'ArchiveTherapist': grpc.unary_unary_rpc_method_handler(
+                    servicer.ArchiveTherapist,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.ArchiveTherapistRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.ArchiveTherapistResponse.SerializeToString,
+            ),
+            'UnarchiveTherapist': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnarchiveTherapist,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.UnarchiveTherapistRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.UnarchiveTherapistResponse.SerializeToString,
+            ),
+            'UpdateSessionType': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateSessionType,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.UpdateSessionTypeRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.UpdateSessionTypeResponse.SerializeToString,
+            ),
+            'RetireSessionType': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetireSessionType,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RetireSessionTypeRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RetireSessionTypeResponse.SerializeToString,
+            ),
+            'CreateWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateWebhookEndpoint,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.CreateWebhookEndpointRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.CreateWebhookEndpointResponse.SerializeToString,
+            ),
+            'GetWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWebhookEndpoint,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.GetWebhookEndpointRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.GetWebhookEndpointResponse.SerializeToString,
+            ),
+            'ListWebhookEndpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookEndpoints,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.ListWebhookEndpointsRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.ListWebhookEndpointsResponse.SerializeToString,
+            ),
+            'UpdateWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateWebhookEndpoint,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.UpdateWebhookEndpointRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.UpdateWebhookEndpointResponse.SerializeToString,
+            ),
+            'RotateWebhookSecret': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateWebhookSecret,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RotateWebhookSecretRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RotateWebhookSecretResponse.SerializeToString,
+            ),
+            'DisableWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DisableWebhookEndpoint,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.DisableWebhookEndpointRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.DisableWebhookEndpointResponse.SerializeToString,
+            ),
+            'EnableWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.EnableWebhookEndpoint,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.EnableWebhookEndpointRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.EnableWebhookEndpointResponse.SerializeToString,
+            ),
+            'DeleteWebhookEndpoint': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteWebhookEndpoint,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.DeleteWebhookEndpointRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.DeleteWebhookEndpointResponse.SerializeToString,
+            ),
+            'ListWebhookAttempts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookAttempts,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.ListWebhookAttemptsRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.ListWebhookAttemptsResponse.SerializeToString,
+            ),
+            'ListWebhookDeliveries': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWebhookDeliveries,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.ListWebhookDeliveriesRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'RetryWebhookDelivery': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryWebhookDelivery,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RetryWebhookDeliveryRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RetryWebhookDeliveryResponse.SerializeToString,
             ),
             'CreateBooking': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateBooking,
@@ -618,6 +922,465 @@ class BookingService:
             '/booking.v1.BookingService/ListAvailableSlots',
             booking_dot_v1_dot_booking__pb2.ListAvailableSlotsRequest.SerializeToString,
             booking_dot_v1_dot_booking__pb2.ListAvailableSlotsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTherapists(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/ListTherapists',
+            booking_dot_v1_dot_booking__pb2.ListTherapistsRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.ListTherapistsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SearchAvailability(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/SearchAvailability',
+            booking_dot_v1_dot_booking__pb2.SearchAvailabilityRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.SearchAvailabilityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ArchiveTherapist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/ArchiveTherapist',
+            booking_dot_v1_dot_booking__pb2.ArchiveTherapistRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.ArchiveTherapistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnarchiveTherapist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/UnarchiveTherapist',
+            booking_dot_v1_dot_booking__pb2.UnarchiveTherapistRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.UnarchiveTherapistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateSessionType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/UpdateSessionType',
+            booking_dot_v1_dot_booking__pb2.UpdateSessionTypeRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.UpdateSessionTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetireSessionType(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RetireSessionType',
+            booking_dot_v1_dot_booking__pb2.RetireSessionTypeRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RetireSessionTypeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/CreateWebhookEndpoint',
+            booking_dot_v1_dot_booking__pb2.CreateWebhookEndpointRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.CreateWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/GetWebhookEndpoint',
+            booking_dot_v1_dot_booking__pb2.GetWebhookEndpointRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.GetWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookEndpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/ListWebhookEndpoints',
+            booking_dot_v1_dot_booking__pb2.ListWebhookEndpointsRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.ListWebhookEndpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UpdateWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/UpdateWebhookEndpoint',
+            booking_dot_v1_dot_booking__pb2.UpdateWebhookEndpointRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.UpdateWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateWebhookSecret(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RotateWebhookSecret',
+            booking_dot_v1_dot_booking__pb2.RotateWebhookSecretRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RotateWebhookSecretResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DisableWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/DisableWebhookEndpoint',
+            booking_dot_v1_dot_booking__pb2.DisableWebhookEndpointRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.DisableWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def EnableWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/EnableWebhookEndpoint',
+            booking_dot_v1_dot_booking__pb2.EnableWebhookEndpointRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.EnableWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteWebhookEndpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/DeleteWebhookEndpoint',
+            booking_dot_v1_dot_booking__pb2.DeleteWebhookEndpointRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.DeleteWebhookEndpointResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookAttempts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/ListWebhookAttempts',
+            booking_dot_v1_dot_booking__pb2.ListWebhookAttemptsRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.ListWebhookAttemptsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWebhookDeliveries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/ListWebhookDeliveries',
+            booking_dot_v1_dot_booking__pb2.ListWebhookDeliveriesRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryWebhookDelivery(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RetryWebhookDelivery',
+            booking_dot_v1_dot_booking__pb2.RetryWebhookDeliveryRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RetryWebhookDeliveryResponse.FromString,
             options,
             channel_credentials,
             insecure,
