@@ -38,6 +38,15 @@ OUTCOMES = (
     "other",
 )
 RECONCILER_ACTIONS = ("committed", "released", "deferred")
+# What the retention worker purges (booking_service/store/retention.py, `Purged`).
+RETENTION_KINDS = (
+    "request_answers",
+    "delivered_events",
+    "dead_letters",
+    "previous_attempts",
+    "previous_decisions",
+    "previous_reschedules",
+)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
 
 _REFUSAL_OUTCOMES = {
@@ -105,11 +114,27 @@ class BookingMetrics:
         self.batch_seconds = Histogram(
             "booking_batch_duration_seconds", "Time one coalesced batch took, by step.", ("step",), registry=registry
         )
+        # The retention worker (booking_service/retention.py): rows purged, and how long each
+        # bounded batch took, by kind.
+        self.retention_purged = Counter(
+            "booking_retention_purged_total",
+            "Rows the retention worker deleted past their bound, by kind.",
+            ("kind",),
+            registry=registry,
+        )
+        self.retention_batch_seconds = Histogram(
+            "booking_retention_batch_duration_seconds",
+            "Time one retention batch (one DELETE of at most BOOKING_RETENTION_BATCH_SIZE rows) took, by kind.",
+            ("kind",),
+            registry=registry,
+        )
         # Every label value exists from the start, at zero, so that rate() sees the first one.
         for outcome in OUTCOMES:
             self.bookings.labels(outcome)
         for action in RECONCILER_ACTIONS:
             self.reconciler_actions.labels(action)
+        for kind in RETENTION_KINDS:
+            self.retention_purged.labels(kind)
 
     def rpc_finished(
         self, service: str, rpc: str, code: grpc.StatusCode, reason: str | None, duration_s: float
@@ -127,6 +152,11 @@ class BookingMetrics:
     def reconciler_action(self, action: str) -> None:
         assert action in RECONCILER_ACTIONS, action
         self.reconciler_actions.labels(action).inc()
+
+    def retention_batch(self, kind: str, rows: int, duration_s: float) -> None:
+        assert kind in RETENTION_KINDS, kind
+        self.retention_purged.labels(kind).inc(rows)
+        self.retention_batch_seconds.labels(kind).observe(duration_s)
 
     def refresher(self, database: Database, settings: ServerSettings) -> Worker:
         """A worker that reads the outbox gauges from the database: the depth (an index-only

@@ -5,6 +5,7 @@ the calendar's steps and the payments.
     bookings    CreateBooking, top-down (booking_flow.py)
     changes     cancel and reschedule (changes.py)
     reconciler  stale holds (recovery.py)
+    retention   what no invariant needs after its bound (retention.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
 """
 
@@ -25,6 +26,7 @@ from booking_service.metrics import BookingMetrics
 from booking_service.outbox import Outbox
 from booking_service.payments import Credits, Payments
 from booking_service.recovery import Reconciler
+from booking_service.retention import Retention
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from service_kit.database import Database
 
@@ -92,6 +94,7 @@ class BookingService:
             batch_size=settings.reconcile_batch_size,
         )
         self.outbox = Outbox(database, payments, settings, notifier if notifier is not None else LogNotifier(), video)
+        self.retention = Retention(database, settings.retention, metrics, clock=clock)
 
     async def close(self) -> None:
         """Stops the batching (after the server stopped taking calls), writing what waits."""
