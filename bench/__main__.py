@@ -1,7 +1,7 @@
 """python -m bench: the two-service design against the single-transaction baseline.
 
     python -m bench [--concurrency 32] [--duration-s 20] [--scenarios spread,hot,contended]
-                    [--smoke] [--out bench-results/]
+                    [--smoke] [--preload] [--out bench-results/]
 
 Exits 0 when every correctness check passed, 1 when one failed (the table says which); speed
 is reported, never judged by the exit code.
@@ -23,7 +23,7 @@ from typing import Any
 import asyncpg
 import uvloop
 
-from bench import checks, report, scenarios
+from bench import at_size, checks, report, scenarios
 from bench.loadgen import MEASURE_END, MEASURE_START
 from bench.stack import ROOT, TOKEN_AUDIENCE, TOKEN_ISSUER, BenchStack
 
@@ -46,6 +46,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIO_NAMES), help="comma-separated")
     parser.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated: services,baseline")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, low concurrency")
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="the services on empty tables, then on a large marketplace's (bench/at_size.py; smoke: small sizes)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and SVG")
     parser.add_argument("--postgres-url", help="an existing PostgreSQL server (default: an embedded one)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs (kept on failure)")
@@ -223,16 +228,18 @@ async def run(arguments: argparse.Namespace) -> int:
         },
         "scenarios": {},
     }
-    stack = BenchStack(
-        postgres_url=arguments.postgres_url, keep_logs=arguments.keep_logs, service_env=arguments.service_env
-    )
+    service_env = at_size.service_env(arguments) if arguments.preload else arguments.service_env
+    stack = BenchStack(postgres_url=arguments.postgres_url, keep_logs=arguments.keep_logs, service_env=service_env)
     async with stack:
         document["postgres"] = await _postgres_facts(stack.server_url)
-        for scenario in arguments.scenarios:
+        if arguments.preload:
+            document["preload"] = await at_size.run(arguments, stack, _measure)
+        for scenario in [] if arguments.preload else arguments.scenarios:
             document["scenarios"][scenario] = {}
             for design in arguments.designs:
                 document["scenarios"][scenario][design] = await _measure(arguments, stack, design, scenario)
         failed = any(r["violations"] for s in document["scenarios"].values() for r in s.values())
+        failed = failed or bool(document.get("preload", {}).get("violations"))
         if failed:
             stack.keep_logs = True
             print(f"services' logs kept in {stack.log_dir}", file=sys.stderr)
@@ -245,7 +252,7 @@ async def run(arguments: argparse.Namespace) -> int:
     svg_path = arguments.out / f"{stamp}.svg"
     report.write_json(document, json_path)
     report.write_svg(document, svg_path)
-    print(report.table(document))
+    print(at_size.table(document["preload"]) if arguments.preload else report.table(document))
     print(report.summary(document))
     print(f"results: {json_path}  chart: {svg_path}")
     return 1 if failed else 0
