@@ -69,7 +69,7 @@ OUTBOX_BATCH = 50
 OUTBOX_LEASE_S = 30.0
 
 RETENTION = "retention: one pass (6 batches)"
-NAME_WIDTH = 48
+NAME_WIDTH = 54
 
 Measure = Callable[[argparse.Namespace, BenchStack, str, str], Awaitable[dict[str, Any]]]
 Listing = Callable[[str], Awaitable[str]]  # a page token in, the next one out ("" at the end)
