@@ -112,42 +112,50 @@ CREATE OR REPLACE FUNCTION pg_temp.preload_uuid(seed text) RETURNS uuid LANGUAGE
 $$"""
 
 
+def _numbered(sizes: Sizes, first: int, last: int) -> str:
+    """Bookings `first`..`last` by number: each one's therapist (t), its rank among the therapist's
+    sessions (k), its client (c, spread by a stride), its cost and whether it was cancelled."""
+    return f"""SELECT i, 1 + (i - 1) % {sizes.therapists} AS t, (i - 1) / {sizes.therapists} AS k,
+                      1 + (i * {CLIENT_STRIDE}::bigint) % {sizes.clients} AS c,
+                      1 + (1 + (i - 1) % {sizes.therapists}) % 4 AS cost, i % {CANCELLED_EVERY} = 3 AS cancelled
+                 FROM generate_series({first}, {last}) AS i"""
+
+
 def _plan(tag: str, sizes: Sizes, first: int, last: int) -> str:
-    """The bookings, one row each (both databases derive their rows from it): its number, its
-    therapist and client, its cost, whether it was cancelled, and its instants. Sessions of one
-    therapist follow each other `step` apart, on whole hours; the client is spread by a stride."""
+    """The bookings `first`..`last`, one row each (both databases derive their rows from it): the
+    numbers of `_numbered`, the ids, and the instants. Sessions of one therapist follow each other
+    `step` apart, on whole hours."""
     step_s = int(sizes.step.total_seconds())
     return f"""
     CREATE TEMPORARY TABLE preload_plan AS
     SELECT i, t, c, booking_id, therapist_id, client_id, cost, cancelled, starts_at, created_at,
            CASE WHEN cancelled THEN least(created_at + interval '1 day', now()) END AS cancelled_at
       FROM (SELECT i, t, c, {_uuid(tag, "booking", "i")} AS booking_id, {_uuid(tag, "therapist", "t")} AS therapist_id,
-                   {_uuid(tag, "client", "c")} AS client_id, 1 + t % 4 AS cost, i % {CANCELLED_EVERY} = 3 AS cancelled,
-                   starts_at,
+                   {_uuid(tag, "client", "c")} AS client_id, cost, cancelled, starts_at,
                    least(starts_at - make_interval(days => 1 + i % 14), now() - interval '1 minute') AS created_at
-              FROM (SELECT i, t, c,
-                           date_trunc('hour', now() - interval '{int(HISTORY.total_seconds())} seconds'
-                                              + make_interval(secs => k * {step_s})
-                                              + make_interval(hours => t % 8)) AS starts_at
-                      FROM (SELECT i, 1 + (i - 1) % {sizes.therapists} AS t, (i - 1) / {sizes.therapists} AS k,
-                                   1 + (i * {CLIENT_STRIDE}::bigint) % {sizes.clients} AS c
-                              FROM generate_series({first}, {last}) AS i) numbered) timed) planned"""
+              FROM (SELECT *, date_trunc('hour', now() - interval '{int(HISTORY.total_seconds())} seconds'
+                                                 + make_interval(secs => k * {step_s})
+                                                 + make_interval(hours => t % 8)) AS starts_at
+                      FROM ({_numbered(sizes, first, last)}) numbered) timed) planned"""
 
 
 async def _chunks(
-    connection: asyncpg.Connection, tag: str, sizes: Sizes, table: str, insert: str, progress: Progress
-) -> int:
-    """Runs `insert` (reading preload_plan) once per chunk of bookings, with a progress line each."""
+    connection: asyncpg.Connection, tag: str, sizes: Sizes, inserts: dict[str, str], progress: Progress
+) -> dict[str, int]:
+    """Per chunk of bookings, makes its plan (preload_plan) once and runs each of `inserts` (by
+    table) on it, with a progress line; the rows written, by table."""
     started = time.perf_counter()
-    total = 0
+    totals = dict.fromkeys(inserts, 0)
     for first in range(1, sizes.sessions + 1, CHUNK_ROWS):
         last = min(sizes.sessions, first + CHUNK_ROWS - 1)
         await connection.execute("DROP TABLE IF EXISTS preload_plan")
         await connection.execute(_plan(tag, sizes, first, last))
-        status = await connection.execute(insert)
-        total += int(status.split()[-1])
-        progress(f"  {table:<26} {total:>10,} rows  {time.perf_counter() - started:6.1f} s")
-    return total
+        for table, insert in inserts.items():
+            totals[table] += int((await connection.execute(insert)).split()[-1])
+        done = ", ".join(f"{table} {count:,}" for table, count in totals.items())
+        progress(f"  {done}  ({time.perf_counter() - started:.0f} s)")
+    await connection.execute("DROP TABLE preload_plan")
+    return totals
 
 
 async def _prepare(connection: asyncpg.Connection) -> None:
@@ -184,14 +192,11 @@ async def load_booking(connection: asyncpg.Connection, tag: str, sizes: Sizes, p
               FROM generate_series(1, {sizes.therapists}) AS t"""
     )
     rows["booking.session_types"] = int(status.split()[-1])
-    progress(f"  booking.therapists etc.    {sizes.therapists:>10,} therapists")
+    progress(f"  booking.therapists {sizes.therapists:,}, with schedules and session types")
     ends = f"p.starts_at + interval '{SESSION_MINUTES} minutes'"
-    rows["booking.sessions"] = await _chunks(
-        connection,
-        tag,
-        sizes,
-        "booking.sessions",
-        f"""INSERT INTO booking.sessions
+    # Per booking: its session, its video room, and one event row (its last event, delivered).
+    inserts = {
+        "booking.sessions": f"""INSERT INTO booking.sessions
                    (booking_id, request_id, request_fingerprint, client_id, therapist_id, session_type_id, starts_at,
                     ends_at, blocked, time_zone, credit_cost, status, payment_status, cancelled_by, cancel_reason,
                     refunded_credits, cancelled_at, created_at, updated_at)
@@ -205,27 +210,13 @@ async def load_booking(connection: asyncpg.Connection, tag: str, sizes: Sizes, p
                    CASE WHEN p.cancelled THEN p.cost ELSE 0 END, p.cancelled_at, p.created_at,
                    coalesce(p.cancelled_at, p.created_at + interval '1 second')
               FROM preload_plan p JOIN booking.therapists t ON t.therapist_id = p.therapist_id""",
-        progress,
-    )
-    rows["booking.video_rooms"] = await _chunks(
-        connection,
-        tag,
-        sizes,
-        "booking.video_rooms",
-        """INSERT INTO booking.video_rooms (booking_id, room_name, state, url, created_at, updated_at)
-           SELECT booking_id, room_name, CASE WHEN cancelled THEN 'deleted' ELSE 'ready' END,
+        "booking.video_rooms": """
+            INSERT INTO booking.video_rooms (booking_id, room_name, state, url, created_at, updated_at)
+            SELECT booking_id, room_name, CASE WHEN cancelled THEN 'deleted' ELSE 'ready' END,
                   CASE WHEN NOT cancelled THEN 'https://video.example/' || room_name END,
                   created_at, coalesce(cancelled_at, created_at + interval '2 seconds')
              FROM (SELECT *, 'booking-' || replace(booking_id::text, '-', '') AS room_name FROM preload_plan) p""",
-        progress,
-    )
-    # One event row per booking: its last event (confirmed, or cancelled), delivered.
-    rows["booking.outbox"] = await _chunks(
-        connection,
-        tag,
-        sizes,
-        "booking.outbox",
-        f"""INSERT INTO booking.outbox
+        "booking.outbox": f"""INSERT INTO booking.outbox
                    (event_id, kind, booking_id, payload, status, attempts, next_attempt_at, created_at, updated_at)
             SELECT {_uuid(tag, "event", "p.i")}, 'booking_event', p.booking_id,
                    jsonb_build_object(
@@ -239,8 +230,8 @@ async def load_booking(connection: asyncpg.Connection, tag: str, sizes: Sizes, p
                    'delivered', 1, coalesce(p.cancelled_at, p.created_at) + interval '30 seconds',
                    coalesce(p.cancelled_at, p.created_at), coalesce(p.cancelled_at, p.created_at) + interval '1 second'
               FROM preload_plan p""",
-        progress,
-    )
+    }
+    rows |= await _chunks(connection, tag, sizes, inserts, progress)
     reasons = ", ".join(f"('{reason}', '{message}')" for reason, message in REFUSALS)
     status = await connection.execute(
         f"""INSERT INTO booking.request_answers
@@ -253,8 +244,8 @@ async def load_booking(connection: asyncpg.Connection, tag: str, sizes: Sizes, p
                 ON r.n = j % {len(REFUSALS)}"""
     )
     rows["booking.request_answers"] = int(status.split()[-1])
-    progress(f"  booking.request_answers    {rows['booking.request_answers']:>10,} rows")
-    await connection.execute("DROP TABLE IF EXISTS preload_plan; SET session_replication_role = origin")
+    progress(f"  booking.request_answers {rows['booking.request_answers']:,}")
+    await connection.execute("SET session_replication_role = origin")
     return rows
 
 
@@ -262,23 +253,16 @@ async def load_credit(connection: asyncpg.Connection, tag: str, sizes: Sizes, pr
     await _prepare(connection)
     rows: dict[str, int] = {}
     history_s = int(HISTORY.total_seconds())
-    # Every client's bookings, summed once: the grant covers them all, the account holds the sums.
-    await connection.execute(
-        """CREATE TEMPORARY TABLE preload_clients (
-               c bigint PRIMARY KEY, client_id uuid NOT NULL, booked bigint NOT NULL, spent bigint NOT NULL)"""
-    )
+    # Every client's bookings, summed once from their numbers alone (no ids to make): the grant
+    # covers them all, and the account holds the sums.
     started = time.perf_counter()
-    for first in range(1, sizes.sessions + 1, CHUNK_ROWS):
-        last = min(sizes.sessions, first + CHUNK_ROWS - 1)
-        await connection.execute("DROP TABLE IF EXISTS preload_plan")
-        await connection.execute(_plan(tag, sizes, first, last))
-        await connection.execute(
-            """INSERT INTO preload_clients (c, client_id, booked, spent)
-               SELECT c, client_id, sum(cost), coalesce(sum(cost) FILTER (WHERE NOT cancelled), 0)
-                 FROM preload_plan GROUP BY c, client_id
-               ON CONFLICT (c) DO UPDATE SET booked = preload_clients.booked + excluded.booked,
-                                             spent = preload_clients.spent + excluded.spent"""
-        )
+    await connection.execute(
+        f"""CREATE TEMPORARY TABLE preload_clients AS
+            SELECT c, {_uuid(tag, "client", "c")} AS client_id, sum(cost) AS booked,
+                   coalesce(sum(cost) FILTER (WHERE NOT cancelled), 0) AS spent
+              FROM ({_numbered(sizes, 1, sizes.sessions)}) numbered
+             GROUP BY c"""
+    )
     # At sign-up, a purchase covering every booking to come, and for every other client a promotion.
     top_up = 10
     signed_up = f"now() - interval '{history_s} seconds' - interval '30 days'"
@@ -290,26 +274,9 @@ async def load_credit(connection: asyncpg.Connection, tag: str, sizes: Sizes, pr
               FROM preload_clients"""
     )
     rows["credit.accounts"] = int(status.split()[-1])
-    progress(
-        f"  credit.accounts            {rows['credit.accounts']:>10,} rows  {time.perf_counter() - started:6.1f} s"
-    )
-    rows["credit.reservations"] = await _chunks(
-        connection,
-        tag,
-        sizes,
-        "credit.reservations",
-        """INSERT INTO credit.reservations
-                  (reservation_id, owner_id, amount, committed_amount, refunded_amount, status, reference, created_at,
-                   updated_at, expires_at)
-           SELECT booking_id, client_id, cost, cost, CASE WHEN cancelled THEN cost ELSE 0 END,
-                  CASE WHEN cancelled THEN 'refunded' ELSE 'committed' END,
-                  'therapist:' || therapist_id || '/booking:' || booking_id, created_at,
-                  coalesce(cancelled_at, created_at + interval '1 second'), created_at + interval '1 hour'
-             FROM preload_plan""",
-        progress,
-    )
+    progress(f"  credit.accounts {rows['credit.accounts']:,}  ({time.perf_counter() - started:.0f} s)")
     # The ledger in time order, so that entry ids follow time as the service's do: the grants at
-    # sign-up first, then the bookings' entries, chunk by chunk.
+    # sign-up first, then the bookings' entries, chunk by chunk (each chunk's in time order).
     status = await connection.execute(
         f"""INSERT INTO credit.ledger_entries
                    (owner_id, kind, available_delta, held_delta, spent_delta, granted_delta, request_id, grant_kind,
@@ -323,12 +290,17 @@ async def load_credit(connection: asyncpg.Connection, tag: str, sizes: Sizes, pr
              ORDER BY at, c, n"""
     )
     grants = int(status.split()[-1])
-    rows["credit.ledger_entries"] = grants + await _chunks(
-        connection,
-        tag,
-        sizes,
-        "credit.ledger_entries",
-        """INSERT INTO credit.ledger_entries
+    # Per booking: its hold, and its ledger entries (reserve, commit, and refund if cancelled).
+    inserts = {
+        "credit.reservations": """INSERT INTO credit.reservations
+                  (reservation_id, owner_id, amount, committed_amount, refunded_amount, status, reference, created_at,
+                   updated_at, expires_at)
+           SELECT booking_id, client_id, cost, cost, CASE WHEN cancelled THEN cost ELSE 0 END,
+                  CASE WHEN cancelled THEN 'refunded' ELSE 'committed' END,
+                  'therapist:' || therapist_id || '/booking:' || booking_id, created_at,
+                  coalesce(cancelled_at, created_at + interval '1 second'), created_at + interval '1 hour'
+             FROM preload_plan""",
+        "credit.ledger_entries": """INSERT INTO credit.ledger_entries
                   (owner_id, kind, available_delta, held_delta, spent_delta, granted_delta, reservation_id, created_at)
            SELECT client_id, kind, available, held, spent, 0, booking_id, at
              FROM (SELECT client_id, booking_id, 'reserve' AS kind, -cost AS available, cost AS held, 0 AS spent,
@@ -341,11 +313,10 @@ async def load_credit(connection: asyncpg.Connection, tag: str, sizes: Sizes, pr
                    SELECT client_id, booking_id, 'refund', cost, 0, -cost, cancelled_at
                      FROM preload_plan WHERE cancelled) e
             ORDER BY at""",
-        progress,
-    )
-    await connection.execute(
-        "DROP TABLE IF EXISTS preload_plan; DROP TABLE preload_clients; SET session_replication_role = origin"
-    )
+    }
+    rows |= await _chunks(connection, tag, sizes, inserts, progress)
+    rows["credit.ledger_entries"] += grants
+    await connection.execute("DROP TABLE preload_clients; SET session_replication_role = origin")
     return rows
 
 

@@ -10,6 +10,7 @@ two replicas purging at once take different rows (a row deleted by one is gone f
 from __future__ import annotations
 
 import enum
+from dataclasses import dataclass
 from datetime import datetime
 
 from service_kit.connection import Connection
@@ -26,38 +27,44 @@ class Purged(enum.Enum):
     PREVIOUS_RESCHEDULES = "previous_reschedules"
 
 
-# $1: the cutoff (rows strictly older go), $2: the batch's size.
-_BATCHES = {
-    Purged.REQUEST_ANSWERS: """
-        DELETE FROM booking.request_answers WHERE request_key IN (
-            SELECT request_key FROM booking.request_answers
-             WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
-    Purged.DELIVERED_EVENTS: """
-        DELETE FROM booking.outbox WHERE event_id IN (
-            SELECT event_id FROM booking.outbox
-             WHERE status = 'delivered' AND updated_at < $1 ORDER BY updated_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
+@dataclass(frozen=True)
+class _Rows:
+    """Where one kind of row lives: its table, key, age column (indexed, migration 0006) and what
+    else a row must be to go."""
+
+    table: str
+    key: str
+    age: str
+    condition: str = "true"
+
+    @property
+    def batch_sql(self) -> str:
+        """One batch: $1 the cutoff (rows strictly older go), $2 the batch's size."""
+        # `= ANY (ARRAY(...))`, not `IN (...)`: the rows to delete are then found by their key,
+        # whereas a semi-join may read the whole table to match them.
+        return f"""DELETE FROM {self.table} WHERE {self.key} = ANY (ARRAY(
+                       SELECT o.{self.key} FROM {self.table} o
+                        WHERE {self.condition} AND o.{self.age} < $1
+                        ORDER BY o.{self.age} LIMIT $2 FOR UPDATE OF o SKIP LOCKED))"""
+
+
+# What each kind of row is, and so each one's batch statement.
+ROWS = {
+    Purged.REQUEST_ANSWERS: _Rows("booking.request_answers", "request_key", "created_at"),
+    Purged.DELIVERED_EVENTS: _Rows("booking.outbox", "event_id", "updated_at", "o.status = 'delivered'"),
     # A dead letter whose booking still waits for its payment (COMMITTING, REFUNDING) is what the
     # runbook re-drives: it stays until the payment is settled, whatever its age.
-    Purged.DEAD_LETTERS: """
-        DELETE FROM booking.outbox WHERE event_id IN (
-            SELECT o.event_id FROM booking.outbox o
-             WHERE o.status = 'dead' AND o.updated_at < $1
-               AND NOT EXISTS (SELECT 1 FROM booking.sessions s
-                                WHERE s.booking_id = o.booking_id
-                                  AND s.payment_status IN ('committing', 'refunding'))
-             ORDER BY o.updated_at LIMIT $2 FOR UPDATE OF o SKIP LOCKED)""",
-    Purged.PREVIOUS_ATTEMPTS: """
-        DELETE FROM booking.booking_attempts WHERE request_id IN (
-            SELECT request_id FROM booking.booking_attempts
-             WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
-    Purged.PREVIOUS_DECISIONS: """
-        DELETE FROM booking.decisions WHERE reservation_id IN (
-            SELECT reservation_id FROM booking.decisions
-             WHERE decided_at < $1 ORDER BY decided_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
-    Purged.PREVIOUS_RESCHEDULES: """
-        DELETE FROM booking.reschedules WHERE request_id IN (
-            SELECT request_id FROM booking.reschedules
-             WHERE created_at < $1 ORDER BY created_at LIMIT $2 FOR UPDATE SKIP LOCKED)""",
+    Purged.DEAD_LETTERS: _Rows(
+        "booking.outbox",
+        "event_id",
+        "updated_at",
+        """o.status = 'dead'
+           AND NOT EXISTS (SELECT 1 FROM booking.sessions s
+                            WHERE s.booking_id = o.booking_id AND s.payment_status IN ('committing', 'refunding'))""",
+    ),
+    Purged.PREVIOUS_ATTEMPTS: _Rows("booking.booking_attempts", "request_id", "created_at"),
+    Purged.PREVIOUS_DECISIONS: _Rows("booking.decisions", "reservation_id", "decided_at"),
+    Purged.PREVIOUS_RESCHEDULES: _Rows("booking.reschedules", "request_id", "created_at"),
 }
 
 
@@ -69,5 +76,5 @@ async def purge_batch(
     async with connection.transaction():
         # SET LOCAL: the pooled connection's session settings stay as they were.
         await connection.execute(f"SET LOCAL statement_timeout = {int(statement_timeout_ms)}")
-        status = await connection.execute(_BATCHES[purged], cutoff, limit)
+        status = await connection.execute(ROWS[purged].batch_sql, cutoff, limit)
     return int(status.split()[-1])  # "DELETE <n>"
