@@ -3,6 +3,7 @@
     python -m bench [--runs spread@1,spread@4,spread@32,hot@32,contended@32] [--duration-s 15]
                     [--smoke] [--out bench-results/]
     python -m bench --concurrency 32 --scenarios spread,hot     (each scenario at that concurrency)
+    python -m bench --preload [--runs spread@1]   (empty tables, then a large marketplace's)
 
 By default a sweep: the spread scenario at 1, 4 and 32 clients, hot and contended at 32, each
 run against the services and then the baseline, in one process on one PostgreSQL. Exits 0 when
@@ -26,7 +27,7 @@ from typing import Any
 import asyncpg
 import uvloop
 
-from bench import checks, report, scenarios
+from bench import at_size, checks, report, scenarios
 from bench.loadgen import MEASURE_END, MEASURE_START
 from bench.stack import ROOT, TOKEN_AUDIENCE, TOKEN_ISSUER, BenchStack
 
@@ -35,6 +36,7 @@ DESIGNS = ("services", "baseline")
 # therapist (hot) and on a few slots (contended).
 DEFAULT_RUNS = "spread@1,spread@4,spread@32,hot@32,contended@32"
 SMOKE_RUNS = "spread@1,spread@4,hot@4,contended@4"
+PRELOAD_RUNS = "spread@1"
 DEFAULT_DURATION_S = 15.0
 SMOKE_DURATION_S = 1.5
 SMOKE_WARMUP_S = 0.3
@@ -54,6 +56,11 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds first (default 2)")
     parser.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated: services,baseline")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, low concurrency")
+    parser.add_argument(
+        "--preload",
+        action="store_true",
+        help="the services on empty tables, then on a large marketplace's (bench/at_size.py; smoke: small sizes)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and SVG")
     parser.add_argument("--postgres-url", help="an existing PostgreSQL server (default: an embedded one)")
     parser.add_argument("--keep-logs", action="store_true", help="keep the services' logs (kept on failure)")
@@ -81,7 +88,8 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         clients = arguments.concurrency or 32
         arguments.runs = ",".join(f"{name.strip()}@{clients}" for name in names.split(",") if name.strip())
     elif arguments.runs is None:
-        arguments.runs = SMOKE_RUNS if smoke else DEFAULT_RUNS
+        # --preload: the issue's measure is at one client, on empty tables and then large ones.
+        arguments.runs = PRELOAD_RUNS if arguments.preload else SMOKE_RUNS if smoke else DEFAULT_RUNS
     try:
         arguments.runs = [_run_spec(text) for text in arguments.runs.split(",") if text.strip()]
     except ValueError as error:
@@ -251,17 +259,19 @@ async def run(arguments: argparse.Namespace) -> int:
         },
         "runs": [],
     }
-    stack = BenchStack(
-        postgres_url=arguments.postgres_url, keep_logs=arguments.keep_logs, service_env=arguments.service_env
-    )
+    service_env = at_size.service_env(arguments) if arguments.preload else arguments.service_env
+    stack = BenchStack(postgres_url=arguments.postgres_url, keep_logs=arguments.keep_logs, service_env=service_env)
     async with stack:
         document["postgres"] = await _postgres_facts(stack.server_url)
-        for scenario, concurrency in arguments.runs:
+        if arguments.preload:
+            document["preload"] = await at_size.run(arguments, stack, _measure)
+        for scenario, concurrency in [] if arguments.preload else arguments.runs:
             run_results: dict[str, Any] = {"scenario": scenario, "concurrency": concurrency}
             for design in arguments.designs:
                 run_results[design] = await _measure(arguments, stack, design, scenario, concurrency)
             document["runs"].append(run_results)
         failed = any(run[design]["violations"] for run in document["runs"] for design in arguments.designs)
+        failed = failed or bool(document.get("preload", {}).get("violations"))
         if failed:
             stack.keep_logs = True
             print(f"services' logs kept in {stack.log_dir}", file=sys.stderr)
@@ -274,7 +284,7 @@ async def run(arguments: argparse.Namespace) -> int:
     svg_path = arguments.out / f"{stamp}.svg"
     report.write_json(document, json_path)
     report.write_svg(document, svg_path)
-    print(report.table(document))
+    print(at_size.table(document["preload"]) if arguments.preload else report.table(document))
     print(report.summary(document))
     print(f"results: {json_path}  chart: {svg_path}")
     return 1 if failed else 0

@@ -28,6 +28,61 @@ NOTIFICATION_SINKS = ("log", "webhook")
 # `local` needs no network (`make run` works offline); production sets `daily`.
 VIDEO_PROVIDERS = ("local", "daily", "none")
 DEFAULT_DAILY_API_URL = "https://api.daily.co/v1"
+# A request's answer is kept at least a day (docs/design.md, "One answer per request").
+MINIMUM_REQUEST_RETENTION_HOURS = 24
+# The previous version's decision log must outlive every hold it decides: the credit service
+# accepts holds of up to 7 days (CREDIT_RESERVATION_TTL_S), so a day more than that.
+MINIMUM_PREVIOUS_VERSION_RETENTION_HOURS = 8 * 24
+# A delivered event is kept an hour at least, so that a delivery racing its own lease finds it.
+MINIMUM_DELIVERED_RETENTION_HOURS = 1
+MAXIMUM_RETENTION_HOURS = 10 * 365 * 24
+
+
+@dataclass(frozen=True)
+class RetentionSettings:
+    """What the retention worker purges, and when (docs/operations.md, "Retention"). Every bound
+    counts from the row's own time: an answer's recording, an event's delivery or death, the
+    previous version's binding or decision."""
+
+    enabled: bool
+    interval_s: float
+    # Rows per statement: each batch is one short statement, whatever the backlog.
+    batch_size: int
+    # The request-id retention: a request's recorded answer (a refusal, a reschedule's result).
+    request_retention_hours: float
+    delivered_retention_hours: float
+    # Dead letters whose booking's payment is settled (those that are not are kept until it is).
+    dead_letter_retention_hours: float
+    # The rolling-upgrade window: the previous version's request ids and decisions. Never shorter
+    # than the request-id retention, which also covers the previous version's request ids.
+    previous_version_retention_hours: float
+
+    @classmethod
+    def from_environment(cls, env: Mapping[str, str]) -> RetentionSettings:
+        def hours(name: str, default: float, minimum: float) -> float:
+            return config.number(env, name, default, minimum=minimum, maximum=MAXIMUM_RETENTION_HOURS)
+
+        settings = cls(
+            enabled=config.boolean(env, "BOOKING_RETENTION_ENABLED", True),
+            interval_s=config.number(env, "BOOKING_RETENTION_INTERVAL_S", 60.0, minimum=0.05, maximum=86400.0),
+            batch_size=config.integer(env, "BOOKING_RETENTION_BATCH_SIZE", 1000, minimum=1, maximum=10_000),
+            request_retention_hours=hours("BOOKING_REQUEST_RETENTION_HOURS", 7 * 24, MINIMUM_REQUEST_RETENTION_HOURS),
+            delivered_retention_hours=hours(
+                "BOOKING_OUTBOX_DELIVERED_RETENTION_HOURS", 7 * 24, MINIMUM_DELIVERED_RETENTION_HOURS
+            ),
+            dead_letter_retention_hours=hours(
+                "BOOKING_OUTBOX_DEAD_RETENTION_HOURS", 90 * 24, MINIMUM_DELIVERED_RETENTION_HOURS
+            ),
+            previous_version_retention_hours=hours(
+                "BOOKING_PREVIOUS_VERSION_RETENTION_HOURS", 14 * 24, MINIMUM_PREVIOUS_VERSION_RETENTION_HOURS
+            ),
+        )
+        if settings.dead_letter_retention_hours < settings.delivered_retention_hours:
+            raise config.ConfigError(
+                "BOOKING_OUTBOX_DEAD_RETENTION_HOURS must be at least BOOKING_OUTBOX_DELIVERED_RETENTION_HOURS: "
+                "dead letters need a person, and are kept longer than delivered events"
+            )
+        return settings
 
 
 class Secret(str):
@@ -96,6 +151,7 @@ class BookingSettings:
     # The outbox retries a reservation's commit only this long after its booking was decided:
     # the inline commit is normally done by then (a longer call has timed out long before).
     commit_retry_after_s: float
+    retention: RetentionSettings
 
     @classmethod
     def from_environment(cls, env: Mapping[str, str]) -> BookingSettings:
@@ -142,6 +198,7 @@ class BookingSettings:
             batching=BatchSettings.from_environment(env, "BOOKING"),
             context_cache_size=config.integer(env, "BOOKING_CONTEXT_CACHE_SIZE", 4096, minimum=0, maximum=1_000_000),
             commit_retry_after_s=config.number(env, "BOOKING_COMMIT_RETRY_AFTER_S", 10.0, minimum=0.0, maximum=3600.0),
+            retention=RetentionSettings.from_environment(env),
         )
 
 

@@ -40,6 +40,15 @@ OUTCOMES = (
 )
 RECONCILER_ACTIONS = ("committed", "released", "deferred")
 WEBHOOK_RESULTS = ("succeeded", "failed")
+# What the retention worker purges (booking_service/store/retention.py, `Purged`).
+RETENTION_KINDS = (
+    "request_answers",
+    "delivered_events",
+    "dead_letters",
+    "previous_attempts",
+    "previous_decisions",
+    "previous_reschedules",
+)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 100)
 
 _REFUSAL_OUTCOMES = {
@@ -124,12 +133,28 @@ class BookingMetrics:
             "booking_batch_duration_seconds", "Time one coalesced batch took, by step.", ("step",), registry=registry
         )
         self._batch_children: dict[str, tuple[Histogram, Histogram]] = {}
+        # The retention worker (booking_service/retention.py): rows purged, and how long each
+        # bounded batch took, by kind.
+        self.retention_purged = Counter(
+            "booking_retention_purged_total",
+            "Rows the retention worker deleted past their bound, by kind.",
+            ("kind",),
+            registry=registry,
+        )
+        self.retention_batch_seconds = Histogram(
+            "booking_retention_batch_duration_seconds",
+            "Time one retention batch (one DELETE of at most BOOKING_RETENTION_BATCH_SIZE rows) took, by kind.",
+            ("kind",),
+            registry=registry,
+        )
         # Every label value exists from the start, at zero, so that rate() sees the first one.
         self._outcomes = {outcome: self.bookings.labels(outcome) for outcome in OUTCOMES}
         for action in RECONCILER_ACTIONS:
             self.reconciler_actions.labels(action)
         for result in WEBHOOK_RESULTS:
             self.webhook_attempts.labels(result)
+        for kind in RETENTION_KINDS:
+            self.retention_purged.labels(kind)
 
     def rpc_finished(
         self, service: str, rpc: str, code: grpc.StatusCode, reason: str | None, duration_s: float
@@ -154,6 +179,11 @@ class BookingMetrics:
 
     def webhook_attempt(self, *, succeeded: bool) -> None:
         self.webhook_attempts.labels("succeeded" if succeeded else "failed").inc()
+
+    def retention_batch(self, kind: str, rows: int, duration_s: float) -> None:
+        assert kind in RETENTION_KINDS, kind
+        self.retention_purged.labels(kind).inc(rows)
+        self.retention_batch_seconds.labels(kind).observe(duration_s)
 
     def refresher(self, database: Database, settings: ServerSettings) -> Worker:
         """A worker that reads the outbox gauges from the database: the depth (an index-only

@@ -82,6 +82,10 @@ async def start(settings: BookingSettings) -> Runtime:
         log.warning("reconciler_disabled", detail="stale credit holds will not be resolved")
     workers.append(periodic("outbox", settings.outbox_interval_s, service.outbox.deliver_once))
     workers.append(periodic("webhooks", settings.outbox_interval_s, service.webhook_delivery.deliver_due_once))
+    if settings.retention.enabled:
+        workers.append(periodic("retention", settings.retention.interval_s, service.retention.purge_once))
+    else:
+        log.warning("retention_disabled", detail="request answers, delivered events and dead letters are kept for ever")
     workers.append(metrics.refresher(database, settings.server))
 
     def parts(_: Database) -> ServiceParts:

@@ -5,6 +5,7 @@ the calendar's steps and the payments.
     bookings    CreateBooking, top-down (booking_flow.py)
     changes     cancel and reschedule (changes.py)
     reconciler  stale holds (recovery.py)
+    retention   what no invariant needs after its bound (retention.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
     discovery   therapists listed and searched by availability (discovery.py)
     webhook_endpoints, webhook_delivery
@@ -29,6 +30,7 @@ from booking_service.metrics import BookingMetrics
 from booking_service.outbox import Outbox
 from booking_service.payments import Credits, Payments
 from booking_service.recovery import Reconciler
+from booking_service.retention import Retention
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from booking_service.webhook_delivery import WebhookDelivery
 from booking_service.webhook_endpoints import WebhookEndpoints
@@ -110,6 +112,7 @@ class BookingService:
             video,
             self.webhook_delivery,
         )
+        self.retention = Retention(database, settings.retention, metrics, clock=clock)
 
     async def close(self) -> None:
         """Stops the batching (after the server stopped taking calls), writing what waits, and

@@ -10,12 +10,16 @@ from datetime import datetime
 
 from booking_service.domain import VideoRoomState
 from service_kit.connection import Connection
+from service_kit.ids import uuid7
 
 
 async def enqueue(
     connection: Connection, kind: str, booking_id: uuid.UUID, payload: Mapping[str, object] | None = None
 ) -> uuid.UUID:
-    event_id = uuid.uuid4()
+    """Writes an event in the caller's transaction. Its id is time-ordered (UUIDv7): it lands on
+    the outbox's primary key's rightmost leaf, not on a random one (docs/performance.md, "Ids and
+    WAL on large tables"); a webhook receiver may read from it when the event was made."""
+    event_id = uuid7()
     await connection.execute(
         "INSERT INTO booking.outbox (event_id, kind, booking_id, payload) VALUES ($1, $2, $3, $4::jsonb)",
         event_id,

@@ -80,6 +80,13 @@ async def test_a_client_cancelling_two_days_ahead_gets_a_full_refund(
         10,
     )
     assert row["cancelled_at"] is not None
+    # The cancellation's event id is made by the service, time-ordered (UUIDv7: docs/performance.md).
+    async with booking_db.acquire() as connection:
+        event_ids = await connection.fetch(
+            "SELECT event_id FROM booking.outbox WHERE booking_id = $1 AND payload->>'type' = 'booking.cancelled'",
+            uuid.UUID(booking.booking_id),
+        )
+    assert [row["event_id"].version for row in event_ids] == [7]
     await assert_books_consistent(
         booking_db, credit_db, therapist_ids=[world.therapist_id], client_ids=[world.client_id]
     )

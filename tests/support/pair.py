@@ -36,6 +36,7 @@ class Services:
     credit_stub: CreditServiceAsyncStub
     credit_db: asyncpg.Pool
     booking_db: asyncpg.Pool
+    booking_database_url: str
 
 
 @contextlib.asynccontextmanager
@@ -76,6 +77,7 @@ async def own_services(
             credit_pb2_grpc.CreditServiceStub(credit_channel),
             credit_db,
             booking_db,
+            booking_url,
         )
     finally:
         await booking_channel.close()
