@@ -35,6 +35,9 @@ ACCESS_RULES: AccessRules = {
     # Operators only: dead letters carry other people's bookings.
     "ListDeadLetters": anyone_with(ADMIN),
     "RetryDeadLetter": anyone_with(ADMIN),
+    # A practice (issue 16): a client books its own series; the rest as for single bookings.
+    "CreateBookingSeries": either(anyone_with(ADMIN), own(CLIENT, "client_id")),
+    "CancelFollowingBookings": _READERS,
 }
 # Which cancellation actor each role may speak as (an admin may act for anyone).
 ACTORS_OF_ROLE = {

@@ -18,6 +18,7 @@ Each step has a typed outcome; the batching of concurrent requests is out of sig
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 
@@ -134,27 +135,7 @@ class BookingFlow:
 
     def _place(self, request: NewBooking, rules: BookingRules, blocked: availability.Interval) -> Place:
         now = self._clock()
-        session_type = rules.session_type
-        booking = Booking(
-            booking_id=request.key,
-            request_id=request.request_id,
-            client_id=request.client_id,
-            therapist_id=request.therapist_id,
-            session_type_id=request.session_type_id,
-            starts_at=request.start,
-            ends_at=request.start + session_type.duration,
-            time_zone=rules.therapist.time_zone,
-            credit_cost=session_type.credit_cost,
-            status=BookingStatus.CONFIRMED,
-            payment_status=PaymentStatus.COMMITTING,
-            cancelled_by=None,
-            cancel_reason=None,
-            refunded_credits=0,
-            cancelled_at=None,
-            reschedule_count=0,
-            created_at=now,
-            updated_at=now,
-        )
+        booking = new_booking(request.key, request.request_id, request.client_id, rules, request.start, now)
         return Place(
             fingerprint=request.fingerprint,
             booking=booking,
@@ -164,3 +145,39 @@ class BookingFlow:
             video_room_name=events.video_room_name(request.key) if self._video_rooms else None,
             if_taken=Refusal.of(SlotUnavailable(request.start)),
         )
+
+
+def new_booking(
+    booking_id: uuid.UUID,
+    request_id: str,
+    client_id: uuid.UUID,
+    rules: BookingRules,
+    start: datetime,
+    now: datetime,
+    series_id: uuid.UUID | None = None,
+    series_index: int | None = None,
+) -> Booking:
+    """A booking as the locked step inserts it: confirmed, its payment committing."""
+    session_type = rules.session_type
+    return Booking(
+        booking_id=booking_id,
+        request_id=request_id,
+        client_id=client_id,
+        therapist_id=rules.therapist.therapist_id,
+        session_type_id=session_type.session_type_id,
+        starts_at=start,
+        ends_at=start + session_type.duration,
+        time_zone=rules.therapist.time_zone,
+        credit_cost=session_type.credit_cost,
+        status=BookingStatus.CONFIRMED,
+        payment_status=PaymentStatus.COMMITTING,
+        cancelled_by=None,
+        cancel_reason=None,
+        refunded_credits=0,
+        cancelled_at=None,
+        reschedule_count=0,
+        created_at=now,
+        updated_at=now,
+        series_id=series_id,
+        series_index=series_index,
+    )

@@ -112,6 +112,9 @@ class Booking:
     updated_at: datetime
     # None: no room is kept for this booking (no provider, or booked before rooms existed).
     video_room: VideoRoom | None = None
+    # The weekly series it is an occurrence of (its request key), and which one (from 0).
+    series_id: uuid.UUID | None = None
+    series_index: int | None = None
 
 
 class VideoRoomState(enum.Enum):
@@ -308,6 +311,16 @@ class UnexpectedCreditAnswer(DomainError):
     """An answer the protocol does not expect (a bug on one side); mapped to INTERNAL."""
 
     reason = "CREDIT_SERVICE_ERROR"
+
+
+@dataclass(frozen=True)
+class HoldRequest:
+    """A credit hold to make: for a booking (its reservation id is the booking id), by `reference`."""
+
+    reservation_id: uuid.UUID
+    owner_id: uuid.UUID
+    amount: int
+    reference: str
 
 
 @dataclass(frozen=True)

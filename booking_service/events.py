@@ -44,6 +44,9 @@ def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **ex
         "status": booking.status.value,
         "credit_cost": booking.credit_cost,
     }
+    if booking.series_id is not None:
+        data["series_id"] = str(booking.series_id)
+        data["series_index"] = booking.series_index
     if booking.status is BookingStatus.CANCELLED:
         data["cancelled_by"] = booking.cancelled_by.value if booking.cancelled_by else None
         data["cancel_reason"] = booking.cancel_reason.value if booking.cancel_reason else None

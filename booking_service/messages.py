@@ -14,6 +14,7 @@ from google.protobuf import timestamp_pb2
 from booking.v1 import booking_pb2
 from booking_service import availability, domain
 from booking_service.domain import MINUTES_PER_DAY, DateOverride, SessionType, Therapist, WeeklyWindowMinutes
+from booking_service.practice import BookedSeries
 from booking_service.store.outbox import DeadLetter
 from service_kit.errors import FieldViolation, InvalidArgument
 from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
@@ -125,6 +126,8 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
         update_time=timestamp(booking.updated_at),
         reschedule_count=booking.reschedule_count,
         video_room=video_room_message(booking.video_room),
+        series_id="" if booking.series_id is None else str(booking.series_id),
+        series_index=booking.series_index or 0,
     )
     if booking.cancelled_at is not None:
         assert booking.cancelled_by is not None and booking.cancel_reason is not None
@@ -137,6 +140,19 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
             )
         )
     return message
+
+
+def series_message(series: BookedSeries) -> booking_pb2.CreateBookingSeriesResponse:
+    return booking_pb2.CreateBookingSeriesResponse(
+        series_id=str(series.series_id),
+        bookings=[booking_message(b) for b in series.bookings],
+        skipped=[
+            booking_pb2.SkippedOccurrence(
+                series_index=skipped.index, start_time=timestamp(skipped.starts_at), reason=skipped.reason
+            )
+            for skipped in series.skipped
+        ],
+    )
 
 
 def video_room_message(room: domain.VideoRoom | None) -> booking_pb2.VideoRoom:

@@ -3,6 +3,7 @@ the calendar's steps and the payments.
 
     catalogue   therapists, schedules, session types, free slots, the rules (catalogue.py)
     bookings    CreateBooking, top-down (booking_flow.py)
+    series      CreateBookingSeries, the same steps for every occurrence at once (series.py)
     changes     cancel and reschedule (changes.py)
     reconciler  stale holds (recovery.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
@@ -25,6 +26,7 @@ from booking_service.metrics import BookingMetrics
 from booking_service.outbox import Outbox
 from booking_service.payments import Credits, Payments
 from booking_service.recovery import Reconciler
+from booking_service.series import SeriesFlow
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from service_kit.database import Database
 
@@ -65,6 +67,15 @@ class BookingService:
         self.catalogue = Catalogue(database, clock, settings.context_cache_size)
         payments = Payments(database, credits, self.calendar, clock, crash_if)
         self.bookings = BookingFlow(
+            self.catalogue,
+            self.calendar,
+            credits,
+            payments,
+            clock=clock,
+            crash_if=crash_if,
+            video_rooms=video is not None,
+        )
+        self.series = SeriesFlow(
             self.catalogue,
             self.calendar,
             credits,

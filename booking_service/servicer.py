@@ -11,7 +11,6 @@ import grpc
 
 from booking.v1 import booking_pb2, booking_pb2_grpc
 from booking_service import availability, domain
-from booking_service.access import ACTORS_OF_ROLE, may_see
 from booking_service.domain import (
     MAX_OVERRIDE_WINDOWS,
     MAX_SLOT_RANGE,
@@ -22,9 +21,7 @@ from booking_service.domain import (
     WeeklyWindowMinutes,
 )
 from booking_service.messages import (
-    ACTOR_FROM_PROTO,
     MAX_NAME_LENGTH,
-    REASON_FROM_PROTO,
     STATUS_FROM_PROTO,
     UPDATABLE_FIELDS,
     booking_message,
@@ -42,10 +39,11 @@ from booking_service.messages import (
     timestamp,
     weekly_message,
 )
+from booking_service.practice_servicer import PracticeRpcs
 from booking_service.requests import NewBooking, NewStart
 from booking_service.service import BookingService
 from service_kit import pagination
-from service_kit.auth import PermissionDenied, current_principal
+from service_kit.auth import current_principal
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
 from service_kit.validation import Checks
 
@@ -75,7 +73,7 @@ ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
+class BookingServicer(PracticeRpcs, booking_pb2_grpc.BookingServiceServicer):
     def __init__(self, service: BookingService) -> None:
         self._service = service
 
@@ -301,24 +299,8 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
     async def CancelBooking(
         self, request: booking_pb2.CancelBookingRequest, context: Context
     ) -> booking_pb2.CancelBookingResponse:
-        checks = Checks()
-        booking_id = checks.uuid("booking_id", request.booking_id)
-        actor = checks.enum("actor", request.actor, booking_pb2.CancellationActor.Name)
-        reason = checks.enum("reason", request.reason, booking_pb2.CancellationReason.Name)
-        if actor and actor not in ACTOR_FROM_PROTO:
-            checks.fail("actor", "must be CLIENT, THERAPIST or ADMIN")
-        if reason and reason not in REASON_FROM_PROTO:
-            checks.fail("reason", "is set by the system only")
-        checks.done()
-        await self._owned_booking(booking_id)
-        principal = current_principal()
-        if not any(actor in ACTORS_OF_ROLE.get(role, ()) for role in principal.roles):
-            raise PermissionDenied("the caller may not cancel as this actor", metadata={"field": "actor"})
-        booking = await self._service.changes.cancel(
-            booking_id,
-            ACTOR_FROM_PROTO[actor],
-            REASON_FROM_PROTO[reason],
-        )
+        booking_id, actor, reason = await self._cancellation(request)
+        booking = await self._service.changes.cancel(booking_id, actor, reason)
         return booking_pb2.CancelBookingResponse(booking=booking_message(booking))
 
     async def RescheduleBooking(
@@ -359,11 +341,3 @@ class BookingServicer(booking_pb2_grpc.BookingServiceServicer):
         checks.done()
         letter = await self._service.outbox.retry_dead_letter(event_id)
         return booking_pb2.RetryDeadLetterResponse(dead_letter=dead_letter_message(letter))
-
-    async def _owned_booking(self, booking_id: uuid.UUID) -> domain.Booking:
-        """The booking, if the caller may see it; another's is NOT_FOUND, exactly as a missing one.
-        (Who a booking belongs to never changes, so this read cannot go stale before the change.)"""
-        booking = await self._service.changes.booking(booking_id)
-        if not may_see(current_principal(), booking):
-            raise domain.BookingNotFound(booking_id)
-        return booking

@@ -52,6 +52,8 @@ BOOKING_FIELDS = (
     "reschedule_count",
     "created_at",
     "updated_at",
+    "series_id",
+    "series_index",
 )
 BOOKING_COLUMNS = ", ".join(BOOKING_FIELDS)
 # A booking with its video room: the reads join it in.

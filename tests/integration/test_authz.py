@@ -68,6 +68,8 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "ListDeadLetters": {"admin": OK},
     # The admin may; the dead letter does not exist.
     "RetryDeadLetter": {"admin": MISSING},
+    "CreateBookingSeries": {"client_self": OK, "admin": OK},
+    "CancelFollowingBookings": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
     "GrantCredits": {"admin": OK},
     "GetBalance": {"client_self": OK, "admin": OK},
     "ListLedgerEntries": {"client_self": OK, "admin": OK},
@@ -103,6 +105,7 @@ class Scene:
     booking_stub: Any
     credit_stub: Any
     starts: itertools.count[int]
+    series_starts: itertools.count[int]
     # Channels that attach no token at all.
     anonymous_booking: Any
     anonymous_credit: Any
@@ -113,6 +116,20 @@ class Scene:
 
     async def fresh_booking(self) -> str:
         return (await self.world.book(self.next_start())).booking_id
+
+    def series_request(self, request_id: str) -> booking_pb2.CreateBookingSeriesRequest:
+        """A weekly series of two, far beyond the single bookings, an hour after the previous
+        series (fewer than a week of hours are used, so no two series meet)."""
+        day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=100)
+        w = self.world
+        return booking_pb2.CreateBookingSeriesRequest(
+            request_id=request_id,
+            client_id=w.client_id,
+            therapist_id=w.therapist_id,
+            session_type_id=w.session_type_id,
+            start_time=ts(day + timedelta(hours=next(self.series_starts))),
+            occurrences=2,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +149,7 @@ async def scene(
             world,
             booking_stub,
             credit_stub,
+            itertools.count(),
             itertools.count(),
             booking_pb2_grpc.BookingServiceStub(booking_channel),
             credit_pb2_grpc.CreditServiceStub(credit_channel),
@@ -231,6 +249,7 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         ),
         "CreateBooking": lambda: plain(b.CreateBooking, w.booking_request(start, request_id=rid)),
         "ListBookings": lambda: plain(b.ListBookings, booking_pb2.ListBookingsRequest(client_id=w.client_id)),
+        "CreateBookingSeries": lambda: plain(b.CreateBookingSeries, scene.series_request(rid)),
         "ListDeadLetters": lambda: plain(b.ListDeadLetters, booking_pb2.ListDeadLettersRequest()),
         "RetryDeadLetter": lambda: plain(b.RetryDeadLetter, booking_pb2.RetryDeadLetterRequest(event_id=rid)),
         "GrantCredits": lambda: plain(
@@ -275,6 +294,13 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         "GetReservation": lambda: plain(c.GetReservation, credit_pb2.GetReservationRequest(reservation_id=rid)),
         "ListReservations": lambda: plain(c.ListReservations, credit_pb2.ListReservationsRequest(owner_id=w.client_id)),
     }
+    if rpc == "CancelFollowingBookings":
+        series = await b.CreateBookingSeries(scene.series_request(rid))
+        return b.CancelFollowingBookings, booking_pb2.CancelFollowingBookingsRequest(
+            booking_id=series.bookings[0].booking_id,
+            actor=actor_of(caller),
+            reason=booking_pb2.CANCELLATION_REASON_SCHEDULE_CONFLICT,
+        )
     if rpc in ("GetBooking", "CancelBooking", "RescheduleBooking"):
         booking_id = await scene.fresh_booking()
         if rpc == "GetBooking":

@@ -221,6 +221,22 @@ def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: 
             booking_id=second_booking_id, request_id=str(uuid.uuid4()), start_time=ts(future_hour(6, 10))
         ),
         "RetryDeadLetter": booking_pb2.RetryDeadLetterRequest(event_id=str(uuid.uuid4())),
+        "CreateBookingSeries": booking_pb2.CreateBookingSeriesRequest(
+            request_id=str(uuid.uuid4()),
+            client_id=client_id,
+            therapist_id=therapist_id,
+            session_type_id=session_type_id,
+            local_start=booking_pb2.LocalDateTime(
+                date_time=future_hour(8, 10).strftime("%Y-%m-%dT%H:%M"), time_zone="Europe/London"
+            ),
+            occurrences=2,
+        ),
+        # A booking of no series: CancelFollowingBookings cancels it alone.
+        "CancelFollowingBookings": booking_pb2.CancelFollowingBookingsRequest(
+            booking_id=second_booking_id,
+            actor=booking_pb2.CANCELLATION_ACTOR_CLIENT,
+            reason=booking_pb2.CANCELLATION_REASON_NO_LONGER_NEEDED,
+        ),
     }
     credit = {
         "GrantCredits": credit_pb2.GrantCreditsRequest(

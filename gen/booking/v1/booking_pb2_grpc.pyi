@@ -74,6 +74,19 @@ class BookingServiceStub:
     """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
     RetryDeadLetter: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RetryDeadLetterRequest, _booking_pb2.RetryDeadLetterResponse]
     """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
+    CreateBookingSeries: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CreateBookingSeriesRequest, _booking_pb2.CreateBookingSeriesResponse]
+    """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+    Books a weekly series: `occurrences` sessions of one session type at the first start's local
+    time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+    other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+    names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+    stays booked or held. Idempotent by request_id.
+    """
+    CancelFollowingBookings: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]
+    """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+    policy for its own start. Idempotent.
+    """
 
 @_typing.type_check_only
 class BookingServiceAsyncStub(BookingServiceStub):
@@ -121,6 +134,19 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
     RetryDeadLetter: _aio.UnaryUnaryMultiCallable[_booking_pb2.RetryDeadLetterRequest, _booking_pb2.RetryDeadLetterResponse]  # type: ignore[assignment]
     """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
+    CreateBookingSeries: _aio.UnaryUnaryMultiCallable[_booking_pb2.CreateBookingSeriesRequest, _booking_pb2.CreateBookingSeriesResponse]  # type: ignore[assignment]
+    """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+    Books a weekly series: `occurrences` sessions of one session type at the first start's local
+    time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+    other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+    names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+    stays booked or held. Idempotent by request_id.
+    """
+    CancelFollowingBookings: _aio.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]  # type: ignore[assignment]
+    """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+    policy for its own start. Idempotent.
+    """
 
 class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
@@ -267,5 +293,30 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.RetryDeadLetterResponse, _abc.Awaitable[_booking_pb2.RetryDeadLetterResponse]]:
         """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
+
+    @_abc_1.abstractmethod
+    def CreateBookingSeries(
+        self,
+        request: _booking_pb2.CreateBookingSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.CreateBookingSeriesResponse, _abc.Awaitable[_booking_pb2.CreateBookingSeriesResponse]]:
+        """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+        Books a weekly series: `occurrences` sessions of one session type at the first start's local
+        time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+        other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+        names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+        stays booked or held. Idempotent by request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelFollowingBookings(
+        self,
+        request: _booking_pb2.CancelFollowingBookingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.CancelFollowingBookingsResponse, _abc.Awaitable[_booking_pb2.CancelFollowingBookingsResponse]]:
+        """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+        policy for its own start. Idempotent.
+        """
 
 def add_BookingServiceServicer_to_server(servicer: BookingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1095,6 +1095,8 @@ class Booking(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RESCHEDULE_COUNT_FIELD_NUMBER: _builtins.int
     VIDEO_ROOM_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    SERIES_INDEX_FIELD_NUMBER: _builtins.int
     booking_id: _builtins.str
     """A UUID; also the id of its credit reservation."""
     request_id: _builtins.str
@@ -1117,6 +1119,10 @@ class Booking(_message.Message):
     """Where its credits stand."""
     reschedule_count: _builtins.int
     """How many times it was moved."""
+    series_id: _builtins.str
+    """The weekly series it belongs to (a UUID); empty for a booking of its own."""
+    series_index: _builtins.int
+    """Which occurrence of its series it is, from 0."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start, UTC."""
@@ -1161,10 +1167,12 @@ class Booking(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         reschedule_count: _builtins.int = ...,
         video_room: Global___VideoRoom | None = ...,
+        series_id: _builtins.str = ...,
+        series_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "series_id", b"series_id", "series_index", b"series_index", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1667,3 +1675,190 @@ class RetryDeadLetterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryDeadLetterResponse: _TypeAlias = RetryDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class CreateBookingSeriesRequest(_message.Message):
+    """The request of CreateBookingSeries: who books which session type of which therapist, from
+    when, how many times.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    LOCAL_START_FIELD_NUMBER: _builtins.int
+    OCCURRENCES_FIELD_NUMBER: _builtins.int
+    INTERVAL_WEEKS_FIELD_NUMBER: _builtins.int
+    SKIP_UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the caller (1 to 128 printable characters); the series' id is
+    derived from it. A repeat returns the series the first call booked, or its refusal.
+    """
+    client_id: _builtins.str
+    """The client paying (a UUID)."""
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """One of the therapist's session types (a UUID)."""
+    occurrences: _builtins.int
+    """How many sessions, 2 to 26."""
+    interval_weeks: _builtins.int
+    """Weeks between two occurrences: 1 (also when unset) or 2."""
+    skip_unavailable: _builtins.bool
+    """Book the occurrences that are free and report the others, instead of all or nothing. The
+    credits are all or nothing either way: a client short of credits for any occurrence to book
+    is refused (INSUFFICIENT_CREDITS) with nothing held.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """An instant (UTC)."""
+
+    @_builtins.property
+    def local_start(self) -> Global___LocalDateTime:
+        """A local time and an IANA zone."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        local_start: Global___LocalDateTime | None = ...,
+        occurrences: _builtins.int = ...,
+        interval_weeks: _builtins.int = ...,
+        skip_unavailable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["local_start", b"local_start", "start", b"start", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "interval_weeks", b"interval_weeks", "local_start", b"local_start", "occurrences", b"occurrences", "request_id", b"request_id", "session_type_id", b"session_type_id", "skip_unavailable", b"skip_unavailable", "start", b"start", "start_time", b"start_time", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["start_time", "local_start"]  # noqa: Y015
+    _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_start) -> _WhichOneofReturnType_start | None: ...
+
+Global___CreateBookingSeriesRequest: _TypeAlias = CreateBookingSeriesRequest  # noqa: Y015
+
+@_typing.final
+class SkippedOccurrence(_message.Message):
+    """An occurrence of a series that was not booked (skip_unavailable)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_INDEX_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    series_index: _builtins.int
+    """Which occurrence, from 0."""
+    reason: _builtins.str
+    """Why: SLOT_UNAVAILABLE, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ..."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it would have started, UTC."""
+
+    def __init__(
+        self,
+        *,
+        series_index: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "series_index", b"series_index", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedOccurrence: _TypeAlias = SkippedOccurrence  # noqa: Y015
+
+@_typing.final
+class CreateBookingSeriesResponse(_message.Message):
+    """The answer of CreateBookingSeries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    BOOKINGS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """The series' id (a UUID), also each booking's series_id."""
+    @_builtins.property
+    def bookings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Booking]:
+        """The booked occurrences, by series_index."""
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedOccurrence]:
+        """The occurrences not booked (only with skip_unavailable)."""
+
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+        bookings: _abc.Iterable[Global___Booking] | None = ...,
+        skipped: _abc.Iterable[Global___SkippedOccurrence] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bookings", b"bookings", "series_id", b"series_id", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBookingSeriesResponse: _TypeAlias = CreateBookingSeriesResponse  # noqa: Y015
+
+@_typing.final
+class CancelFollowingBookingsRequest(_message.Message):
+    """The request of CancelFollowingBookings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    booking_id: _builtins.str
+    """The first occurrence to cancel (a UUID); every later one of its series is cancelled too."""
+    actor: Global___CancellationActor.ValueType
+    """Who cancels."""
+    reason: Global___CancellationReason.ValueType
+    """Why."""
+    def __init__(
+        self,
+        *,
+        booking_id: _builtins.str = ...,
+        actor: Global___CancellationActor.ValueType = ...,
+        reason: Global___CancellationReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "booking_id", b"booking_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelFollowingBookingsRequest: _TypeAlias = CancelFollowingBookingsRequest  # noqa: Y015
+
+@_typing.final
+class CancelFollowingBookingsResponse(_message.Message):
+    """The answer of CancelFollowingBookings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bookings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Booking]:
+        """The cancelled occurrences, by series_index, each with its refund."""
+
+    def __init__(
+        self,
+        *,
+        bookings: _abc.Iterable[Global___Booking] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bookings", b"bookings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelFollowingBookingsResponse: _TypeAlias = CancelFollowingBookingsResponse  # noqa: Y015

@@ -124,6 +124,16 @@ class BookingServiceStub:
                 request_serializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.FromString,
                 _registered_method=True)
+        self.CreateBookingSeries = channel.unary_unary(
+                '/booking.v1.BookingService/CreateBookingSeries',
+                request_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.FromString,
+                _registered_method=True)
+        self.CancelFollowingBookings = channel.unary_unary(
+                '/booking.v1.BookingService/CancelFollowingBookings',
+                request_serializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsResponse.FromString,
+                _registered_method=True)
 
 
 class BookingServiceServicer:
@@ -254,6 +264,27 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBookingSeries(self, request, context):
+        """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+        Books a weekly series: `occurrences` sessions of one session type at the first start's local
+        time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+        other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+        names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+        stays booked or held. Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelFollowingBookings(self, request, context):
+        """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+        policy for its own start. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BookingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +372,16 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.RetryDeadLetter,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.FromString,
                     response_serializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.SerializeToString,
+            ),
+            'CreateBookingSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBookingSeries,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.SerializeToString,
+            ),
+            'CancelFollowingBookings': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelFollowingBookings,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -807,6 +848,60 @@ class BookingService:
             '/booking.v1.BookingService/RetryDeadLetter',
             booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.SerializeToString,
             booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBookingSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/CreateBookingSeries',
+            booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelFollowingBookings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/CancelFollowingBookings',
+            booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,293 @@
+-- Weekly series (docs/design.md, "A weekly series"): N occurrences of one session type at the same
+-- local time every week or every other week, for one client, with one request id.
+--
+-- * One request, one answer. The series' request key (caller and request id) is its series id;
+--   each occurrence's booking id is derived from the series key and the occurrence's index, so
+--   every copy and every retry finds the same holds and the same sessions. Each occurrence is a
+--   session row of its own, carrying series_id and series_index.
+-- * One locked step. booking.decide takes the occurrences of a series as a group of proposals
+--   (kind 'series': all or nothing; 'series_partial': book what is free) and decides the whole
+--   group under the therapist's calendar lock, in one transaction, as one answer for the series
+--   key: every occurrence placed, or (all or nothing) none and the refusal naming each taken
+--   occurrence recorded as the series' answer. A placed series' answer is a request_answers row
+--   naming its first session; its refusal_metadata names the occurrences it skipped (if any).
+-- * Holds of series occurrences carry the reference 'therapist:<id>/series:<series id>/booking:<id>':
+--   the reconciler proposes its abort for the series key, so an all-or-nothing series is never
+--   left half placed by a stale hold.
+--
+-- Rolling upgrade: the previous version calls booking.decide with kinds 'place', 'move' and
+-- 'refuse' only, which this version decides exactly as 0005 did. Its reconciler ignores series
+-- holds (they are not 'booking:<id>'), which this version's reconciler resolves.
+
+ALTER TABLE booking.sessions
+    ADD COLUMN series_id uuid,
+    ADD COLUMN series_index smallint,
+    ADD CONSTRAINT sessions_series_shape CHECK ((series_id IS NULL) = (series_index IS NULL)),
+    ADD CONSTRAINT sessions_series_index_bounded CHECK (series_index BETWEEN 0 AND 51);
+
+CREATE INDEX sessions_by_series ON booking.sessions (series_id, series_index) WHERE series_id IS NOT NULL;
+
+-- What booking.proposal's fields mean for the kinds this migration adds ('series' and
+-- 'series_partial'): request_key is the series key (the series id), booking_id the occurrence's
+-- booking id, booking_version the occurrence's index, blocked NULL for an occurrence the rules
+-- refused already (book-what-is-free only: it is skipped with refusal_*), and refusal_* what the
+-- occurrence is answered with when its slot is taken (SLOT_UNAVAILABLE, its metadata naming it).
+COMMENT ON TYPE booking.proposal IS
+    'A request''s proposal to booking.decide: kinds place, move, refuse (0005); series, series_partial (0006)';
+
+-- The proposals of one series in `p_proposals` (the group booking.decide decides at once), with
+-- their positions in the array.
+CREATE FUNCTION booking.series_group(p_proposals booking.proposal[], p_series_id uuid, p_kind text)
+RETURNS TABLE (
+    item_position integer, booking_id uuid, occurrence integer, blocked tstzrange, proposal booking.proposal
+) LANGUAGE sql IMMUTABLE AS $$
+    SELECT n, (p_proposals[n]).booking_id, (p_proposals[n]).booking_version, (p_proposals[n]).blocked, p_proposals[n]
+      FROM generate_subscripts(p_proposals, 1) AS n
+     WHERE (p_proposals[n]).request_key = p_series_id AND (p_proposals[n]).kind = p_kind
+$$;
+
+-- Steps 1 to 4 for the group of one series, under the therapist's lock (booking.decide takes it;
+-- nothing else calls this):
+--   1. the series' answer, if it has one: 'answered', each occurrence with its session if it has one;
+--   2. rules checked against a schedule that changed since: 'stale' (nothing written);
+--   3. the occurrences that cannot be placed: refused by the rules already (blocked NULL) or taken
+--      (the one conflict predicate). For 'series' any of them, for 'series_partial' all of them,
+--      refuse the whole series: the refusal naming each (their reason if they share one, else
+--      OCCURRENCES_UNAVAILABLE) is recorded as the series' answer, 'refused' for every occurrence;
+--   4. otherwise every other occurrence is inserted with its video room and its one outbox event
+--      ('placed'), the series' answer recorded (its first session; refusal_metadata names the
+--      skipped occurrences), and the skipped ones answered 'skipped' with their own refusal.
+CREATE FUNCTION booking.decide_series(p_proposals booking.proposal[], p_series booking.proposal)
+RETURNS TABLE (
+    item_position integer, outcome text, fingerprint text, refusal_reason text, refusal_message text,
+    refusal_metadata jsonb, session booking.sessions, room booking.video_rooms
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_answered boolean := false;
+    v_fingerprint text;
+    v_skipped integer[];
+    v_size integer;
+    v_reason text;
+    v_message text;
+    v_metadata jsonb;
+BEGIN
+    -- 1. The series' answer, if it has one (a single create made with the same key answers too:
+    --    the service sees its fingerprint and refuses the reused request id).
+    SELECT a.fingerprint, a.refusal_reason, a.refusal_message, a.refusal_metadata, true
+      INTO v_fingerprint, v_reason, v_message, v_metadata, v_answered
+      FROM booking.request_answers a WHERE a.request_key = p_series.request_key;
+    IF NOT v_answered THEN
+        SELECT s.request_fingerprint, true INTO v_fingerprint, v_answered
+          FROM booking.sessions s WHERE s.booking_id = p_series.request_key;
+    END IF;
+    IF v_answered THEN
+        RETURN QUERY SELECT g.item_position, 'answered'::text, v_fingerprint, v_reason, v_message,
+                            coalesce(v_metadata, '{}'), s, v
+                       FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+                       LEFT JOIN booking.sessions s ON s.booking_id = g.booking_id AND s.series_id = p_series.request_key
+                       LEFT JOIN booking.video_rooms v ON v.booking_id = s.booking_id;
+        RETURN;
+    END IF;
+
+    -- 2. The rules' version.
+    IF NOT EXISTS (SELECT 1 FROM booking.therapists t
+                    WHERE t.therapist_id = p_series.therapist_id AND t.schedule_version = p_series.schedule_version) THEN
+        RETURN QUERY SELECT g.item_position, 'stale'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
+                            NULL::booking.sessions, NULL::booking.video_rooms
+                       FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g;
+        RETURN;
+    END IF;
+
+    -- 3. The occurrences that cannot be placed, and what they say.
+    SELECT array_agg(g.item_position ORDER BY g.occurrence) INTO v_skipped
+      FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+     WHERE g.blocked IS NULL OR booking.slot_conflicts(p_series.therapist_id, g.blocked, g.booking_id);
+    SELECT count(*) INTO v_size FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind);
+    v_skipped := coalesce(v_skipped, '{}');
+    SELECT coalesce(jsonb_object_agg(e.key, e.value), '{}'::jsonb) INTO v_metadata
+      FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g,
+           jsonb_each((g.proposal).refusal_metadata) e
+     WHERE g.item_position = ANY (v_skipped);
+    IF cardinality(v_skipped) > 0 AND (p_series.kind = 'series' OR cardinality(v_skipped) = v_size) THEN
+        SELECT CASE WHEN count(DISTINCT (g.proposal).refusal_reason) = 1 THEN min((g.proposal).refusal_reason)
+                    ELSE 'OCCURRENCES_UNAVAILABLE' END,
+               left(format('%s of %s occurrences cannot be booked: %s', count(*), v_size,
+                           string_agg((g.proposal).refusal_message, '; ' ORDER BY g.occurrence)), 1000)
+          INTO v_reason, v_message
+          FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+         WHERE g.item_position = ANY (v_skipped);
+        INSERT INTO booking.request_answers
+               (request_key, fingerprint, booking_id, refusal_reason, refusal_message, refusal_metadata)
+        VALUES (p_series.request_key, p_series.fingerprint, NULL, v_reason, v_message, v_metadata);
+        RETURN QUERY SELECT g.item_position, 'refused'::text, p_series.fingerprint, v_reason, v_message, v_metadata,
+                            NULL::booking.sessions, NULL::booking.video_rooms
+                       FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g;
+        RETURN;
+    END IF;
+
+    -- 4. Every other occurrence, its room and its event; the series' answer.
+    INSERT INTO booking.sessions
+           (booking_id, request_id, request_fingerprint, client_id, therapist_id, session_type_id,
+            starts_at, ends_at, blocked, time_zone, credit_cost, series_id, series_index)
+    SELECT g.booking_id, (g.proposal).request_id, (g.proposal).fingerprint, (g.proposal).client_id,
+           p_series.therapist_id, (g.proposal).session_type_id, (g.proposal).starts_at, (g.proposal).ends_at,
+           g.blocked, (g.proposal).time_zone, (g.proposal).credit_cost, p_series.request_key, g.occurrence
+      FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+     WHERE g.item_position <> ALL (v_skipped);
+    INSERT INTO booking.video_rooms (booking_id, room_name)
+    SELECT g.booking_id, (g.proposal).video_room_name
+      FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+     WHERE g.item_position <> ALL (v_skipped) AND (g.proposal).video_room_name IS NOT NULL;
+    INSERT INTO booking.outbox (event_id, kind, booking_id, payload)
+    SELECT gen_random_uuid(), 'booking_event', g.booking_id, (g.proposal).event
+      FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+     WHERE g.item_position <> ALL (v_skipped);
+    INSERT INTO booking.request_answers (request_key, fingerprint, booking_id, refusal_metadata)
+    SELECT p_series.request_key, p_series.fingerprint, g.booking_id, v_metadata
+      FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+     WHERE g.item_position <> ALL (v_skipped)
+     ORDER BY g.occurrence LIMIT 1;
+    RETURN QUERY SELECT g.item_position, CASE WHEN s.booking_id IS NULL THEN 'skipped' ELSE 'placed' END,
+                        p_series.fingerprint,
+                        CASE WHEN s.booking_id IS NULL THEN (g.proposal).refusal_reason END,
+                        CASE WHEN s.booking_id IS NULL THEN (g.proposal).refusal_message END,
+                        CASE WHEN s.booking_id IS NULL THEN (g.proposal).refusal_metadata END, s, v
+                   FROM booking.series_group(p_proposals, p_series.request_key, p_series.kind) g
+                   LEFT JOIN booking.sessions s
+                          ON s.booking_id = g.booking_id AND g.item_position <> ALL (v_skipped)
+                   LEFT JOIN booking.video_rooms v ON v.booking_id = s.booking_id;
+END;
+$$;
+
+-- The locked step, as in 0005 for single proposals ('place', 'move', 'refuse', steps 1 to 5
+-- unchanged), and for the proposals of a series (the same request_key, kind 'series' or
+-- 'series_partial'), decided together at the first of them, under one lock, by
+-- booking.decide_series. A batch that only tries locks answers 'busy' for every proposal of a
+-- series whose calendar is held. The exclusion violation undoes the whole call, as in 0005.
+CREATE OR REPLACE FUNCTION booking.decide(p_proposals booking.proposal[], p_wait boolean, p_lock_timeout_ms integer)
+RETURNS TABLE (
+    item_position integer, outcome text, fingerprint text, refusal_reason text, refusal_message text,
+    refusal_metadata jsonb, session booking.sessions, room booking.video_rooms
+) LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    p record;
+    v_grouped boolean;
+    v_group_done uuid;
+    v_answer booking.request_answers;
+    v_session booking.sessions;
+BEGIN
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'booking.decide needs READ COMMITTED, not %', current_setting('transaction_isolation');
+    END IF;
+    PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
+    FOR p IN
+        SELECT i.*, i.ordinality::integer AS position
+          FROM unnest(p_proposals) WITH ORDINALITY AS i
+         ORDER BY i.therapist_id, i.request_key, i.ordinality
+    LOOP
+        v_grouped := p.kind IN ('series', 'series_partial');
+        IF v_grouped AND p.request_key = v_group_done THEN
+            CONTINUE;  -- decided with the first proposal of its series
+        END IF;
+        IF p_wait THEN
+            PERFORM pg_advisory_xact_lock(booking.calendar_lock_key(p.therapist_id));
+        ELSIF NOT pg_try_advisory_xact_lock(booking.calendar_lock_key(p.therapist_id)) THEN
+            RETURN QUERY SELECT g.item_position, 'busy'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
+                                NULL::booking.sessions, NULL::booking.video_rooms
+                           FROM booking.series_group(p_proposals, p.request_key, p.kind) g
+                          WHERE v_grouped
+                          UNION ALL
+                         SELECT p.position, 'busy'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
+                                NULL::booking.sessions, NULL::booking.video_rooms
+                          WHERE NOT v_grouped;
+            v_group_done := CASE WHEN v_grouped THEN p.request_key END;
+            CONTINUE;
+        END IF;
+        IF v_grouped THEN
+            -- The whole series, at its first proposal, under this lock.
+            RETURN QUERY SELECT * FROM booking.decide_series(p_proposals, p_proposals[p.position]);
+            v_group_done := p.request_key;
+            CONTINUE;
+        END IF;
+
+        -- 1. The request's answer, if it has one: a recorded answer, or the session of a create.
+        SELECT * INTO v_answer FROM booking.request_answers a WHERE a.request_key = p.request_key;
+        IF FOUND THEN
+            RETURN QUERY SELECT p.position, 'answered'::text, v_answer.fingerprint, v_answer.refusal_reason,
+                                v_answer.refusal_message, v_answer.refusal_metadata, s, v
+                           FROM (SELECT 1) AS one
+                           LEFT JOIN booking.sessions s ON s.booking_id = v_answer.booking_id
+                           LEFT JOIN booking.video_rooms v ON v.booking_id = v_answer.booking_id;
+            CONTINUE;
+        END IF;
+        SELECT * INTO v_session FROM booking.sessions s WHERE s.booking_id = p.request_key;
+        IF FOUND THEN
+            RETURN QUERY SELECT p.position, 'answered'::text, v_session.request_fingerprint, NULL::text, NULL::text,
+                                NULL::jsonb, v_session, v
+                           FROM (SELECT 1) AS one LEFT JOIN booking.video_rooms v ON v.booking_id = v_session.booking_id;
+            CONTINUE;
+        END IF;
+
+        -- 2. and 3.
+        IF p.kind <> 'refuse' THEN
+            IF NOT EXISTS (SELECT 1 FROM booking.therapists t
+                            WHERE t.therapist_id = p.therapist_id AND t.schedule_version = p.schedule_version) THEN
+                RETURN QUERY SELECT p.position, 'stale'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
+                                    NULL::booking.sessions, NULL::booking.video_rooms;
+                CONTINUE;
+            END IF;
+            IF p.kind = 'move' THEN
+                SELECT * INTO v_session FROM booking.sessions s WHERE s.booking_id = p.booking_id FOR UPDATE;
+                IF NOT FOUND OR v_session.status <> 'confirmed' OR v_session.starts_at <= p.now
+                   OR v_session.reschedule_count <> p.booking_version THEN
+                    RETURN QUERY SELECT p.position, 'changed'::text, NULL::text, NULL::text, NULL::text,
+                                        NULL::jsonb, NULL::booking.sessions, NULL::booking.video_rooms;
+                    CONTINUE;
+                END IF;
+            END IF;
+        END IF;
+
+        -- 4. A proposed refusal, or a taken slot, becomes the request's answer.
+        IF p.kind = 'refuse' OR booking.slot_conflicts(p.therapist_id, p.blocked, p.booking_id) THEN
+            INSERT INTO booking.request_answers
+                   (request_key, fingerprint, booking_id, refusal_reason, refusal_message, refusal_metadata)
+            VALUES (p.request_key, p.fingerprint, NULLIF(p.booking_id, p.request_key), p.refusal_reason,
+                    p.refusal_message, coalesce(p.refusal_metadata, '{}'));
+            RETURN QUERY SELECT p.position, 'refused'::text, p.fingerprint, p.refusal_reason, p.refusal_message,
+                                coalesce(p.refusal_metadata, '{}'), NULL::booking.sessions, NULL::booking.video_rooms;
+            CONTINUE;
+        END IF;
+
+        -- 5. The change, and its one outbox event.
+        IF p.kind = 'place' THEN
+            INSERT INTO booking.sessions
+                   (booking_id, request_id, request_fingerprint, client_id, therapist_id, session_type_id,
+                    starts_at, ends_at, blocked, time_zone, credit_cost)
+            VALUES (p.request_key, p.request_id, p.fingerprint, p.client_id, p.therapist_id, p.session_type_id,
+                    p.starts_at, p.ends_at, p.blocked, p.time_zone, p.credit_cost)
+            RETURNING * INTO v_session;
+            IF p.video_room_name IS NOT NULL THEN
+                INSERT INTO booking.video_rooms (booking_id, room_name) VALUES (p.request_key, p.video_room_name);
+            END IF;
+        ELSE
+            UPDATE booking.sessions s
+               SET starts_at = p.starts_at, ends_at = p.ends_at, blocked = p.blocked,
+                   reschedule_count = s.reschedule_count + 1, updated_at = now()
+             WHERE s.booking_id = p.booking_id
+            RETURNING * INTO v_session;
+            INSERT INTO booking.request_answers (request_key, fingerprint, booking_id)
+            VALUES (p.request_key, p.fingerprint, p.booking_id);
+            -- The room follows the session: pending until the worker has moved it.
+            UPDATE booking.video_rooms v SET state = 'pending', url = NULL, failure_reason = NULL, updated_at = now()
+             WHERE v.booking_id = p.booking_id AND v.state <> 'deleted';
+        END IF;
+        INSERT INTO booking.outbox (event_id, kind, booking_id, payload)
+        VALUES (gen_random_uuid(), 'booking_event', v_session.booking_id, p.event);
+        RETURN QUERY SELECT p.position, CASE p.kind WHEN 'place' THEN 'placed' ELSE 'moved' END, p.fingerprint,
+                            NULL::text, NULL::text, NULL::jsonb, v_session, v
+                       FROM (SELECT 1) AS one LEFT JOIN booking.video_rooms v ON v.booking_id = v_session.booking_id;
+    END LOOP;
+END;
+$$;
