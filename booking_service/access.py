@@ -38,6 +38,8 @@ ACCESS_RULES: AccessRules = {
     # A practice (issue 16): a client books its own series; the rest as for single bookings.
     "CreateBookingSeries": either(anyone_with(ADMIN), own(CLIENT, "client_id")),
     "CancelFollowingBookings": _READERS,
+    # The therapist of the session (the servicer checks whose it is) or an admin; never a client.
+    "RecordSessionOutcome": anyone_with(THERAPIST, ADMIN),
 }
 # Which cancellation actor each role may speak as (an admin may act for anyone).
 ACTORS_OF_ROLE = {

@@ -31,15 +31,17 @@ from booking_service.domain import (
     BookingStatus,
     CalendarBusy,
     CancelReason,
+    OutcomeAlreadyRecorded,
     PaymentStatus,
     Refused,
     SessionAlreadyStarted,
     SlotUnavailable,
-    refund_for,
 )
 from booking_service.payments import Payments
+from booking_service.practice import Policy
 from booking_service.requests import NewStart
 from booking_service.store import calendar as store
+from booking_service.store import catalogue as catalogue_store
 from booking_service.store import outbox as outbox_store
 from booking_service.store import series as series_store
 from service_kit.connection import Connection
@@ -187,9 +189,11 @@ class Changes:
         """Records one cancellation (its row locked by the caller) with its refund and its event."""
         if booking.status is BookingStatus.CANCELLED:
             return booking, 0  # cancelling twice returns the first cancellation
+        if booking.outcome is not None:
+            raise OutcomeAlreadyRecorded(booking.booking_id, booking.outcome)  # it happened: nothing to cancel
         if booking.starts_at <= now and actor is not Actor.ADMIN:
             raise SessionAlreadyStarted(booking.booking_id, booking.starts_at)
-        refund = refund_for(booking, actor, now, self._free_cancellation)
+        refund = (await self._policy(connection, booking)).cancellation_refund(booking, actor, now)
         cancelled = await store.cancel_booking(
             connection,
             booking.booking_id,
@@ -202,6 +206,12 @@ class Changes:
         await outbox_store.enqueue(connection, events.BOOKING_EVENT, booking.booking_id, event)
         log.info("booking_cancelled", booking_id=str(booking.booking_id), actor=actor.value, refund=refund)
         return replace(cancelled, video_room=booking.video_room), refund
+
+    async def _policy(self, connection: Connection, booking: Booking) -> Policy:
+        """The refund policy of the booking's session type, as it stands now."""
+        session_type = await catalogue_store.fetch_session_type(connection, booking.session_type_id)
+        assert session_type is not None, booking  # a session's type is never deleted
+        return Policy.of(session_type, self._free_cancellation)
 
     async def _refund(self, cancelled: Booking, refund: int) -> Booking:
         if refund == 0:

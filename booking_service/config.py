@@ -88,6 +88,10 @@ class BookingSettings:
     # Therapists whose schedules (the rules' inputs) are kept in memory, checked against the
     # database's version at every claim (migration 0004).
     context_cache_size: int
+    # Sessions nobody marked become COMPLETED this long after their end (the sweeper, every
+    # outcome_sweep_interval_s).
+    outcome_sweep_after_s: float
+    outcome_sweep_interval_s: float
     # The outbox retries a reservation's commit only this long after its booking was decided:
     # the inline commit is normally done by then (a longer call has timed out long before).
     commit_retry_after_s: float
@@ -137,6 +141,12 @@ class BookingSettings:
             batching=BatchSettings.from_environment(env, "BOOKING"),
             context_cache_size=config.integer(env, "BOOKING_CONTEXT_CACHE_SIZE", 4096, minimum=0, maximum=1_000_000),
             commit_retry_after_s=config.number(env, "BOOKING_COMMIT_RETRY_AFTER_S", 10.0, minimum=0.0, maximum=3600.0),
+            outcome_sweep_after_s=config.number(
+                env, "BOOKING_OUTCOME_SWEEP_AFTER_S", 172_800.0, minimum=0.0, maximum=90 * 86400.0
+            ),
+            outcome_sweep_interval_s=config.number(
+                env, "BOOKING_OUTCOME_SWEEP_INTERVAL_S", 300.0, minimum=0.05, maximum=86400.0
+            ),
         )
 
 

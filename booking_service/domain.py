@@ -32,6 +32,13 @@ class PaymentStatus(enum.Enum):
     REFUNDED = "refunded"
 
 
+class SessionOutcome(enum.Enum):
+    """What happened, once the session started (recorded by its therapist, an admin, or the sweeper)."""
+
+    COMPLETED = "completed"
+    NO_SHOW = "no_show"
+
+
 class Actor(enum.Enum):
     CLIENT = "client"
     THERAPIST = "therapist"
@@ -69,6 +76,11 @@ class SessionType:
     name: str
     duration_minutes: int
     credit_cost: int
+    # A client cancelling later than this before the start gets late_cancel_refund_percent back;
+    # None: the service's BOOKING_FREE_CANCELLATION_HOURS. A no-show gets no_show_refund_percent.
+    late_cancel_notice_minutes: int | None = None
+    late_cancel_refund_percent: int = 0
+    no_show_refund_percent: int = 0
 
     @property
     def duration(self) -> timedelta:
@@ -115,6 +127,10 @@ class Booking:
     # The weekly series it is an occurrence of (its request key), and which one (from 0).
     series_id: uuid.UUID | None = None
     series_index: int | None = None
+    # What happened (None: not recorded yet), who said so, and when.
+    outcome: SessionOutcome | None = None
+    outcome_by: Actor | None = None
+    outcome_at: datetime | None = None
 
 
 class VideoRoomState(enum.Enum):
@@ -159,14 +175,6 @@ def schedule_of(
         minimum_notice=timedelta(minutes=therapist.minimum_notice_minutes),
         booking_horizon=timedelta(days=therapist.booking_horizon_days),
     )
-
-
-def refund_for(booking: Booking, actor: Actor, now: datetime, free_cancellation: timedelta) -> int:
-    """The cancellation policy: a therapist, an admin or the system cancelling refunds in full;
-    a client refunds in full when at least `free_cancellation` ahead of the start, else nothing."""
-    if actor is not Actor.CLIENT:
-        return booking.credit_cost
-    return booking.credit_cost if booking.starts_at - now >= free_cancellation else 0
 
 
 # --- Domain errors. The servicer's table maps each to a status code. ---
@@ -259,6 +267,26 @@ class SessionAlreadyStarted(Refused):
         super().__init__(
             f"booking {booking_id} started at {starts_at.isoformat()}; it can no longer change",
             metadata={"booking_id": str(booking_id)},
+        )
+
+
+class SessionNotStarted(Refused):
+    reason = "SESSION_NOT_STARTED"
+
+    def __init__(self, booking_id: uuid.UUID, starts_at: datetime) -> None:
+        super().__init__(
+            f"booking {booking_id} starts at {starts_at.isoformat()}; its outcome can be recorded once it started",
+            metadata={"booking_id": str(booking_id)},
+        )
+
+
+class OutcomeAlreadyRecorded(Refused):
+    reason = "OUTCOME_ALREADY_RECORDED"
+
+    def __init__(self, booking_id: uuid.UUID, outcome: SessionOutcome) -> None:
+        super().__init__(
+            f"booking {booking_id} was already recorded as {outcome.value}",
+            metadata={"booking_id": str(booking_id), "outcome": outcome.name},
         )
 
 

@@ -29,6 +29,8 @@ LEGACY_VIDEO_ROOM_KINDS = ("create_video_room", "move_video_room", "delete_video
 CONFIRMED = "booking.confirmed"
 CANCELLED = "booking.cancelled"
 RESCHEDULED = "booking.rescheduled"
+COMPLETED = "booking.completed"
+NO_SHOW = "booking.no_show"
 
 
 def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:
@@ -47,12 +49,20 @@ def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **ex
     if booking.series_id is not None:
         data["series_id"] = str(booking.series_id)
         data["series_index"] = booking.series_index
+    if booking.outcome is not None:
+        data["outcome"] = booking.outcome.value
+        data["outcome_by"] = booking.outcome_by.value if booking.outcome_by else None
     if booking.status is BookingStatus.CANCELLED:
         data["cancelled_by"] = booking.cancelled_by.value if booking.cancelled_by else None
         data["cancel_reason"] = booking.cancel_reason.value if booking.cancel_reason else None
         data["refunded_credits"] = booking.refunded_credits
     data.update(extra)
     return {"type": event_type, "occurred_at": occurred_at.isoformat(), "data": data}
+
+
+def notification_only(payload: dict[str, object]) -> dict[str, object]:
+    """An event with nothing to do but its notification (an outcome, a reminder): no room to sync."""
+    return {**payload, PENDING_EFFECTS: [NOTIFICATION]}
 
 
 def pending_effects(payload: dict[str, object]) -> tuple[str, ...]:

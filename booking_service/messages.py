@@ -65,6 +65,11 @@ _REASON_TO_PROTO = {
 REASON_FROM_PROTO = {
     number: reason for reason, number in _REASON_TO_PROTO.items() if reason is not domain.CancelReason.PAYMENT_FAILED
 }
+_OUTCOME_TO_PROTO = {
+    domain.SessionOutcome.COMPLETED: booking_pb2.SESSION_OUTCOME_COMPLETED,
+    domain.SessionOutcome.NO_SHOW: booking_pb2.SESSION_OUTCOME_NO_SHOW,
+}
+OUTCOME_FROM_PROTO = {number: outcome for outcome, number in _OUTCOME_TO_PROTO.items()}
 _VIDEO_ROOM_TO_PROTO = {
     domain.VideoRoomState.PENDING: booking_pb2.VIDEO_ROOM_STATE_PENDING,
     domain.VideoRoomState.READY: booking_pb2.VIDEO_ROOM_STATE_READY,
@@ -105,6 +110,9 @@ def session_type_message(session_type: SessionType) -> booking_pb2.SessionType:
         name=session_type.name,
         duration_minutes=session_type.duration_minutes,
         credit_cost=session_type.credit_cost,
+        late_cancellation_notice_minutes=session_type.late_cancel_notice_minutes,
+        late_cancellation_refund_percent=session_type.late_cancel_refund_percent,
+        no_show_refund_percent=session_type.no_show_refund_percent,
     )
 
 
@@ -129,6 +137,10 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
         series_id="" if booking.series_id is None else str(booking.series_id),
         series_index=booking.series_index or 0,
     )
+    if booking.outcome is not None:
+        assert booking.outcome_at is not None
+        message.outcome = _OUTCOME_TO_PROTO[booking.outcome]
+        message.outcome_time.CopyFrom(timestamp(booking.outcome_at))
     if booking.cancelled_at is not None:
         assert booking.cancelled_by is not None and booking.cancel_reason is not None
         message.cancellation.CopyFrom(

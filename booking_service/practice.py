@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
-from booking_service.domain import Booking
+from booking_service.domain import Actor, Booking, SessionOutcome, SessionType
 
 # A weekly series: at most this many occurrences (half a year of weekly sessions), one or two
 # weeks apart.
@@ -31,3 +31,35 @@ class BookedSeries:
     series_id: uuid.UUID
     bookings: tuple[Booking, ...]
     skipped: tuple[SkippedOccurrence, ...]
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A session type's refund policy: a client cancelling later than `late_notice` before the
+    start gets `late_refund_percent` of the cost back (earlier: all of it); a no-show gets
+    `no_show_refund_percent`. Refunds are whole credits, rounded down."""
+
+    late_notice: timedelta
+    late_refund_percent: int
+    no_show_refund_percent: int
+
+    @classmethod
+    def of(cls, session_type: SessionType, default_late_notice: timedelta) -> Policy:
+        minutes = session_type.late_cancel_notice_minutes
+        return cls(
+            default_late_notice if minutes is None else timedelta(minutes=minutes),
+            session_type.late_cancel_refund_percent,
+            session_type.no_show_refund_percent,
+        )
+
+    def cancellation_refund(self, booking: Booking, actor: Actor, now: datetime) -> int:
+        """A therapist, an admin or the system cancelling refunds in full; a client in time, in
+        full; a client late, the late percentage."""
+        if actor is not Actor.CLIENT or booking.starts_at - now >= self.late_notice:
+            return booking.credit_cost
+        return booking.credit_cost * self.late_refund_percent // 100
+
+    def outcome_refund(self, booking: Booking, outcome: SessionOutcome) -> int:
+        if outcome is SessionOutcome.NO_SHOW:
+            return booking.credit_cost * self.no_show_refund_percent // 100
+        return 0

@@ -12,14 +12,36 @@ import grpc
 from booking.v1 import booking_pb2
 from booking_service import domain
 from booking_service.access import ACTORS_OF_ROLE, may_see
-from booking_service.messages import ACTOR_FROM_PROTO, REASON_FROM_PROTO, booking_message, series_message, start_of
+from booking_service.messages import (
+    ACTOR_FROM_PROTO,
+    OUTCOME_FROM_PROTO,
+    REASON_FROM_PROTO,
+    booking_message,
+    series_message,
+    start_of,
+)
 from booking_service.practice import MAX_SERIES_OCCURRENCES, SERIES_INTERVAL_WEEKS
 from booking_service.requests import NewSeries
 from booking_service.service import BookingService
-from service_kit.auth import PermissionDenied, current_principal
+from service_kit.auth import ADMIN, PermissionDenied, current_principal
 from service_kit.validation import Checks
 
 Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def session_type_policy(checks: Checks, given: booking_pb2.SessionType) -> tuple[int | None, int, int]:
+    """The refund policy fields of a session type to create, checked: the late-cancellation notice
+    (None: the service's default), the late-cancellation and the no-show refund percentages."""
+    field = "session_type."
+    notice = None
+    if given.HasField("late_cancellation_notice_minutes"):
+        minutes = given.late_cancellation_notice_minutes
+        notice = checks.integer(f"{field}late_cancellation_notice_minutes", minutes, minimum=0, maximum=43200)
+    late = checks.integer(
+        f"{field}late_cancellation_refund_percent", given.late_cancellation_refund_percent, minimum=0, maximum=100
+    )
+    no_show = checks.integer(f"{field}no_show_refund_percent", given.no_show_refund_percent, minimum=0, maximum=100)
+    return notice, late, no_show
 
 
 class PracticeRpcs:
@@ -54,6 +76,18 @@ class PracticeRpcs:
             )
         )
         return series_message(series)
+
+    async def RecordSessionOutcome(
+        self, request: booking_pb2.RecordSessionOutcomeRequest, context: Context
+    ) -> booking_pb2.RecordSessionOutcomeResponse:
+        checks = Checks()
+        booking_id = checks.uuid("booking_id", request.booking_id)
+        outcome = checks.enum("outcome", request.outcome, booking_pb2.SessionOutcome.Name)
+        checks.done()
+        await self._owned_booking(booking_id)
+        actor = domain.Actor.ADMIN if current_principal().has(ADMIN) else domain.Actor.THERAPIST
+        booking = await self._service.outcomes.record(booking_id, OUTCOME_FROM_PROTO[outcome], actor)
+        return booking_pb2.RecordSessionOutcomeResponse(booking=booking_message(booking))
 
     async def CancelFollowingBookings(
         self, request: booking_pb2.CancelFollowingBookingsRequest, context: Context

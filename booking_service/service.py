@@ -5,6 +5,7 @@ the calendar's steps and the payments.
     bookings    CreateBooking, top-down (booking_flow.py)
     series      CreateBookingSeries, the same steps for every occurrence at once (series.py)
     changes     cancel and reschedule (changes.py)
+    outcomes    COMPLETED / NO_SHOW, and the sweeper of unmarked sessions (outcomes.py)
     reconciler  stale holds (recovery.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
 """
@@ -24,6 +25,7 @@ from booking_service.changes import Changes
 from booking_service.config import BookingSettings
 from booking_service.metrics import BookingMetrics
 from booking_service.outbox import Outbox
+from booking_service.outcomes import Outcomes
 from booking_service.payments import Credits, Payments
 from booking_service.recovery import Reconciler
 from booking_service.series import SeriesFlow
@@ -91,6 +93,14 @@ class BookingService:
             payments,
             clock=clock,
             free_cancellation=timedelta(hours=settings.free_cancellation_hours),
+        )
+        self.outcomes = Outcomes(
+            database,
+            payments,
+            clock=clock,
+            free_cancellation=timedelta(hours=settings.free_cancellation_hours),
+            sweep_after=timedelta(seconds=settings.outcome_sweep_after_s),
+            batch_size=settings.reconcile_batch_size,
         )
         self.reconciler = Reconciler(
             database,

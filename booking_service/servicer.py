@@ -39,7 +39,7 @@ from booking_service.messages import (
     timestamp,
     weekly_message,
 )
-from booking_service.practice_servicer import PracticeRpcs
+from booking_service.practice_servicer import PracticeRpcs, session_type_policy
 from booking_service.requests import NewBooking, NewStart
 from booking_service.service import BookingService
 from service_kit import pagination
@@ -191,9 +191,10 @@ class BookingServicer(PracticeRpcs, booking_pb2_grpc.BookingServiceServicer):
         name = checks.text("session_type.name", given.name, max_length=MAX_NAME_LENGTH, required=True)
         duration = checks.integer("session_type.duration_minutes", given.duration_minutes, minimum=5, maximum=480)
         cost = checks.integer("session_type.credit_cost", given.credit_cost, minimum=1, maximum=10_000)
+        policy = session_type_policy(checks, given)
         checks.done()
         created = await self._service.catalogue.create_session_type(
-            request_id, SessionType(uuid.uuid4(), therapist_id, name, duration, cost)
+            request_id, SessionType(uuid.uuid4(), therapist_id, name, duration, cost, *policy)
         )
         return booking_pb2.CreateSessionTypeResponse(session_type=session_type_message(created))
 

@@ -143,8 +143,7 @@ async def booking_context(
     them all. Windows of overrides come flattened, as (date, start, end) in array order."""
     row = await connection.fetchrow(
         f"""SELECT {", ".join(f"t.{column}" for column in rows.THERAPIST_FIELDS)}, t.schedule_version,
-                   st.session_type_id AS st_session_type_id, st.therapist_id AS st_therapist_id,
-                   st.name AS st_name, st.duration_minutes AS st_duration_minutes, st.credit_cost AS st_credit_cost,
+                   {", ".join(f"st.{column} AS st_{column}" for column in rows.SESSION_TYPE_FIELDS)},
                    ARRAY(SELECT ROW(w.weekday, w.start_minute, w.end_minute) FROM booking.weekly_windows w
                           WHERE w.therapist_id = t.therapist_id ORDER BY w.weekday, w.start_minute) AS weekly,
                    ARRAY(SELECT o.local_date FROM booking.date_overrides o
@@ -175,8 +174,9 @@ async def booking_context(
 async def insert_session_type(connection: Connection, request_id: str, session_type: SessionType) -> SessionType | None:
     row = await connection.fetchrow(
         f"""INSERT INTO booking.session_types
-               (session_type_id, therapist_id, request_id, name, duration_minutes, credit_cost)
-            VALUES ($1, $2, $3, $4, $5, $6)
+               (session_type_id, therapist_id, request_id, name, duration_minutes, credit_cost,
+                late_cancel_notice_minutes, late_cancel_refund_percent, no_show_refund_percent)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
             ON CONFLICT (request_id) DO NOTHING
             RETURNING {rows.SESSION_TYPE_COLUMNS}""",
         session_type.session_type_id,
@@ -185,6 +185,9 @@ async def insert_session_type(connection: Connection, request_id: str, session_t
         session_type.name,
         session_type.duration_minutes,
         session_type.credit_cost,
+        session_type.late_cancel_notice_minutes,
+        session_type.late_cancel_refund_percent,
+        session_type.no_show_refund_percent,
     )
     return None if row is None else rows.session_type(row)
 
@@ -217,3 +220,10 @@ async def busy_ranges(
         end,
     )
     return [(row["start"], row["end"]) for row in found]
+
+
+async def fetch_session_type(connection: Connection, session_type_id: uuid.UUID) -> SessionType | None:
+    row = await connection.fetchrow(
+        f"SELECT {rows.SESSION_TYPE_COLUMNS} FROM booking.session_types WHERE session_type_id = $1", session_type_id
+    )
+    return None if row is None else rows.session_type(row)

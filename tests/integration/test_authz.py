@@ -29,6 +29,7 @@ from tests.support.world import ALL_WEEK, World, grant, scene_rows, ts
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 MISSING = grpc.StatusCode.NOT_FOUND
+REFUSED = grpc.StatusCode.FAILED_PRECONDITION
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 CALLERS = (
@@ -69,6 +70,8 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     # The admin may; the dead letter does not exist.
     "RetryDeadLetter": {"admin": MISSING},
     "CreateBookingSeries": {"client_self": OK, "admin": OK},
+    # A client never may; the therapist and an admin are refused only because it has not started.
+    "RecordSessionOutcome": {"therapist_self": REFUSED, "admin": REFUSED, "therapist_other": MISSING},
     "CancelFollowingBookings": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
     "GrantCredits": {"admin": OK},
     "GetBalance": {"client_self": OK, "admin": OK},
@@ -294,6 +297,11 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         "GetReservation": lambda: plain(c.GetReservation, credit_pb2.GetReservationRequest(reservation_id=rid)),
         "ListReservations": lambda: plain(c.ListReservations, credit_pb2.ListReservationsRequest(owner_id=w.client_id)),
     }
+    if rpc == "RecordSessionOutcome":
+        booking_id = await scene.fresh_booking()
+        return b.RecordSessionOutcome, booking_pb2.RecordSessionOutcomeRequest(
+            booking_id=booking_id, outcome=booking_pb2.SESSION_OUTCOME_COMPLETED
+        )
     if rpc == "CancelFollowingBookings":
         series = await b.CreateBookingSeries(scene.series_request(rid))
         return b.CancelFollowingBookings, booking_pb2.CancelFollowingBookingsRequest(

@@ -79,6 +79,8 @@ LEAK = re.compile(r'Traceback|asyncpg|File "|\b[A-Z][A-Za-z0-9]*(Error|Exception
 REFUSED_VALID_REQUESTS = {
     # Dead letters come only from an outbox event failing for good, which no RPC can cause.
     "booking.v1.BookingService.RetryDeadLetter": "NOT_FOUND DEAD_LETTER_NOT_FOUND",
+    # Sessions of the scene are in the future; an outcome needs a session that started.
+    "booking.v1.BookingService.RecordSessionOutcome": "FAILED_PRECONDITION SESSION_NOT_STARTED",
 }
 UPDATABLE_THERAPIST_FIELDS = (
     "display_name",
@@ -230,6 +232,9 @@ def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: 
                 date_time=future_hour(8, 10).strftime("%Y-%m-%dT%H:%M"), time_zone="Europe/London"
             ),
             occurrences=2,
+        ),
+        "RecordSessionOutcome": booking_pb2.RecordSessionOutcomeRequest(
+            booking_id=second_booking_id, outcome=booking_pb2.SESSION_OUTCOME_NO_SHOW
         ),
         # A booking of no series: CancelFollowingBookings cancels it alone.
         "CancelFollowingBookings": booking_pb2.CancelFollowingBookingsRequest(

@@ -221,6 +221,30 @@ CANCELLATION_REASON_PAYMENT_FAILED: CancellationReason.ValueType  # 7
 """The credits could not be committed (the hold had expired); set by the system only."""
 Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
 
+class _SessionOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_OUTCOME_UNSPECIFIED: _SessionOutcome.ValueType  # 0
+    """Not recorded yet."""
+    SESSION_OUTCOME_COMPLETED: _SessionOutcome.ValueType  # 1
+    """The session took place."""
+    SESSION_OUTCOME_NO_SHOW: _SessionOutcome.ValueType  # 2
+    """The client did not come."""
+
+class SessionOutcome(_SessionOutcome, metaclass=_SessionOutcomeEnumTypeWrapper):
+    """What happened to a session once it started."""
+
+SESSION_OUTCOME_UNSPECIFIED: SessionOutcome.ValueType  # 0
+"""Not recorded yet."""
+SESSION_OUTCOME_COMPLETED: SessionOutcome.ValueType  # 1
+"""The session took place."""
+SESSION_OUTCOME_NO_SHOW: SessionOutcome.ValueType  # 2
+"""The client did not come."""
+Global___SessionOutcome: _TypeAlias = SessionOutcome  # noqa: Y015
+
 class _VideoRoomState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -769,6 +793,9 @@ class SessionType(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DURATION_MINUTES_FIELD_NUMBER: _builtins.int
     CREDIT_COST_FIELD_NUMBER: _builtins.int
+    LATE_CANCELLATION_NOTICE_MINUTES_FIELD_NUMBER: _builtins.int
+    LATE_CANCELLATION_REFUND_PERCENT_FIELD_NUMBER: _builtins.int
+    NO_SHOW_REFUND_PERCENT_FIELD_NUMBER: _builtins.int
     session_type_id: _builtins.str
     """A UUID, assigned on creation."""
     therapist_id: _builtins.str
@@ -779,6 +806,14 @@ class SessionType(_message.Message):
     """5 to 480 minutes."""
     credit_cost: _builtins.int
     """Credits it costs, 1 to 10,000."""
+    late_cancellation_notice_minutes: _builtins.int
+    """A client cancelling later than this before the start is a late cancellation, 0 to 43200
+    minutes; unset: the service's default (BOOKING_FREE_CANCELLATION_HOURS).
+    """
+    late_cancellation_refund_percent: _builtins.int
+    """The share of the cost a late cancellation by the client refunds, 0 to 100 (default 0)."""
+    no_show_refund_percent: _builtins.int
+    """The share of the cost a no-show refunds, 0 to 100 (default 0)."""
     def __init__(
         self,
         *,
@@ -787,12 +822,17 @@ class SessionType(_message.Message):
         name: _builtins.str = ...,
         duration_minutes: _builtins.int = ...,
         credit_cost: _builtins.int = ...,
+        late_cancellation_notice_minutes: _builtins.int | None = ...,
+        late_cancellation_refund_percent: _builtins.int = ...,
+        no_show_refund_percent: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "name", b"name", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes", "late_cancellation_refund_percent", b"late_cancellation_refund_percent", "name", b"name", "no_show_refund_percent", b"no_show_refund_percent", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__late_cancellation_notice_minutes: _TypeAlias = _typing.Literal["late_cancellation_notice_minutes"]  # noqa: Y015
+    _WhichOneofArgType__late_cancellation_notice_minutes: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__late_cancellation_notice_minutes) -> _WhichOneofReturnType__late_cancellation_notice_minutes | None: ...
 
 Global___SessionType: _TypeAlias = SessionType  # noqa: Y015
 
@@ -1097,6 +1137,8 @@ class Booking(_message.Message):
     VIDEO_ROOM_FIELD_NUMBER: _builtins.int
     SERIES_ID_FIELD_NUMBER: _builtins.int
     SERIES_INDEX_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OUTCOME_TIME_FIELD_NUMBER: _builtins.int
     booking_id: _builtins.str
     """A UUID; also the id of its credit reservation."""
     request_id: _builtins.str
@@ -1123,6 +1165,8 @@ class Booking(_message.Message):
     """The weekly series it belongs to (a UUID); empty for a booking of its own."""
     series_index: _builtins.int
     """Which occurrence of its series it is, from 0."""
+    outcome: Global___SessionOutcome.ValueType
+    """What happened, once recorded (by the therapist, an admin, or the sweeper); unspecified before."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start, UTC."""
@@ -1147,6 +1191,10 @@ class Booking(_message.Message):
     def video_room(self) -> Global___VideoRoom:
         """The session's video room, made after the booking commits (the booking never waits for it)."""
 
+    @_builtins.property
+    def outcome_time(self) -> _timestamp_pb2.Timestamp:
+        """When the outcome was recorded."""
+
     def __init__(
         self,
         *,
@@ -1169,10 +1217,12 @@ class Booking(_message.Message):
         video_room: Global___VideoRoom | None = ...,
         series_id: _builtins.str = ...,
         series_index: _builtins.int = ...,
+        outcome: Global___SessionOutcome.ValueType = ...,
+        outcome_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "outcome_time", b"outcome_time", "start_time", b"start_time", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "series_id", b"series_id", "series_index", b"series_index", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "outcome", b"outcome", "outcome_time", b"outcome_time", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "series_id", b"series_id", "series_index", b"series_index", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1862,3 +1912,53 @@ class CancelFollowingBookingsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelFollowingBookingsResponse: _TypeAlias = CancelFollowingBookingsResponse  # noqa: Y015
+
+@_typing.final
+class RecordSessionOutcomeRequest(_message.Message):
+    """The request of RecordSessionOutcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    booking_id: _builtins.str
+    """The session's booking (a UUID)."""
+    outcome: Global___SessionOutcome.ValueType
+    """COMPLETED or NO_SHOW."""
+    def __init__(
+        self,
+        *,
+        booking_id: _builtins.str = ...,
+        outcome: Global___SessionOutcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordSessionOutcomeRequest: _TypeAlias = RecordSessionOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class RecordSessionOutcomeResponse(_message.Message):
+    """The answer of RecordSessionOutcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def booking(self) -> Global___Booking:
+        """The booking with its outcome (and a no-show's refund)."""
+
+    def __init__(
+        self,
+        *,
+        booking: Global___Booking | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordSessionOutcomeResponse: _TypeAlias = RecordSessionOutcomeResponse  # noqa: Y015

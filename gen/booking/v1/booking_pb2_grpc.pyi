@@ -83,6 +83,11 @@ class BookingServiceStub:
     names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
     stays booked or held. Idempotent by request_id.
     """
+    RecordSessionOutcome: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RecordSessionOutcomeRequest, _booking_pb2.RecordSessionOutcomeResponse]
+    """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+    admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+    Idempotent: the same outcome again answers the same; another is refused.
+    """
     CancelFollowingBookings: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
     policy for its own start. Idempotent.
@@ -142,6 +147,11 @@ class BookingServiceAsyncStub(BookingServiceStub):
     other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
     names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
     stays booked or held. Idempotent by request_id.
+    """
+    RecordSessionOutcome: _aio.UnaryUnaryMultiCallable[_booking_pb2.RecordSessionOutcomeRequest, _booking_pb2.RecordSessionOutcomeResponse]  # type: ignore[assignment]
+    """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+    admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+    Idempotent: the same outcome again answers the same; another is refused.
     """
     CancelFollowingBookings: _aio.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]  # type: ignore[assignment]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
@@ -307,6 +317,17 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
         names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
         stays booked or held. Idempotent by request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordSessionOutcome(
+        self,
+        request: _booking_pb2.RecordSessionOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RecordSessionOutcomeResponse, _abc.Awaitable[_booking_pb2.RecordSessionOutcomeResponse]]:
+        """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+        admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+        Idempotent: the same outcome again answers the same; another is refused.
         """
 
     @_abc_1.abstractmethod

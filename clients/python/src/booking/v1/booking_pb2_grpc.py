@@ -129,6 +129,11 @@ class BookingServiceStub:
                 request_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.FromString,
                 _registered_method=True)
+        self.RecordSessionOutcome = channel.unary_unary(
+                '/booking.v1.BookingService/RecordSessionOutcome',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.FromString,
+                _registered_method=True)
         self.CancelFollowingBookings = channel.unary_unary(
                 '/booking.v1.BookingService/CancelFollowingBookings',
                 request_serializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.SerializeToString,
@@ -277,6 +282,15 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RecordSessionOutcome(self, request, context):
+        """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+        admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+        Idempotent: the same outcome again answers the same; another is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelFollowingBookings(self, request, context):
         """Cancels an occurrence of a series and every later one, each refunded by the cancellation
         policy for its own start. Idempotent.
@@ -377,6 +391,11 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.CreateBookingSeries,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.FromString,
                     response_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.SerializeToString,
+            ),
+            'RecordSessionOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordSessionOutcome,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.SerializeToString,
             ),
             'CancelFollowingBookings': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelFollowingBookings,
@@ -875,6 +894,33 @@ class BookingService:
             '/booking.v1.BookingService/CreateBookingSeries',
             booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.SerializeToString,
             booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordSessionOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RecordSessionOutcome',
+            booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.FromString,
             options,
             channel_credentials,
             insecure,
