@@ -92,6 +92,10 @@ class BookingSettings:
     # outcome_sweep_interval_s).
     outcome_sweep_after_s: float
     outcome_sweep_interval_s: float
+    # Reminders this long before each session's start (none: no reminders), checked every
+    # reminder_interval_s.
+    reminder_offsets_s: tuple[int, ...]
+    reminder_interval_s: float
     # The outbox retries a reservation's commit only this long after its booking was decided:
     # the inline commit is normally done by then (a longer call has timed out long before).
     commit_retry_after_s: float
@@ -147,6 +151,8 @@ class BookingSettings:
             outcome_sweep_interval_s=config.number(
                 env, "BOOKING_OUTCOME_SWEEP_INTERVAL_S", 300.0, minimum=0.05, maximum=86400.0
             ),
+            reminder_offsets_s=_reminder_offsets(env),
+            reminder_interval_s=config.number(env, "BOOKING_REMINDER_INTERVAL_S", 30.0, minimum=0.05, maximum=3600.0),
         )
 
 
@@ -180,6 +186,26 @@ def _side_effects(env: Mapping[str, str]) -> dict[str, Any]:
             env, "BOOKING_SIDE_EFFECT_HTTP_TIMEOUT_S", 5.0, minimum=0.1, maximum=60.0
         ),
     }
+
+
+# At most this many reminders per session, each at most 30 days before it.
+MAX_REMINDER_OFFSETS = 5
+MAX_REMINDER_OFFSET_S = 30 * 86400
+
+
+def _reminder_offsets(env: Mapping[str, str]) -> tuple[int, ...]:
+    """BOOKING_REMINDER_OFFSETS_S: comma-separated seconds before the start (default 24 h and 1 h);
+    empty: no reminders."""
+    text = env.get("BOOKING_REMINDER_OFFSETS_S", "86400,3600")
+    try:
+        offsets = tuple(sorted({int(part) for part in text.split(",") if part.strip()}, reverse=True))
+    except ValueError:
+        raise config.ConfigError("BOOKING_REMINDER_OFFSETS_S must be whole seconds, comma-separated") from None
+    if len(offsets) > MAX_REMINDER_OFFSETS or any(not 0 < o <= MAX_REMINDER_OFFSET_S for o in offsets):
+        raise config.ConfigError(
+            f"BOOKING_REMINDER_OFFSETS_S: at most {MAX_REMINDER_OFFSETS} offsets, each 1 to {MAX_REMINDER_OFFSET_S} s"
+        )
+    return offsets
 
 
 def _require_http_url(name: str, value: str) -> None:

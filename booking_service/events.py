@@ -31,6 +31,7 @@ CANCELLED = "booking.cancelled"
 RESCHEDULED = "booking.rescheduled"
 COMPLETED = "booking.completed"
 NO_SHOW = "booking.no_show"
+REMINDER = "booking.reminder"
 
 
 def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:
@@ -85,4 +86,24 @@ def video_room_window(booking: Booking, opens_before_s: int, expires_after_s: in
     return (
         booking.starts_at - timedelta(seconds=opens_before_s),
         booking.ends_at + timedelta(seconds=expires_after_s),
+    )
+
+
+def reminder_event(booking: Booking, offset_s: int, occurred_at: datetime) -> dict[str, object]:
+    """A reminder `offset_s` before the booking's start, for its current start (reschedule_count)."""
+    event = booking_event(REMINDER, booking, occurred_at, reminder_offset_s=offset_s)
+    event["data"]["reschedule_count"] = booking.reschedule_count  # type: ignore[index]
+    return notification_only(event)
+
+
+def reminder_still_due(payload: dict[str, object], booking: Booking | None) -> bool:
+    """Whether a reminder still concerns its booking as it stands: not cancelled, not marked, not
+    moved since (a moved booking gets reminders for its new start)."""
+    data = payload.get("data")
+    if booking is None or not isinstance(data, dict):
+        return False
+    return (
+        booking.status is BookingStatus.CONFIRMED
+        and booking.outcome is None
+        and data.get("reschedule_count") == booking.reschedule_count
     )

@@ -82,6 +82,7 @@ async def start(settings: BookingSettings) -> Runtime:
         log.warning("reconciler_disabled", detail="stale credit holds will not be resolved")
     workers.append(periodic("outbox", settings.outbox_interval_s, service.outbox.deliver_once))
     workers.append(periodic("outcome_sweeper", settings.outcome_sweep_interval_s, service.outcomes.sweep_once))
+    workers.append(periodic("reminders", settings.reminder_interval_s, service.reminders.send_due_once))
     workers.append(metrics.refresher(database, settings.server))
 
     def parts(_: Database) -> ServiceParts:

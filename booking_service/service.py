@@ -6,6 +6,7 @@ the calendar's steps and the payments.
     series      CreateBookingSeries, the same steps for every occurrence at once (series.py)
     changes     cancel and reschedule (changes.py)
     outcomes    COMPLETED / NO_SHOW, and the sweeper of unmarked sessions (outcomes.py)
+    reminders   reminder events before each session (reminders.py)
     reconciler  stale holds (recovery.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
 """
@@ -28,6 +29,7 @@ from booking_service.outbox import Outbox
 from booking_service.outcomes import Outcomes
 from booking_service.payments import Credits, Payments
 from booking_service.recovery import Reconciler
+from booking_service.reminders import Reminders
 from booking_service.series import SeriesFlow
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
 from service_kit.database import Database
@@ -101,6 +103,9 @@ class BookingService:
             free_cancellation=timedelta(hours=settings.free_cancellation_hours),
             sweep_after=timedelta(seconds=settings.outcome_sweep_after_s),
             batch_size=settings.reconcile_batch_size,
+        )
+        self.reminders = Reminders(
+            database, clock=clock, offsets_s=settings.reminder_offsets_s, batch_size=settings.outbox_batch_size
         )
         self.reconciler = Reconciler(
             database,
