@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from booking.v1 import booking_pb2
 from booking_service import domain
-from service_kit.auth import ADMIN, CLIENT, THERAPIST, AccessRules, Principal, anyone_with, either, own
+from service_kit.auth import (
+    ADMIN,
+    CLIENT,
+    OPEN_TO_ANYONE,
+    THERAPIST,
+    AccessRules,
+    Principal,
+    anyone_with,
+    either,
+    own,
+)
 
 # Who may call what (docs/security.md). The catalogue (therapists, schedules, session types,
 # slots) is readable by every signed-in caller; a therapist changes only its own; a client books
@@ -40,6 +50,13 @@ ACCESS_RULES: AccessRules = {
     "CancelFollowingBookings": _READERS,
     # The therapist of the session (the servicer checks whose it is) or an admin; never a client.
     "RecordSessionOutcome": anyone_with(THERAPIST, ADMIN),
+    # A feed's owner (or an admin) rotates its token; the feed itself is fetched with that token.
+    "RotateCalendarFeed": either(
+        anyone_with(ADMIN),
+        lambda principal, request: bool(request.therapist_id) and own(THERAPIST, "therapist_id")(principal, request),
+        lambda principal, request: bool(request.client_id) and own(CLIENT, "client_id")(principal, request),
+    ),
+    "GetCalendarFeed": OPEN_TO_ANYONE,
 }
 # Which cancellation actor each role may speak as (an admin may act for anyone).
 ACTORS_OF_ROLE = {

@@ -96,6 +96,9 @@ class BookingSettings:
     # reminder_interval_s.
     reminder_offsets_s: tuple[int, ...]
     reminder_interval_s: float
+    # A calendar feed shows the bookings from this many weeks back to this many ahead.
+    calendar_past_weeks: int
+    calendar_future_weeks: int
     # The outbox retries a reservation's commit only this long after its booking was decided:
     # the inline commit is normally done by then (a longer call has timed out long before).
     commit_retry_after_s: float
@@ -153,6 +156,8 @@ class BookingSettings:
             ),
             reminder_offsets_s=_reminder_offsets(env),
             reminder_interval_s=config.number(env, "BOOKING_REMINDER_INTERVAL_S", 30.0, minimum=0.05, maximum=3600.0),
+            calendar_past_weeks=config.integer(env, "BOOKING_CALENDAR_PAST_WEEKS", 4, minimum=0, maximum=52),
+            calendar_future_weeks=config.integer(env, "BOOKING_CALENDAR_FUTURE_WEEKS", 26, minimum=1, maximum=104),
         )
 
 

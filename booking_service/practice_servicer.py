@@ -4,14 +4,17 @@ mixes them in; and the checks of a booking's owner and of a cancellation, which 
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
 import grpc
+from google.api import httpbody_pb2
 
 from booking.v1 import booking_pb2
 from booking_service import domain
 from booking_service.access import ACTORS_OF_ROLE, may_see
+from booking_service.feeds import TOKEN_LENGTH, FeedOwner, feed_path
 from booking_service.messages import (
     ACTOR_FROM_PROTO,
     OUTCOME_FROM_PROTO,
@@ -27,6 +30,8 @@ from service_kit.auth import ADMIN, PermissionDenied, current_principal
 from service_kit.validation import Checks
 
 Context = grpc.aio.ServicerContext[Any, Any]
+FEED_TOKEN = re.compile(rf"[A-Za-z0-9_-]{{{TOKEN_LENGTH}}}")
+CALENDAR_CONTENT_TYPE = "text/calendar; charset=utf-8"
 
 
 def session_type_policy(checks: Checks, given: booking_pb2.SessionType) -> tuple[int | None, int, int]:
@@ -88,6 +93,30 @@ class PracticeRpcs:
         actor = domain.Actor.ADMIN if current_principal().has(ADMIN) else domain.Actor.THERAPIST
         booking = await self._service.outcomes.record(booking_id, OUTCOME_FROM_PROTO[outcome], actor)
         return booking_pb2.RecordSessionOutcomeResponse(booking=booking_message(booking))
+
+    async def RotateCalendarFeed(
+        self, request: booking_pb2.RotateCalendarFeedRequest, context: Context
+    ) -> booking_pb2.RotateCalendarFeedResponse:
+        checks = Checks()
+        which = request.WhichOneof("owner")
+        if which is None:
+            checks.fail("therapist_id", "give the feed's owner: therapist_id or client_id")
+            checks.done()
+        owner = FeedOwner.THERAPIST if which == "therapist_id" else FeedOwner.CLIENT
+        owner_id = checks.uuid(str(which), getattr(request, str(which)))
+        checks.done()
+        token = await self._service.feeds.rotate(owner, owner_id)
+        return booking_pb2.RotateCalendarFeedResponse(feed_token=token, feed_path=feed_path(token))
+
+    async def GetCalendarFeed(
+        self, request: booking_pb2.GetCalendarFeedRequest, context: Context
+    ) -> httpbody_pb2.HttpBody:
+        checks = Checks()
+        if not FEED_TOKEN.fullmatch(request.feed_token):
+            checks.fail("feed_token", f"must be the {TOKEN_LENGTH}-character token RotateCalendarFeed gave")
+        checks.done()
+        body = await self._service.feeds.render(request.feed_token)
+        return httpbody_pb2.HttpBody(content_type=CALENDAR_CONTENT_TYPE, data=body)
 
     async def CancelFollowingBookings(
         self, request: booking_pb2.CancelFollowingBookingsRequest, context: Context

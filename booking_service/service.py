@@ -7,6 +7,7 @@ the calendar's steps and the payments.
     changes     cancel and reschedule (changes.py)
     outcomes    COMPLETED / NO_SHOW, and the sweeper of unmarked sessions (outcomes.py)
     reminders   reminder events before each session (reminders.py)
+    feeds       the iCalendar feeds of therapists and clients (feeds.py)
     reconciler  stale holds (recovery.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
 """
@@ -24,6 +25,7 @@ from booking_service.calendar import Calendar
 from booking_service.catalogue import Catalogue
 from booking_service.changes import Changes
 from booking_service.config import BookingSettings
+from booking_service.feeds import Feeds
 from booking_service.metrics import BookingMetrics
 from booking_service.outbox import Outbox
 from booking_service.outcomes import Outcomes
@@ -106,6 +108,12 @@ class BookingService:
         )
         self.reminders = Reminders(
             database, clock=clock, offsets_s=settings.reminder_offsets_s, batch_size=settings.outbox_batch_size
+        )
+        self.feeds = Feeds(
+            database,
+            clock=clock,
+            past=timedelta(weeks=settings.calendar_past_weeks),
+            future=timedelta(weeks=settings.calendar_future_weeks),
         )
         self.reconciler = Reconciler(
             database,

@@ -537,6 +537,15 @@ Rule = Callable[[Principal, Any], bool]
 AccessRules = Mapping[str, Rule]
 
 
+def _open_to_anyone(principal: Principal, request: Any) -> bool:
+    return True
+
+
+# The rule of an RPC anyone may call without a token: the request itself carries its credential
+# (a calendar feed's token, which calendar apps put in the URL since they cannot send headers).
+OPEN_TO_ANYONE: Rule = _open_to_anyone
+
+
 def anyone_with(*roles: str) -> Rule:
     assert set(roles) <= ROLES
 
@@ -594,6 +603,8 @@ class Gate:
         """The caller of an RPC of this service, allowed to make it; None for the open services."""
         if service in OPEN_SERVICES:
             return None
+        if service == self._service_name and self._rules.get(rpc) is OPEN_TO_ANYONE:
+            return None  # no token asked, none read: the handler checks the request's own credential
         if self._verifier is None:
             return DEVELOPMENT_PRINCIPAL
         principal = self._verifier.verify(bearer_token(metadata))

@@ -72,6 +72,9 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "CreateBookingSeries": {"client_self": OK, "admin": OK},
     # A client never may; the therapist and an admin are refused only because it has not started.
     "RecordSessionOutcome": {"therapist_self": REFUSED, "admin": REFUSED, "therapist_other": MISSING},
+    "RotateCalendarFeed": {"therapist_self": OK, "admin": OK},
+    # No token is asked, none read: every caller alike, and a token nobody made finds no feed.
+    "GetCalendarFeed": dict.fromkeys(CALLERS, MISSING),
     "CancelFollowingBookings": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
     "GrantCredits": {"admin": OK},
     "GetBalance": {"client_self": OK, "admin": OK},
@@ -92,7 +95,13 @@ BOOKING_RPCS = [m.name for m in booking_pb2.DESCRIPTOR.services_by_name["Booking
 CREDIT_RPCS = [m.name for m in credit_pb2.DESCRIPTOR.services_by_name["CreditService"].methods]
 
 
+# RPCs whose request carries its own credential instead of a bearer token.
+OPEN_RPCS = frozenset({"GetCalendarFeed"})
+
+
 def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
+    if rpc in OPEN_RPCS:
+        return EXPECTED[rpc][caller]
     if caller in UNAUTHENTICATED_CALLERS:
         return UNAUTHENTICATED
     return EXPECTED[rpc].get(caller, DENIED)
@@ -253,6 +262,10 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         "CreateBooking": lambda: plain(b.CreateBooking, w.booking_request(start, request_id=rid)),
         "ListBookings": lambda: plain(b.ListBookings, booking_pb2.ListBookingsRequest(client_id=w.client_id)),
         "CreateBookingSeries": lambda: plain(b.CreateBookingSeries, scene.series_request(rid)),
+        "RotateCalendarFeed": lambda: plain(
+            b.RotateCalendarFeed, booking_pb2.RotateCalendarFeedRequest(therapist_id=w.therapist_id)
+        ),
+        "GetCalendarFeed": lambda: plain(b.GetCalendarFeed, booking_pb2.GetCalendarFeedRequest(feed_token="A" * 43)),
         "ListDeadLetters": lambda: plain(b.ListDeadLetters, booking_pb2.ListDeadLettersRequest()),
         "RetryDeadLetter": lambda: plain(b.RetryDeadLetter, booking_pb2.RetryDeadLetterRequest(event_id=rid)),
         "GrantCredits": lambda: plain(

@@ -86,6 +86,7 @@ class Scene:
             "owner_id": self.world.client_id,
             "reservation_id": self.booking_id,
             "event_id": str(uuid.uuid4()),
+            "feed_token": "A" * 43,
         }
         names = re.findall(r"\{([^}]+)\}", route.template)
         path = route.template.encode()

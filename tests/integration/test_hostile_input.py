@@ -81,6 +81,8 @@ REFUSED_VALID_REQUESTS = {
     "booking.v1.BookingService.RetryDeadLetter": "NOT_FOUND DEAD_LETTER_NOT_FOUND",
     # Sessions of the scene are in the future; an outcome needs a session that started.
     "booking.v1.BookingService.RecordSessionOutcome": "FAILED_PRECONDITION SESSION_NOT_STARTED",
+    # A feed token is made by RotateCalendarFeed and shown once; a well-formed one nobody made.
+    "booking.v1.BookingService.GetCalendarFeed": "NOT_FOUND CALENDAR_FEED_NOT_FOUND",
 }
 UPDATABLE_THERAPIST_FIELDS = (
     "display_name",
@@ -233,6 +235,8 @@ def valid_requests(world: World, booking_ids: tuple[str, str], reservation_ids: 
             ),
             occurrences=2,
         ),
+        "RotateCalendarFeed": booking_pb2.RotateCalendarFeedRequest(therapist_id=therapist_id),
+        "GetCalendarFeed": booking_pb2.GetCalendarFeedRequest(feed_token="A" * 43),
         "RecordSessionOutcome": booking_pb2.RecordSessionOutcomeRequest(
             booking_id=second_booking_id, outcome=booking_pb2.SESSION_OUTCOME_NO_SHOW
         ),

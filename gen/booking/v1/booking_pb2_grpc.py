@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from booking.v1 import booking_pb2 as booking_dot_v1_dot_booking__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -133,6 +134,16 @@ class BookingServiceStub:
                 '/booking.v1.BookingService/RecordSessionOutcome',
                 request_serializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.FromString,
+                _registered_method=True)
+        self.RotateCalendarFeed = channel.unary_unary(
+                '/booking.v1.BookingService/RotateCalendarFeed',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedResponse.FromString,
+                _registered_method=True)
+        self.GetCalendarFeed = channel.unary_unary(
+                '/booking.v1.BookingService/GetCalendarFeed',
+                request_serializer=booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
         self.CancelFollowingBookings = channel.unary_unary(
                 '/booking.v1.BookingService/CancelFollowingBookings',
@@ -291,6 +302,22 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateCalendarFeed(self, request, context):
+        """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+        replacing any before it: the old feed URL stops working at once. The token is shown here only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCalendarFeed(self, request, context):
+        """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+        calendar apps cannot send one; the feed token is the credential.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelFollowingBookings(self, request, context):
         """Cancels an occurrence of a series and every later one, each refunded by the cancellation
         policy for its own start. Idempotent.
@@ -396,6 +423,16 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.RecordSessionOutcome,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.FromString,
                     response_serializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.SerializeToString,
+            ),
+            'RotateCalendarFeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCalendarFeed,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedResponse.SerializeToString,
+            ),
+            'GetCalendarFeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCalendarFeed,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
             ),
             'CancelFollowingBookings': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelFollowingBookings,
@@ -921,6 +958,60 @@ class BookingService:
             '/booking.v1.BookingService/RecordSessionOutcome',
             booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.SerializeToString,
             booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCalendarFeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RotateCalendarFeed',
+            booking_dot_v1_dot_booking__pb2.RotateCalendarFeedRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RotateCalendarFeedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCalendarFeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/GetCalendarFeed',
+            booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
             options,
             channel_credentials,
             insecure,

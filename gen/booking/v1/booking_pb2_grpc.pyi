@@ -5,6 +5,7 @@ isort:skip_file
 
 from booking.v1 import booking_pb2 as _booking_pb2
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -88,6 +89,14 @@ class BookingServiceStub:
     admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
     Idempotent: the same outcome again answers the same; another is refused.
     """
+    RotateCalendarFeed: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RotateCalendarFeedRequest, _booking_pb2.RotateCalendarFeedResponse]
+    """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+    replacing any before it: the old feed URL stops working at once. The token is shown here only.
+    """
+    GetCalendarFeed: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetCalendarFeedRequest, _httpbody_pb2.HttpBody]
+    """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+    calendar apps cannot send one; the feed token is the credential.
+    """
     CancelFollowingBookings: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
     policy for its own start. Idempotent.
@@ -152,6 +161,14 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
     admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
     Idempotent: the same outcome again answers the same; another is refused.
+    """
+    RotateCalendarFeed: _aio.UnaryUnaryMultiCallable[_booking_pb2.RotateCalendarFeedRequest, _booking_pb2.RotateCalendarFeedResponse]  # type: ignore[assignment]
+    """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+    replacing any before it: the old feed URL stops working at once. The token is shown here only.
+    """
+    GetCalendarFeed: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetCalendarFeedRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+    calendar apps cannot send one; the feed token is the credential.
     """
     CancelFollowingBookings: _aio.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]  # type: ignore[assignment]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
@@ -328,6 +345,26 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
         admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
         Idempotent: the same outcome again answers the same; another is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateCalendarFeed(
+        self,
+        request: _booking_pb2.RotateCalendarFeedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RotateCalendarFeedResponse, _abc.Awaitable[_booking_pb2.RotateCalendarFeedResponse]]:
+        """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+        replacing any before it: the old feed URL stops working at once. The token is shown here only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCalendarFeed(
+        self,
+        request: _booking_pb2.GetCalendarFeedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+        calendar apps cannot send one; the feed token is the credential.
         """
 
     @_abc_1.abstractmethod

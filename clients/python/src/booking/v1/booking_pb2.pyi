@@ -1962,3 +1962,79 @@ class RecordSessionOutcomeResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordSessionOutcomeResponse: _TypeAlias = RecordSessionOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class RotateCalendarFeedRequest(_message.Message):
+    """The request of RotateCalendarFeed: whose feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    therapist_id: _builtins.str
+    """A therapist's feed: their sessions (a UUID)."""
+    client_id: _builtins.str
+    """A client's feed: their sessions with every therapist (a UUID)."""
+    def __init__(
+        self,
+        *,
+        therapist_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "owner", b"owner", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "owner", b"owner", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_owner: _TypeAlias = _typing.Literal["therapist_id", "client_id"]  # noqa: Y015
+    _WhichOneofArgType_owner: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_owner) -> _WhichOneofReturnType_owner | None: ...
+
+Global___RotateCalendarFeedRequest: _TypeAlias = RotateCalendarFeedRequest  # noqa: Y015
+
+@_typing.final
+class RotateCalendarFeedResponse(_message.Message):
+    """The answer of RotateCalendarFeed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_TOKEN_FIELD_NUMBER: _builtins.int
+    FEED_PATH_FIELD_NUMBER: _builtins.int
+    feed_token: _builtins.str
+    """The new feed token (43 characters); keep it secret, as the feed's URL is."""
+    feed_path: _builtins.str
+    """The feed's path at the gateway: /v1/calendar-feeds/{feed_token}/calendar.ics."""
+    def __init__(
+        self,
+        *,
+        feed_token: _builtins.str = ...,
+        feed_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_path", b"feed_path", "feed_token", b"feed_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCalendarFeedResponse: _TypeAlias = RotateCalendarFeedResponse  # noqa: Y015
+
+@_typing.final
+class GetCalendarFeedRequest(_message.Message):
+    """The request of GetCalendarFeed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_TOKEN_FIELD_NUMBER: _builtins.int
+    feed_token: _builtins.str
+    """The feed token from RotateCalendarFeed."""
+    def __init__(
+        self,
+        *,
+        feed_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_token", b"feed_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCalendarFeedRequest: _TypeAlias = GetCalendarFeedRequest  # noqa: Y015
