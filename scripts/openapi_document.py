@@ -157,8 +157,10 @@ class _Types:
 
 
 def _clean_comment(text: str) -> str:
-    """A proto comment as Markdown: the space after `//` gone, paragraphs kept."""
+    """A proto comment as Markdown: the space after `//` gone, paragraphs kept, buf's lint
+    directives (`buf:lint:ignore ...`, for the linter, not for readers) left out."""
     lines = [line.removeprefix(" ").rstrip() for line in text.strip("\n").split("\n")]
+    lines = [line for line in lines if not line.startswith("buf:lint:")]
     return "\n".join(lines).strip()
 
 

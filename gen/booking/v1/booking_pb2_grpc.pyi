@@ -96,6 +96,7 @@ class BookingServiceStub:
     GetCalendarFeed: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetCalendarFeedRequest, _httpbody_pb2.HttpBody]
     """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
     calendar apps cannot send one; the feed token is the credential.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     CancelFollowingBookings: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
@@ -169,6 +170,7 @@ class BookingServiceAsyncStub(BookingServiceStub):
     GetCalendarFeed: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetCalendarFeedRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
     """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
     calendar apps cannot send one; the feed token is the credential.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
     CancelFollowingBookings: _aio.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]  # type: ignore[assignment]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
@@ -365,6 +367,7 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
         """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
         calendar apps cannot send one; the feed token is the credential.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
 
     @_abc_1.abstractmethod

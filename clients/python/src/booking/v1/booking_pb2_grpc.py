@@ -313,6 +313,7 @@ class BookingServiceServicer:
     def GetCalendarFeed(self, request, context):
         """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
         calendar apps cannot send one; the feed token is the credential.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
