@@ -107,7 +107,8 @@ class BookingFlow:
         duration = rules.session_type.duration
         blocked = checked(lambda: availability.session_blocked_interval(rules.schedule, start, duration))
         try:
-            checked(lambda: availability.check_bookable(rules.schedule, start, duration, self._clock()))
+            step = rules.session_type.start_step
+            checked(lambda: availability.check_bookable(rules.schedule, start, duration, self._clock(), step=step))
         except Refused as refusal:
             return blocked, refusal
         return blocked, None

@@ -89,7 +89,10 @@ class Catalogue:
             margin = schedule.buffer_before + schedule.buffer_after + duration
             busy = await store.busy_ranges(connection, therapist_id, start - margin, end + margin)
         busy_intervals = [availability.Interval(s, e) for s, e in busy]
-        slots = checked(lambda: availability.free_slots(schedule, duration, start, end, self._clock(), busy_intervals))
+        step = rules.session_type.start_step
+        slots = checked(
+            lambda: availability.free_slots(schedule, duration, start, end, self._clock(), busy_intervals, step)
+        )
         return rules.therapist, slots
 
     # --- therapists and schedules (admin, or the therapist) ---

@@ -40,6 +40,7 @@ from booking_service.domain import (
 from booking_service.payments import Payments
 from booking_service.practice import Policy
 from booking_service.requests import NewStart
+from booking_service.rules_cache import BookingRules
 from booking_service.store import calendar as store
 from booking_service.store import catalogue as catalogue_store
 from booking_service.store import outbox as outbox_store
@@ -111,7 +112,7 @@ class Changes:
             schedule, duration = rules.schedule, rules.session_type.duration
             blocked = checked(partial(availability.session_blocked_interval, schedule, request.start, duration))
             now = self._clock()
-            refusal = _unmovable(current, now) or self._outside_rules(rules.schedule, request.start, duration, now)
+            refusal = _unmovable(current, now) or self._outside_rules(rules, request.start, now)
             if refusal is not None:
                 proposal: Move | Refuse = Refuse(
                     request.key, request.fingerprint, current.therapist_id, current.booking_id, Refusal.of(refusal)
@@ -140,11 +141,14 @@ class Changes:
                 self._catalogue.forget(current.therapist_id)
         raise CalendarBusy("the booking or its therapist's schedule kept changing; retry with the same request_id")
 
-    def _outside_rules(
-        self, schedule: availability.Schedule, start: datetime, duration: timedelta, now: datetime
-    ) -> Refused | None:
+    def _outside_rules(self, rules: BookingRules, start: datetime, now: datetime) -> Refused | None:
+        schedule, session_type = rules.schedule, rules.session_type
         try:
-            checked(lambda: availability.check_bookable(schedule, start, duration, now))
+            checked(
+                lambda: availability.check_bookable(
+                    schedule, start, session_type.duration, now, step=session_type.start_step
+                )
+            )
         except Refused as refusal:
             return refusal
         return None

@@ -18,6 +18,8 @@ MAX_WEEKLY_WINDOWS = 50
 MAX_OVERRIDE_WINDOWS = 10
 MAX_SLOT_RANGE = timedelta(days=31)
 MINUTES_PER_DAY = 1440
+# The steps a session type's grid of starts may take: divisors of an hour.
+START_STEPS_MINUTES = (5, 10, 15, 20, 30, 60)
 
 
 class BookingStatus(enum.Enum):
@@ -81,10 +83,16 @@ class SessionType:
     late_cancel_notice_minutes: int | None = None
     late_cancel_refund_percent: int = 0
     no_show_refund_percent: int = 0
+    # Starts lie every this many minutes of the therapist's local time (a divisor of 60).
+    start_step_minutes: int = 15
 
     @property
     def duration(self) -> timedelta:
         return timedelta(minutes=self.duration_minutes)
+
+    @property
+    def start_step(self) -> timedelta:
+        return timedelta(minutes=self.start_step_minutes)
 
 
 @dataclass(frozen=True)
@@ -238,7 +246,7 @@ class SlotUnavailable(Refused):
 
 
 class OutsideSchedule(Refused):
-    """OUTSIDE_AVAILABILITY, INSUFFICIENT_NOTICE or BEYOND_BOOKING_HORIZON, from availability."""
+    """OUTSIDE_AVAILABILITY, INSUFFICIENT_NOTICE, BEYOND_BOOKING_HORIZON or START_OFF_GRID (availability)."""
 
     def __init__(self, error: availability.AvailabilityError) -> None:
         super().__init__(str(error), metadata=error.metadata)
@@ -370,7 +378,10 @@ class CreditServiceTimeout(DomainError):
 
 def domain_error(error: availability.AvailabilityError) -> DomainError:
     """Availability errors as domain errors: bad input names its field; the rest are refusals."""
-    if isinstance(error, availability.OutsideAvailability | availability.TooSoon | availability.TooFarAhead):
+    if isinstance(
+        error,
+        availability.OutsideAvailability | availability.TooSoon | availability.TooFarAhead | availability.OffGrid,
+    ):
         return OutsideSchedule(error)
     invalid = InvalidArgument([FieldViolation(error.field or "request", str(error))], reason=error.reason)
     invalid.metadata.update(error.metadata)
@@ -385,6 +396,7 @@ _RECORDED_REFUSALS: dict[str, type[DomainError]] = {
     "OUTSIDE_AVAILABILITY": OutsideSchedule,
     "INSUFFICIENT_NOTICE": OutsideSchedule,
     "BEYOND_BOOKING_HORIZON": OutsideSchedule,
+    "START_OFF_GRID": OutsideSchedule,
     InsufficientCredits.reason: InsufficientCredits,
     NoCreditAccount.reason: NoCreditAccount,
     BookingNotActive.reason: BookingNotActive,

@@ -94,6 +94,12 @@ class TooFarAhead(AvailabilityError):
     reason = "BEYOND_BOOKING_HORIZON"
 
 
+class OffGrid(AvailabilityError):
+    """The start is not on the session type's grid of starts (availability.grid_start_at_or_after)."""
+
+    reason = "START_OFF_GRID"
+
+
 class Disambiguation(enum.Enum):
     UNSPECIFIED = 0
     EARLIER = 1
@@ -281,3 +287,23 @@ def _nonexistent(
 def local_rendering(instant: datetime, time_zone: str) -> str:
     """ISO 8601 wall time with offset, e.g. ``2026-03-29T09:00:00+01:00``."""
     return require_utc(instant, "instant").astimezone(zone(time_zone)).isoformat()
+
+
+def spoken(duration: timedelta) -> str:
+    """A duration as people say it in a message: "24 hours", "90 days", "1 hour 30 minutes",
+    "45 minutes" (not ``1 day, 0:00:00``). Whole days from 2 days up, else hours and minutes."""
+    total_s = int(duration.total_seconds())
+    if total_s % 86_400 == 0 and total_s >= 2 * 86_400:
+        return _count(total_s // 86_400, "day")
+    hours, rest_s = divmod(total_s, 3_600)
+    minutes, seconds = divmod(rest_s, 60)
+    parts = [_count(hours, "hour")] if hours else []
+    if minutes:
+        parts.append(_count(minutes, "minute"))
+    if seconds or not parts:
+        parts.append(_count(seconds, "second"))
+    return " ".join(parts)
+
+
+def _count(number: int, unit: str) -> str:
+    return f"{number} {unit}" if number == 1 else f"{number} {unit}s"

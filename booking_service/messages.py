@@ -113,6 +113,7 @@ def session_type_message(session_type: SessionType) -> booking_pb2.SessionType:
         late_cancellation_notice_minutes=session_type.late_cancel_notice_minutes,
         late_cancellation_refund_percent=session_type.late_cancel_refund_percent,
         no_show_refund_percent=session_type.no_show_refund_percent,
+        start_step_minutes=session_type.start_step_minutes,
     )
 
 

@@ -15,6 +15,7 @@ from booking_service.domain import (
     MAX_OVERRIDE_WINDOWS,
     MAX_SLOT_RANGE,
     MAX_WEEKLY_WINDOWS,
+    START_STEPS_MINUTES,
     DateOverride,
     SessionType,
     Therapist,
@@ -192,9 +193,12 @@ class BookingServicer(PracticeRpcs, booking_pb2_grpc.BookingServiceServicer):
         duration = checks.integer("session_type.duration_minutes", given.duration_minutes, minimum=5, maximum=480)
         cost = checks.integer("session_type.credit_cost", given.credit_cost, minimum=1, maximum=10_000)
         policy = session_type_policy(checks, given)
+        step = given.start_step_minutes or START_STEPS_MINUTES[2]
+        if step not in START_STEPS_MINUTES:
+            checks.fail("session_type.start_step_minutes", f"must be one of {', '.join(map(str, START_STEPS_MINUTES))}")
         checks.done()
         created = await self._service.catalogue.create_session_type(
-            request_id, SessionType(uuid.uuid4(), therapist_id, name, duration, cost, *policy)
+            request_id, SessionType(uuid.uuid4(), therapist_id, name, duration, cost, *policy, start_step_minutes=step)
         )
         return booking_pb2.CreateSessionTypeResponse(session_type=session_type_message(created))
 

@@ -41,6 +41,7 @@ SESSION_TYPE_FIELDS = (
     "late_cancel_notice_minutes",
     "late_cancel_refund_percent",
     "no_show_refund_percent",
+    "start_step_minutes",
 )
 SESSION_TYPE_COLUMNS = ", ".join(SESSION_TYPE_FIELDS)
 BOOKING_FIELDS = (

@@ -245,6 +245,7 @@ async def test_admin_calls_make_a_bookable_therapist_over_http(api: Api) -> None
             "credit_cost": "7",
             "late_cancellation_refund_percent": 0,
             "no_show_refund_percent": 0,
+            "start_step_minutes": 15,
         }
     ]
 

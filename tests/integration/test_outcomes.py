@@ -21,11 +21,13 @@ from booking_service.domain import (
     CancelReason,
     OutcomeAlreadyRecorded,
     PaymentStatus,
+    SessionAlreadyStarted,
     SessionNotStarted,
     SessionOutcome,
     SessionType,
     Therapist,
 )
+from booking_service.requests import NewStart
 from credit.v1 import credit_pb2_grpc
 from service_kit.auth import CLIENT, THERAPIST
 from tests.support.auth import bearer, token
@@ -190,3 +192,22 @@ async def test_the_sweeper_completes_the_sessions_nobody_marked_after_its_period
     assert (swept.outcome, swept.outcome_by, swept.outcome_at) == (SessionOutcome.COMPLETED, Actor.SYSTEM, clock.now)
     assert (await service.changes.booking(marked.booking_id)).outcome is SessionOutcome.NO_SHOW
     assert await service.outcomes.sweep_once() is False
+
+
+async def test_a_session_that_has_started_can_no_longer_be_cancelled_or_moved(
+    clocked: Clocked, credit_stub: credit_pb2_grpc.CreditServiceStub
+) -> None:
+    service, clock = clocked.service, clocked.clock
+    therapist, session_type = await therapist_with_type(service)
+    client = uuid.uuid4()
+    await grant(credit_stub, str(client), 100)
+    booking = await book(clocked, therapist, session_type, client, 2)
+    clock.move_to(booking.starts_at + timedelta(seconds=1))
+
+    with pytest.raises(SessionAlreadyStarted):
+        await service.changes.cancel(booking.booking_id, Actor.CLIENT, CancelReason.NO_LONGER_NEEDED)
+    with pytest.raises(SessionAlreadyStarted):
+        await service.changes.reschedule(
+            NewStart("clocked-test", str(uuid.uuid4()), booking.booking_id, booking.starts_at + timedelta(days=1))
+        )
+    assert await service.changes.booking(booking.booking_id) == booking

@@ -796,6 +796,7 @@ class SessionType(_message.Message):
     LATE_CANCELLATION_NOTICE_MINUTES_FIELD_NUMBER: _builtins.int
     LATE_CANCELLATION_REFUND_PERCENT_FIELD_NUMBER: _builtins.int
     NO_SHOW_REFUND_PERCENT_FIELD_NUMBER: _builtins.int
+    START_STEP_MINUTES_FIELD_NUMBER: _builtins.int
     session_type_id: _builtins.str
     """A UUID, assigned on creation."""
     therapist_id: _builtins.str
@@ -814,6 +815,11 @@ class SessionType(_message.Message):
     """The share of the cost a late cancellation by the client refunds, 0 to 100 (default 0)."""
     no_show_refund_percent: _builtins.int
     """The share of the cost a no-show refunds, 0 to 100 (default 0)."""
+    start_step_minutes: _builtins.int
+    """Bookable starts lie every this many minutes of the therapist's local time, from local
+    midnight: 5, 10, 15, 20, 30 or 60 (default, also when unset: 15). ListAvailableSlots offers
+    exactly these starts; CreateBooking refuses any other (START_OFF_GRID).
+    """
     def __init__(
         self,
         *,
@@ -825,10 +831,11 @@ class SessionType(_message.Message):
         late_cancellation_notice_minutes: _builtins.int | None = ...,
         late_cancellation_refund_percent: _builtins.int = ...,
         no_show_refund_percent: _builtins.int = ...,
+        start_step_minutes: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes", "late_cancellation_refund_percent", b"late_cancellation_refund_percent", "name", b"name", "no_show_refund_percent", b"no_show_refund_percent", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes", "late_cancellation_refund_percent", b"late_cancellation_refund_percent", "name", b"name", "no_show_refund_percent", b"no_show_refund_percent", "session_type_id", b"session_type_id", "start_step_minutes", b"start_step_minutes", "therapist_id", b"therapist_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__late_cancellation_notice_minutes: _TypeAlias = _typing.Literal["late_cancellation_notice_minutes"]  # noqa: Y015
     _WhichOneofArgType__late_cancellation_notice_minutes: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes"]  # noqa: Y015
