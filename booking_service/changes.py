@@ -31,14 +31,13 @@ from booking_service.domain import (
     BookingStatus,
     CalendarBusy,
     CancelReason,
-    OutcomeAlreadyRecorded,
     PaymentStatus,
     Refused,
     SessionAlreadyStarted,
     SlotUnavailable,
 )
 from booking_service.payments import Payments
-from booking_service.practice import Policy
+from booking_service.practice import OutcomeAlreadyRecorded, Policy
 from booking_service.requests import NewStart
 from booking_service.rules_cache import BookingRules
 from booking_service.store import calendar as store

@@ -18,8 +18,6 @@ MAX_WEEKLY_WINDOWS = 50
 MAX_OVERRIDE_WINDOWS = 10
 MAX_SLOT_RANGE = timedelta(days=31)
 MINUTES_PER_DAY = 1440
-# The steps a session type's grid of starts may take: divisors of an hour.
-START_STEPS_MINUTES = (5, 10, 15, 20, 30, 60)
 
 
 class BookingStatus(enum.Enum):
@@ -275,26 +273,6 @@ class SessionAlreadyStarted(Refused):
         super().__init__(
             f"booking {booking_id} started at {starts_at.isoformat()}; it can no longer change",
             metadata={"booking_id": str(booking_id)},
-        )
-
-
-class SessionNotStarted(Refused):
-    reason = "SESSION_NOT_STARTED"
-
-    def __init__(self, booking_id: uuid.UUID, starts_at: datetime) -> None:
-        super().__init__(
-            f"booking {booking_id} starts at {starts_at.isoformat()}; its outcome can be recorded once it started",
-            metadata={"booking_id": str(booking_id)},
-        )
-
-
-class OutcomeAlreadyRecorded(Refused):
-    reason = "OUTCOME_ALREADY_RECORDED"
-
-    def __init__(self, booking_id: uuid.UUID, outcome: SessionOutcome) -> None:
-        super().__init__(
-            f"booking {booking_id} was already recorded as {outcome.value}",
-            metadata={"booking_id": str(booking_id), "outcome": outcome.name},
         )
 
 

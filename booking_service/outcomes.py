@@ -25,13 +25,11 @@ from booking_service.domain import (
     BookingNotActive,
     BookingNotFound,
     BookingStatus,
-    OutcomeAlreadyRecorded,
     PaymentStatus,
-    SessionNotStarted,
     SessionOutcome,
 )
 from booking_service.payments import Payments
-from booking_service.practice import Policy
+from booking_service.practice import OutcomeAlreadyRecorded, Policy, SessionNotStarted
 from booking_service.store import calendar as calendar_store
 from booking_service.store import catalogue as catalogue_store
 from booking_service.store import outbox as outbox_store

@@ -6,12 +6,14 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from booking_service.domain import Actor, Booking, SessionOutcome, SessionType
+from booking_service.domain import Actor, Booking, Refused, SessionOutcome, SessionType
 
 # A weekly series: at most this many occurrences (half a year of weekly sessions), one or two
 # weeks apart.
 MAX_SERIES_OCCURRENCES = 26
 SERIES_INTERVAL_WEEKS = (1, 2)
+# The steps a session type's grid of starts may take: divisors of an hour.
+START_STEPS_MINUTES = (5, 10, 15, 20, 30, 60)
 
 
 @dataclass(frozen=True)
@@ -63,3 +65,23 @@ class Policy:
         if outcome is SessionOutcome.NO_SHOW:
             return booking.credit_cost * self.no_show_refund_percent // 100
         return 0
+
+
+class SessionNotStarted(Refused):
+    reason = "SESSION_NOT_STARTED"
+
+    def __init__(self, booking_id: uuid.UUID, starts_at: datetime) -> None:
+        super().__init__(
+            f"booking {booking_id} starts at {starts_at.isoformat()}; its outcome can be recorded once it started",
+            metadata={"booking_id": str(booking_id)},
+        )
+
+
+class OutcomeAlreadyRecorded(Refused):
+    reason = "OUTCOME_ALREADY_RECORDED"
+
+    def __init__(self, booking_id: uuid.UUID, outcome: SessionOutcome) -> None:
+        super().__init__(
+            f"booking {booking_id} was already recorded as {outcome.value}",
+            metadata={"booking_id": str(booking_id), "outcome": outcome.name},
+        )

@@ -15,7 +15,6 @@ from booking_service.domain import (
     MAX_OVERRIDE_WINDOWS,
     MAX_SLOT_RANGE,
     MAX_WEEKLY_WINDOWS,
-    START_STEPS_MINUTES,
     DateOverride,
     SessionType,
     Therapist,
@@ -40,6 +39,7 @@ from booking_service.messages import (
     timestamp,
     weekly_message,
 )
+from booking_service.practice import START_STEPS_MINUTES
 from booking_service.practice_servicer import PracticeRpcs, session_type_policy
 from booking_service.requests import NewBooking, NewStart
 from booking_service.service import BookingService

@@ -19,14 +19,13 @@ from booking_service.domain import (
     Actor,
     Booking,
     CancelReason,
-    OutcomeAlreadyRecorded,
     PaymentStatus,
     SessionAlreadyStarted,
-    SessionNotStarted,
     SessionOutcome,
     SessionType,
     Therapist,
 )
+from booking_service.practice import OutcomeAlreadyRecorded, SessionNotStarted
 from booking_service.requests import NewStart
 from credit.v1 import credit_pb2_grpc
 from service_kit.auth import CLIENT, THERAPIST
