@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from service_kit.config import ConfigError, choice, number, text
 from service_kit.errors import DomainError
 from service_kit.jwks import JwksKeys, JwksRefresher, JwksSettings, check_jwks_url
+from service_kit.validation import Checks
 
 CLIENT = "client"
 THERAPIST = "therapist"
@@ -556,7 +557,9 @@ def anyone_with(*roles: str) -> Rule:
 
 
 def own(role: str, field: str) -> Rule:
-    """The caller has `role` and the request's `field` (a dotted path) names the caller."""
+    """The caller has `role` and the request's `field` (a dotted path, a UUID) names the caller.
+    A caller with the role whose request's id is malformed (or missing) gets INVALID_ARGUMENT
+    naming the field, as the handler would answer: a malformed value is not a question of rights."""
     assert role in ROLES
     path = field.split(".")
 
@@ -566,7 +569,10 @@ def own(role: str, field: str) -> Rule:
         value = request
         for part in path:
             value = getattr(value, part)
-        return isinstance(value, str) and principal.is_subject(value)
+        checks = Checks()
+        checks.uuid(field, value if isinstance(value, str) else "")
+        checks.done()
+        return principal.is_subject(value)
 
     return rule
 

@@ -409,3 +409,33 @@ async def test_a_missing_booking_and_anothers_look_alike(scene: Scene) -> None:
         details = error_details(refused.value)
         answers.append((details.code, details.reason, details.message.replace(target, "<id>")))
     assert answers[0] == answers[1]
+
+
+async def test_a_malformed_id_is_invalid_argument_naming_the_field_even_where_rights_are_checked_first(
+    scene: Scene,
+) -> None:
+    """A malformed value is not a question of rights: a client sending a malformed client_id, a
+    therapist a malformed therapist_id, gets INVALID_ARGUMENT naming the field, as the handler
+    would say, not PERMISSION_DENIED from the rule that compares the id with the caller."""
+    w = scene.world
+    as_client = bearer(token(w.client_id, [CLIENT]))
+    as_therapist = bearer(token(w.therapist_id, [THERAPIST]))
+    missing = w.booking_request(scene.next_start())
+    missing.client_id = ""
+    calls = [
+        (scene.booking_stub.CreateBooking, w.booking_request(scene.next_start(), client_id="not-a-uuid"), as_client),
+        (scene.booking_stub.CreateBooking, missing, as_client),
+        (scene.credit_stub.GetBalance, credit_pb2.GetBalanceRequest(owner_id="A" * 36), as_client),
+        (
+            scene.booking_stub.SetWeeklySchedule,
+            booking_pb2.SetWeeklyScheduleRequest(therapist_id=w.therapist_id.upper(), windows=ALL_WEEK),
+            as_therapist,
+        ),
+    ]
+    for method, request, metadata in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await method(request, metadata=metadata, timeout=10)
+        details = error_details(raised.value)
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT, (request, details)
+        assert len(details.field_violations) == 1, details
+        assert next(iter(details.field_violations)) in ("client_id", "owner_id", "therapist_id"), details
