@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
@@ -50,25 +51,28 @@ log = structlog.get_logger()
 RULES_ATTEMPTS = 3
 
 
+@dataclass(frozen=True)
+class FlowParts:
+    """What the booking flows (a booking, a series) work with."""
+
+    catalogue: Catalogue
+    calendar: Calendar
+    credits: Credits
+    payments: Payments
+    clock: Callable[[], datetime]
+    crash_if: Callable[[str], None]  # a deliberate death at a protocol step, for fault tests
+    video_rooms: bool
+
+
 class BookingFlow:
-    def __init__(
-        self,
-        catalogue: Catalogue,
-        calendar: Calendar,
-        credits: Credits,
-        payments: Payments,
-        *,
-        clock: Callable[[], datetime],
-        crash_if: Callable[[str], None],
-        video_rooms: bool,
-    ) -> None:
-        self._catalogue = catalogue
-        self._calendar = calendar
-        self._credits = credits
-        self._payments = payments
-        self._clock = clock
-        self._crash_if = crash_if
-        self._video_rooms = video_rooms
+    def __init__(self, parts: FlowParts) -> None:
+        self._catalogue = parts.catalogue
+        self._calendar = parts.calendar
+        self._credits = parts.credits
+        self._payments = parts.payments
+        self._clock = parts.clock
+        self._crash_if = parts.crash_if
+        self._video_rooms = parts.video_rooms
 
     async def create(self, request: NewBooking) -> Booking:
         for _ in range(RULES_ATTEMPTS):

@@ -22,7 +22,7 @@ the locked step as refused (no range), which records the series' refusal naming 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import partial
@@ -30,9 +30,8 @@ from functools import partial
 import structlog
 
 from booking_service import availability, events
-from booking_service.booking_flow import RULES_ATTEMPTS, new_booking
-from booking_service.calendar import Calendar
-from booking_service.catalogue import Catalogue, checked
+from booking_service.booking_flow import RULES_ATTEMPTS, FlowParts, new_booking
+from booking_service.catalogue import checked
 from booking_service.decisions import Answer, Answered, Occurrence, PlaceSeries, Refusal, SeriesDecided, Stale
 from booking_service.domain import (
     CalendarBusy,
@@ -43,7 +42,6 @@ from booking_service.domain import (
     SlotUnavailable,
     domain_error,
 )
-from booking_service.payments import Credits, Payments
 from booking_service.practice import BookedSeries, SkippedOccurrence
 from booking_service.requests import NewSeries, hold_reference
 from booking_service.rules_cache import BookingRules
@@ -66,45 +64,31 @@ class Planned:
 
 
 class SeriesFlow:
-    def __init__(
-        self,
-        catalogue: Catalogue,
-        calendar: Calendar,
-        credits: Credits,
-        payments: Payments,
-        *,
-        clock: Callable[[], datetime],
-        crash_if: Callable[[str], None],
-        video_rooms: bool,
-    ) -> None:
-        self._catalogue = catalogue
-        self._calendar = calendar
-        self._credits = credits
-        self._payments = payments
-        self._clock = clock
-        self._crash_if = crash_if
-        self._video_rooms = video_rooms
+    """The steps of BookingFlow, with its parts, for every occurrence at once."""
+
+    def __init__(self, parts: FlowParts) -> None:
+        self._parts = parts
 
     async def create(self, request: NewSeries) -> BookedSeries:
         held: set[int] = set()  # the occurrences whose holds this call made (kept across tries)
         for _ in range(RULES_ATTEMPTS):
-            rules = await self._catalogue.rules(request.therapist_id, request.session_type_id)
-            planned = plan(rules, request, self._clock())
+            rules = await self._parts.catalogue.rules(request.therapist_id, request.session_type_id)
+            planned = plan(rules, request, self._parts.clock())
             refused = {p.index: p.refusal for p in planned if p.refusal is not None}
             answered, version, taken = await self._look_up(request, planned)
             if not answered:
                 if version != rules.schedule_version:
-                    self._catalogue.forget(request.therapist_id)  # the schedule changed: check it again
+                    self._parts.catalogue.forget(request.therapist_id)  # the schedule changed: check it again
                     continue
                 refused |= {
                     p.index: _occurrence_refusal(p, SlotUnavailable(p.start)) for p in planned if p.index in taken
                 }
                 if len(refused) < len(planned) and (request.skip_unavailable or not refused):
                     refused |= await self._reserve(request, rules, [p for p in planned if p.index not in refused], held)
-                self._crash_if("after_reserve")
-            decision = await self._calendar.decide(self._proposal(request, rules, planned, refused))
+                self._parts.crash_if("after_reserve")
+            decision = await self._parts.calendar.decide(self._proposal(request, rules, planned, refused))
             if isinstance(decision, Stale):
-                self._catalogue.forget(request.therapist_id)
+                self._parts.catalogue.forget(request.therapist_id)
                 continue
             if isinstance(decision, Answered):  # the exclusion constraint refused an occurrence
                 decision = SeriesDecided(False, decision.answer, (), {})
@@ -116,9 +100,9 @@ class SeriesFlow:
         """Whether the series has its answer (its key's, or an occurrence's session); else the
         schedule's version and the occurrences the pre-check finds taken."""
         series, *occurrences = await asyncio.gather(
-            self._calendar.look_up(request.key, request.therapist_id, None),
+            self._parts.calendar.look_up(request.key, request.therapist_id, None),
             *(
-                self._calendar.look_up(
+                self._parts.calendar.look_up(
                     request.occurrence_id(p.index),
                     request.therapist_id,
                     None if p.blocked is None else (p.blocked.start, p.blocked.end),
@@ -147,7 +131,7 @@ class SeriesFlow:
             )
             for p in planned
         ]
-        outcomes = await self._credits.reserve_all(holds)
+        outcomes = await self._parts.credits.reserve_all(holds)
         refused: dict[int, Refusal] = {}
         for p, outcome in zip(planned, outcomes, strict=True):
             if outcome is None:
@@ -161,7 +145,7 @@ class SeriesFlow:
     def _proposal(
         self, request: NewSeries, rules: BookingRules, planned: Sequence[Planned], refused: Mapping[int, Refusal]
     ) -> PlaceSeries:
-        now = self._clock()
+        now = self._parts.clock()
         occurrences = []
         for p in planned:
             booking_id = request.occurrence_id(p.index)
@@ -173,7 +157,7 @@ class SeriesFlow:
                     booking=booking,
                     blocked=None if p.index in refused else p.blocked,
                     event=events.booking_event(events.CONFIRMED, booking, now),
-                    video_room_name=events.video_room_name(booking_id) if self._video_rooms else None,
+                    video_room_name=events.video_room_name(booking_id) if self._parts.video_rooms else None,
                     refusal=refused.get(p.index) or _occurrence_refusal(p, SlotUnavailable(p.start)),
                 )
             )
@@ -194,10 +178,12 @@ class SeriesFlow:
         bookings = decision.bookings
         if decision.placed:
             log.info("series_confirmed", series_id=str(request.key), occurrences=len(bookings))
-            self._crash_if("after_booking_commit")
-            bookings = tuple(await asyncio.gather(*(self._payments.pay(booking) for booking in bookings)))
+            self._parts.crash_if("after_booking_commit")
+            bookings = tuple(await asyncio.gather(*(self._parts.payments.pay(booking) for booking in bookings)))
         placed = {booking.series_index for booking in bookings}
-        await asyncio.gather(*(self._payments.release(request.occurrence_id(index)) for index in sorted(held - placed)))
+        await asyncio.gather(
+            *(self._parts.payments.release(request.occurrence_id(index)) for index in sorted(held - placed))
+        )
         answer = decision.answer
         if answer.fingerprint is not None and answer.fingerprint != request.fingerprint:
             raise RequestIdReused(request.request_id)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import structlog
 
-from booking_service.booking_flow import BookingFlow
+from booking_service.booking_flow import BookingFlow, FlowParts
 from booking_service.calendar import Calendar
 from booking_service.catalogue import Catalogue
 from booking_service.changes import Changes
@@ -72,24 +72,11 @@ class BookingService:
         )
         self.catalogue = Catalogue(database, clock, settings.context_cache_size)
         payments = Payments(database, credits, self.calendar, clock, crash_if)
-        self.bookings = BookingFlow(
-            self.catalogue,
-            self.calendar,
-            credits,
-            payments,
-            clock=clock,
-            crash_if=crash_if,
-            video_rooms=video is not None,
+        parts = FlowParts(
+            self.catalogue, self.calendar, credits, payments, clock, crash_if, video_rooms=video is not None
         )
-        self.series = SeriesFlow(
-            self.catalogue,
-            self.calendar,
-            credits,
-            payments,
-            clock=clock,
-            crash_if=crash_if,
-            video_rooms=video is not None,
-        )
+        self.bookings = BookingFlow(parts)
+        self.series = SeriesFlow(parts)
         self.changes = Changes(
             database,
             self.catalogue,

@@ -7,16 +7,17 @@
 --   session row of its own, carrying series_id and series_index.
 -- * One locked step. booking.decide takes the occurrences of a series as a group of proposals
 --   (kind 'series': all or nothing; 'series_partial': book what is free) and decides the whole
---   group under the therapist's calendar lock, in one transaction, as one answer for the series
---   key: every occurrence placed, or (all or nothing) none and the refusal naming each taken
---   occurrence recorded as the series' answer. A placed series' answer is a request_answers row
+--   group under the therapist's calendar lock, in the transaction of the call, as one answer for
+--   the series key: every occurrence placed, or (all or nothing) none and the refusal naming
+--   each taken occurrence recorded as the series' answer. Single proposals go on to 0005's
+--   function, unchanged and renamed booking.decide_each. A placed series' answer is a request_answers row
 --   naming its first session; its refusal_metadata names the occurrences it skipped (if any).
 -- * Holds of series occurrences carry the reference 'therapist:<id>/series:<series id>/booking:<id>':
 --   the reconciler proposes its abort for the series key, so an all-or-nothing series is never
 --   left half placed by a stale hold.
 --
 -- Rolling upgrade: the previous version calls booking.decide with kinds 'place', 'move' and
--- 'refuse' only, which this version decides exactly as 0005 did. Its reconciler ignores series
+-- 'refuse' only, which booking.decide_each decides exactly as 0005 did. Its reconciler ignores series
 -- holds (they are not 'booking:<id>'), which this version's reconciler resolves.
 
 ALTER TABLE booking.sessions
@@ -46,8 +47,8 @@ RETURNS TABLE (
      WHERE (p_proposals[n]).request_key = p_series_id AND (p_proposals[n]).kind = p_kind
 $$;
 
--- Steps 1 to 4 for the group of one series, under the therapist's lock (booking.decide takes it;
--- nothing else calls this):
+-- Steps 1 to 4 for the group of one series, under the therapist's lock (booking.decide takes it,
+-- in the same transaction; nothing else calls this):
 --   1. the series' answer, if it has one: 'answered', each occurrence with its session if it has one;
 --   2. rules checked against a schedule that changed since: 'stale' (nothing written);
 --   3. the occurrences that cannot be placed: refused by the rules already (blocked NULL) or taken
@@ -160,134 +161,62 @@ BEGIN
 END;
 $$;
 
--- The locked step, as in 0005 for single proposals ('place', 'move', 'refuse', steps 1 to 5
--- unchanged), and for the proposals of a series (the same request_key, kind 'series' or
--- 'series_partial'), decided together at the first of them, under one lock, by
--- booking.decide_series. A batch that only tries locks answers 'busy' for every proposal of a
--- series whose calendar is held. The exclusion violation undoes the whole call, as in 0005.
-CREATE OR REPLACE FUNCTION booking.decide(p_proposals booking.proposal[], p_wait boolean, p_lock_timeout_ms integer)
+-- The therapist's calendar lock (booking.calendar_lock_key), waited for (at most lock_timeout) or
+-- only tried; whether it is held.
+CREATE FUNCTION booking.take_calendar_lock(p_therapist_id uuid, p_wait boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF p_wait THEN
+        PERFORM pg_advisory_xact_lock(booking.calendar_lock_key(p_therapist_id));
+        RETURN true;
+    END IF;
+    RETURN pg_try_advisory_xact_lock(booking.calendar_lock_key(p_therapist_id));
+END;
+$$;
+
+-- The locked step of 0005, unchanged, decides the single proposals ('place', 'move', 'refuse');
+-- it keeps its body under a new name, and booking.decide hands it those proposals.
+ALTER FUNCTION booking.decide(booking.proposal[], boolean, integer) RENAME TO decide_each;
+
+-- The locked step, the one place where a request gets its answer: the single proposals as 0005
+-- decided them (booking.decide_each), and each series (the proposals of one request_key, kind
+-- 'series' or 'series_partial') as one group, under its therapist's lock, by booking.decide_series;
+-- all in this one READ COMMITTED transaction. A call with p_wait false (a batch of several) only
+-- tries locks: a series whose calendar another transaction holds is 'busy' for every proposal of
+-- it, decided again alone. A call with p_wait true holds one proposal or one series, so waiting
+-- calls never hold one lock while waiting for another. The exclusion violation undoes the call.
+CREATE FUNCTION booking.decide(p_proposals booking.proposal[], p_wait boolean, p_lock_timeout_ms integer)
 RETURNS TABLE (
     item_position integer, outcome text, fingerprint text, refusal_reason text, refusal_message text,
     refusal_metadata jsonb, session booking.sessions, room booking.video_rooms
 ) LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
-    p record;
-    v_grouped boolean;
-    v_group_done uuid;
-    v_answer booking.request_answers;
-    v_session booking.sessions;
+    v_positions integer[];
+    v_singles booking.proposal[];
+    v_series record;
 BEGIN
-    IF current_setting('transaction_isolation') <> 'read committed' THEN
-        RAISE EXCEPTION 'booking.decide needs READ COMMITTED, not %', current_setting('transaction_isolation');
-    END IF;
-    PERFORM set_config('lock_timeout', p_lock_timeout_ms::text, true);
-    FOR p IN
-        SELECT i.*, i.ordinality::integer AS position
-          FROM unnest(p_proposals) WITH ORDINALITY AS i
-         ORDER BY i.therapist_id, i.request_key, i.ordinality
+    SELECT array_agg(n ORDER BY n), array_agg(p_proposals[n] ORDER BY n) INTO v_positions, v_singles
+      FROM generate_subscripts(p_proposals, 1) AS n
+     WHERE (p_proposals[n]).kind NOT IN ('series', 'series_partial');
+    -- Even with no single proposal: it checks the isolation level and sets the lock timeout.
+    RETURN QUERY SELECT v_positions[d.item_position], d.outcome, d.fingerprint, d.refusal_reason,
+                        d.refusal_message, d.refusal_metadata, d.session, d.room
+                   FROM booking.decide_each(coalesce(v_singles, '{}'), p_wait, p_lock_timeout_ms) AS d;
+    FOR v_series IN
+        SELECT DISTINCT ON ((p_proposals[n]).therapist_id, (p_proposals[n]).request_key, (p_proposals[n]).kind)
+               p_proposals[n] AS first
+          FROM generate_subscripts(p_proposals, 1) AS n
+         WHERE (p_proposals[n]).kind IN ('series', 'series_partial')
+         ORDER BY (p_proposals[n]).therapist_id, (p_proposals[n]).request_key, (p_proposals[n]).kind, n
     LOOP
-        v_grouped := p.kind IN ('series', 'series_partial');
-        IF v_grouped AND p.request_key = v_group_done THEN
-            CONTINUE;  -- decided with the first proposal of its series
-        END IF;
-        IF p_wait THEN
-            PERFORM pg_advisory_xact_lock(booking.calendar_lock_key(p.therapist_id));
-        ELSIF NOT pg_try_advisory_xact_lock(booking.calendar_lock_key(p.therapist_id)) THEN
+        IF NOT booking.take_calendar_lock((v_series.first).therapist_id, p_wait) THEN
             RETURN QUERY SELECT g.item_position, 'busy'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
                                 NULL::booking.sessions, NULL::booking.video_rooms
-                           FROM booking.series_group(p_proposals, p.request_key, p.kind) g
-                          WHERE v_grouped
-                          UNION ALL
-                         SELECT p.position, 'busy'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
-                                NULL::booking.sessions, NULL::booking.video_rooms
-                          WHERE NOT v_grouped;
-            v_group_done := CASE WHEN v_grouped THEN p.request_key END;
+                           FROM booking.series_group(p_proposals, (v_series.first).request_key, (v_series.first).kind) g;
             CONTINUE;
         END IF;
-        IF v_grouped THEN
-            -- The whole series, at its first proposal, under this lock.
-            RETURN QUERY SELECT * FROM booking.decide_series(p_proposals, p_proposals[p.position]);
-            v_group_done := p.request_key;
-            CONTINUE;
-        END IF;
-
-        -- 1. The request's answer, if it has one: a recorded answer, or the session of a create.
-        SELECT * INTO v_answer FROM booking.request_answers a WHERE a.request_key = p.request_key;
-        IF FOUND THEN
-            RETURN QUERY SELECT p.position, 'answered'::text, v_answer.fingerprint, v_answer.refusal_reason,
-                                v_answer.refusal_message, v_answer.refusal_metadata, s, v
-                           FROM (SELECT 1) AS one
-                           LEFT JOIN booking.sessions s ON s.booking_id = v_answer.booking_id
-                           LEFT JOIN booking.video_rooms v ON v.booking_id = v_answer.booking_id;
-            CONTINUE;
-        END IF;
-        SELECT * INTO v_session FROM booking.sessions s WHERE s.booking_id = p.request_key;
-        IF FOUND THEN
-            RETURN QUERY SELECT p.position, 'answered'::text, v_session.request_fingerprint, NULL::text, NULL::text,
-                                NULL::jsonb, v_session, v
-                           FROM (SELECT 1) AS one LEFT JOIN booking.video_rooms v ON v.booking_id = v_session.booking_id;
-            CONTINUE;
-        END IF;
-
-        -- 2. and 3.
-        IF p.kind <> 'refuse' THEN
-            IF NOT EXISTS (SELECT 1 FROM booking.therapists t
-                            WHERE t.therapist_id = p.therapist_id AND t.schedule_version = p.schedule_version) THEN
-                RETURN QUERY SELECT p.position, 'stale'::text, NULL::text, NULL::text, NULL::text, NULL::jsonb,
-                                    NULL::booking.sessions, NULL::booking.video_rooms;
-                CONTINUE;
-            END IF;
-            IF p.kind = 'move' THEN
-                SELECT * INTO v_session FROM booking.sessions s WHERE s.booking_id = p.booking_id FOR UPDATE;
-                IF NOT FOUND OR v_session.status <> 'confirmed' OR v_session.starts_at <= p.now
-                   OR v_session.reschedule_count <> p.booking_version THEN
-                    RETURN QUERY SELECT p.position, 'changed'::text, NULL::text, NULL::text, NULL::text,
-                                        NULL::jsonb, NULL::booking.sessions, NULL::booking.video_rooms;
-                    CONTINUE;
-                END IF;
-            END IF;
-        END IF;
-
-        -- 4. A proposed refusal, or a taken slot, becomes the request's answer.
-        IF p.kind = 'refuse' OR booking.slot_conflicts(p.therapist_id, p.blocked, p.booking_id) THEN
-            INSERT INTO booking.request_answers
-                   (request_key, fingerprint, booking_id, refusal_reason, refusal_message, refusal_metadata)
-            VALUES (p.request_key, p.fingerprint, NULLIF(p.booking_id, p.request_key), p.refusal_reason,
-                    p.refusal_message, coalesce(p.refusal_metadata, '{}'));
-            RETURN QUERY SELECT p.position, 'refused'::text, p.fingerprint, p.refusal_reason, p.refusal_message,
-                                coalesce(p.refusal_metadata, '{}'), NULL::booking.sessions, NULL::booking.video_rooms;
-            CONTINUE;
-        END IF;
-
-        -- 5. The change, and its one outbox event.
-        IF p.kind = 'place' THEN
-            INSERT INTO booking.sessions
-                   (booking_id, request_id, request_fingerprint, client_id, therapist_id, session_type_id,
-                    starts_at, ends_at, blocked, time_zone, credit_cost)
-            VALUES (p.request_key, p.request_id, p.fingerprint, p.client_id, p.therapist_id, p.session_type_id,
-                    p.starts_at, p.ends_at, p.blocked, p.time_zone, p.credit_cost)
-            RETURNING * INTO v_session;
-            IF p.video_room_name IS NOT NULL THEN
-                INSERT INTO booking.video_rooms (booking_id, room_name) VALUES (p.request_key, p.video_room_name);
-            END IF;
-        ELSE
-            UPDATE booking.sessions s
-               SET starts_at = p.starts_at, ends_at = p.ends_at, blocked = p.blocked,
-                   reschedule_count = s.reschedule_count + 1, updated_at = now()
-             WHERE s.booking_id = p.booking_id
-            RETURNING * INTO v_session;
-            INSERT INTO booking.request_answers (request_key, fingerprint, booking_id)
-            VALUES (p.request_key, p.fingerprint, p.booking_id);
-            -- The room follows the session: pending until the worker has moved it.
-            UPDATE booking.video_rooms v SET state = 'pending', url = NULL, failure_reason = NULL, updated_at = now()
-             WHERE v.booking_id = p.booking_id AND v.state <> 'deleted';
-        END IF;
-        INSERT INTO booking.outbox (event_id, kind, booking_id, payload)
-        VALUES (gen_random_uuid(), 'booking_event', v_session.booking_id, p.event);
-        RETURN QUERY SELECT p.position, CASE p.kind WHEN 'place' THEN 'placed' ELSE 'moved' END, p.fingerprint,
-                            NULL::text, NULL::text, NULL::jsonb, v_session, v
-                       FROM (SELECT 1) AS one LEFT JOIN booking.video_rooms v ON v.booking_id = v_session.booking_id;
+        RETURN QUERY SELECT * FROM booking.decide_series(p_proposals, v_series.first);
     END LOOP;
 END;
 $$;
