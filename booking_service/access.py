@@ -57,6 +57,11 @@ ACCESS_RULES: AccessRules = {
         lambda principal, request: bool(request.client_id) and own(CLIENT, "client_id")(principal, request),
     ),
     "GetCalendarFeed": OPEN_TO_ANYONE,
+    # A client waits for itself; the servicer checks whose entry or offer it is (NOT_FOUND else).
+    "JoinWaitlist": either(anyone_with(ADMIN), own(CLIENT, "client_id")),
+    "GetWaitlistEntry": anyone_with(CLIENT, ADMIN),
+    "LeaveWaitlist": anyone_with(CLIENT, ADMIN),
+    "AcceptWaitlistOffer": anyone_with(CLIENT, ADMIN),
 }
 # Which cancellation actor each role may speak as (an admin may act for anyone).
 ACTORS_OF_ROLE = {

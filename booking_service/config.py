@@ -99,6 +99,9 @@ class BookingSettings:
     # A calendar feed shows the bookings from this many weeks back to this many ahead.
     calendar_past_weeks: int
     calendar_future_weeks: int
+    # A waitlist offer holds its slot this long; the waitlist worker runs this often.
+    waitlist_offer_hold_s: float
+    waitlist_interval_s: float
     # The outbox retries a reservation's commit only this long after its booking was decided:
     # the inline commit is normally done by then (a longer call has timed out long before).
     commit_retry_after_s: float
@@ -158,6 +161,10 @@ class BookingSettings:
             reminder_interval_s=config.number(env, "BOOKING_REMINDER_INTERVAL_S", 30.0, minimum=0.05, maximum=3600.0),
             calendar_past_weeks=config.integer(env, "BOOKING_CALENDAR_PAST_WEEKS", 4, minimum=0, maximum=52),
             calendar_future_weeks=config.integer(env, "BOOKING_CALENDAR_FUTURE_WEEKS", 26, minimum=1, maximum=104),
+            waitlist_offer_hold_s=config.number(
+                env, "BOOKING_WAITLIST_OFFER_HOLD_S", 900.0, minimum=10.0, maximum=86400.0
+            ),
+            waitlist_interval_s=config.number(env, "BOOKING_WAITLIST_INTERVAL_S", 10.0, minimum=0.05, maximum=3600.0),
         )
 
 

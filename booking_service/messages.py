@@ -270,12 +270,17 @@ def start_of(checks: Checks, request: Any) -> datetime:
     if which != "local_start":
         checks.fail("start_time", "is required: give start_time (an instant) or local_start")
         return EARLIEST_INSTANT
-    local = request.local_start
+    return local_instant(checks, "local_start", request.local_start)
+
+
+def local_instant(checks: Checks, name: str, local: booking_pb2.LocalDateTime) -> datetime:
+    """A LocalDateTime field (`name`) as an instant: checked, then resolved in its zone (a time in
+    a DST gap, or one that occurs twice without a disambiguation, is refused naming the field)."""
     if not _LOCAL_DATE_TIME.fullmatch(local.date_time):
-        checks.fail("local_start.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
+        checks.fail(f"{name}.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
         return EARLIEST_INSTANT
     disambiguation = checks.enum(
-        "local_start.disambiguation",
+        f"{name}.disambiguation",
         local.disambiguation,
         booking_pb2.Disambiguation.Name,
         allow_unspecified=True,
@@ -283,24 +288,22 @@ def start_of(checks: Checks, request: Any) -> datetime:
     try:
         naive = datetime.fromisoformat(local.date_time)
     except ValueError:
-        checks.fail("local_start.date_time", "is not a valid date and time")
+        checks.fail(f"{name}.date_time", "is not a valid date and time")
         return EARLIEST_INSTANT
     if not EARLIEST_INSTANT.year <= naive.year < LATEST_INSTANT.year:
         # Bounded before any arithmetic: near year 9999 a zone's offset overflows datetime.
-        checks.fail("local_start.date_time", f"must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year - 1}")
+        checks.fail(f"{name}.date_time", f"must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year - 1}")
         return EARLIEST_INSTANT
     checks.done()  # resolve only a well-formed local time
     try:
-        instant = availability.resolve_local(
-            naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start"
-        )
+        instant = availability.resolve_local(naive, local.time_zone, _DISAMBIGUATION[disambiguation], field=name)
     except availability.AvailabilityError as error:
         if isinstance(error, availability.UnknownTimeZone):
-            # availability names its own parameter; the request's field is local_start.time_zone.
-            error.field = "local_start.time_zone"
+            # availability names its own parameter; the request's field is <name>.time_zone.
+            error.field = f"{name}.time_zone"
         raise domain.domain_error(error) from None
     # 2000-01-01T00:00 in UTC+14 is still 1999 in UTC: the instant itself must be in the window too.
-    return checks.within_instant_window("local_start.date_time", instant)
+    return checks.within_instant_window(f"{name}.date_time", instant)
 
 
 def in_request_terms(error: InvalidArgument) -> InvalidArgument:

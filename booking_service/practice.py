@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from booking_service.domain import Actor, Booking, Refused, SessionOutcome, SessionType
+from booking_service.domain import Actor, Booking, NotFound, Refused, SessionOutcome, SessionType
 
 # A weekly series: at most this many occurrences (half a year of weekly sessions), one or two
 # weeks apart.
@@ -85,3 +86,65 @@ class OutcomeAlreadyRecorded(Refused):
             f"booking {booking_id} was already recorded as {outcome.value}",
             metadata={"booking_id": str(booking_id), "outcome": outcome.name},
         )
+
+
+class WaitlistStatus(enum.Enum):
+    WAITING = "waiting"
+    OFFERED = "offered"
+    BOOKED = "booked"
+    LEFT = "left"
+    EXPIRED = "expired"
+
+
+@dataclass(frozen=True)
+class Offer:
+    """A held slot offered to a waitlist entry, until `expires_at`."""
+
+    offer_id: uuid.UUID
+    entry_id: uuid.UUID
+    therapist_id: uuid.UUID
+    starts_at: datetime
+    expires_at: datetime
+    status: str  # open, taken, expired, withdrawn
+
+
+@dataclass(frozen=True)
+class WaitlistEntry:
+    """A client waiting for a start in [wanted_from, wanted_until) of a session type of a
+    therapist; its open offer, if it has one. Its id is its request key."""
+
+    entry_id: uuid.UUID
+    request_id: str
+    fingerprint: str
+    client_id: uuid.UUID
+    therapist_id: uuid.UUID
+    session_type_id: uuid.UUID
+    wanted_from: datetime
+    wanted_until: datetime
+    status: WaitlistStatus
+    booking_id: uuid.UUID | None
+    created_at: datetime
+    offer: Offer | None = None
+
+
+class WaitlistEntryNotFound(NotFound):
+    reason = "WAITLIST_ENTRY_NOT_FOUND"
+
+    def __init__(self, entry_id: uuid.UUID) -> None:
+        super().__init__("waitlist entry", entry_id)
+
+
+class OfferNotFound(NotFound):
+    reason = "OFFER_NOT_FOUND"
+
+    def __init__(self, offer_id: uuid.UUID) -> None:
+        super().__init__("offer", offer_id)
+
+
+class OfferNotOpen(Refused):
+    """The offer expired, was withdrawn, or was taken by another request."""
+
+    reason = "OFFER_NOT_OPEN"
+
+    def __init__(self, offer_id: uuid.UUID, status: str) -> None:
+        super().__init__(f"offer {offer_id} is {status}; join the waitlist again", metadata={"offer_id": str(offer_id)})

@@ -123,6 +123,34 @@ class NewSeries:
         return occurrence_id(self.key, index)
 
 
+@dataclass(frozen=True)
+class NewWaitlistEntry:
+    """What a JoinWaitlist asks for, and who asks."""
+
+    caller: str
+    request_id: str
+    client_id: uuid.UUID
+    therapist_id: uuid.UUID
+    session_type_id: uuid.UUID
+    wanted_from: datetime
+    wanted_until: datetime
+
+    @property
+    def key(self) -> uuid.UUID:
+        return request_key(self.caller, self.request_id)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(
+            "join_waitlist",
+            self.client_id,
+            self.therapist_id,
+            self.session_type_id,
+            self.wanted_from.isoformat(),
+            self.wanted_until.isoformat(),
+        )
+
+
 def occurrence_id(series_id: uuid.UUID, index: int) -> uuid.UUID:
     """The booking id of a series' occurrence (index from 0): every copy of the request finds it."""
     return uuid.uuid5(OCCURRENCE_NAMESPACE, f"{series_id}/{index}")

@@ -83,6 +83,7 @@ async def start(settings: BookingSettings) -> Runtime:
     workers.append(periodic("outbox", settings.outbox_interval_s, service.outbox.deliver_once))
     workers.append(periodic("outcome_sweeper", settings.outcome_sweep_interval_s, service.outcomes.sweep_once))
     workers.append(periodic("reminders", settings.reminder_interval_s, service.reminders.send_due_once))
+    workers.append(periodic("waitlist", settings.waitlist_interval_s, service.waitlist.offer_once))
     workers.append(metrics.refresher(database, settings.server))
 
     def parts(_: Database) -> ServiceParts:

@@ -8,6 +8,7 @@ the calendar's steps and the payments.
     outcomes    COMPLETED / NO_SHOW, and the sweeper of unmarked sessions (outcomes.py)
     reminders   reminder events before each session (reminders.py)
     feeds       the iCalendar feeds of therapists and clients (feeds.py)
+    waitlist    waiting for a slot, offers with a short hold (waitlist.py)
     reconciler  stale holds (recovery.py)
     outbox      booking events' side effects, unsettled payments, dead letters (outbox.py)
 """
@@ -34,6 +35,7 @@ from booking_service.recovery import Reconciler
 from booking_service.reminders import Reminders
 from booking_service.series import SeriesFlow
 from booking_service.side_effects import LogNotifier, Notifier, VideoProvider
+from booking_service.waitlist import Waitlist
 from service_kit.database import Database
 
 log = structlog.get_logger()
@@ -101,6 +103,15 @@ class BookingService:
             clock=clock,
             past=timedelta(weeks=settings.calendar_past_weeks),
             future=timedelta(weeks=settings.calendar_future_weeks),
+        )
+        self.waitlist = Waitlist(
+            database,
+            self.catalogue,
+            self.bookings,
+            clock=clock,
+            offer_hold=timedelta(seconds=settings.waitlist_offer_hold_s),
+            lock_timeout_ms=settings.lock_timeout_ms,
+            batch_size=settings.reconcile_batch_size,
         )
         self.reconciler = Reconciler(
             database,

@@ -43,6 +43,7 @@ from booking_service.practice import START_STEPS_MINUTES
 from booking_service.practice_servicer import PracticeRpcs, session_type_policy
 from booking_service.requests import NewBooking, NewStart
 from booking_service.service import BookingService
+from booking_service.waitlist_servicer import WaitlistRpcs
 from service_kit import pagination
 from service_kit.auth import current_principal
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
@@ -74,7 +75,7 @@ ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class BookingServicer(PracticeRpcs, booking_pb2_grpc.BookingServiceServicer):
+class BookingServicer(PracticeRpcs, WaitlistRpcs, booking_pb2_grpc.BookingServiceServicer):
     def __init__(self, service: BookingService) -> None:
         self._service = service
 

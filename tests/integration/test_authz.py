@@ -75,6 +75,12 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "RotateCalendarFeed": {"therapist_self": OK, "admin": OK},
     # No token is asked, none read: every caller alike, and a token nobody made finds no feed.
     "GetCalendarFeed": dict.fromkeys(CALLERS, MISSING),
+    "JoinWaitlist": {"client_self": OK, "admin": OK},
+    # Another client's entry or offer looks missing; a therapist has no waitlist calls.
+    "GetWaitlistEntry": {"client_self": OK, "admin": OK, "client_other": MISSING},
+    "LeaveWaitlist": {"client_self": OK, "admin": OK, "client_other": MISSING},
+    # No offer has this id (offers come from the waitlist worker).
+    "AcceptWaitlistOffer": dict.fromkeys(("client_self", "client_other", "admin"), MISSING),
     "CancelFollowingBookings": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
     "GrantCredits": {"admin": OK},
     "GetBalance": {"client_self": OK, "admin": OK},
@@ -205,7 +211,7 @@ def actor_of(caller: str) -> booking_pb2.CancellationActor.ValueType:
 Call = Callable[[Scene, str, Any], Awaitable[object]]
 
 
-async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
+async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:  # noqa: PLR0911  # one per kind
     """(stub method, request) for one call; targets the scene's therapist, client and bookings."""
     w, b, c = scene.world, scene.booking_stub, scene.credit_stub
     rid = str(uuid.uuid4())
@@ -310,6 +316,24 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         "GetReservation": lambda: plain(c.GetReservation, credit_pb2.GetReservationRequest(reservation_id=rid)),
         "ListReservations": lambda: plain(c.ListReservations, credit_pb2.ListReservationsRequest(owner_id=w.client_id)),
     }
+    if rpc in ("JoinWaitlist", "GetWaitlistEntry", "LeaveWaitlist"):
+        day = scene.next_start()
+        join = booking_pb2.JoinWaitlistRequest(
+            request_id=rid,
+            client_id=w.client_id,
+            therapist_id=w.therapist_id,
+            session_type_id=w.session_type_id,
+            window_start=booking_pb2.LocalDateTime(date_time=f"{day:%Y-%m-%dT%H:%M}", time_zone="UTC"),
+            window_end=booking_pb2.LocalDateTime(date_time=f"{day:%Y-%m-%dT%H}:30", time_zone="UTC"),
+        )
+        if rpc == "JoinWaitlist":
+            return b.JoinWaitlist, join
+        entry = (await b.JoinWaitlist(join)).entry
+        if rpc == "GetWaitlistEntry":
+            return b.GetWaitlistEntry, booking_pb2.GetWaitlistEntryRequest(entry_id=entry.entry_id)
+        return b.LeaveWaitlist, booking_pb2.LeaveWaitlistRequest(entry_id=entry.entry_id)
+    if rpc == "AcceptWaitlistOffer":
+        return b.AcceptWaitlistOffer, booking_pb2.AcceptWaitlistOfferRequest(offer_id=str(uuid.uuid4()), request_id=rid)
     if rpc == "RecordSessionOutcome":
         booking_id = await scene.fresh_booking()
         return b.RecordSessionOutcome, booking_pb2.RecordSessionOutcomeRequest(

@@ -87,6 +87,8 @@ class Scene:
             "reservation_id": self.booking_id,
             "event_id": str(uuid.uuid4()),
             "feed_token": "A" * 43,
+            "entry_id": str(uuid.uuid4()),
+            "offer_id": str(uuid.uuid4()),
         }
         names = re.findall(r"\{([^}]+)\}", route.template)
         path = route.template.encode()

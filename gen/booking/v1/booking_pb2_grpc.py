@@ -145,6 +145,26 @@ class BookingServiceStub:
                 request_serializer=booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.SerializeToString,
                 response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
                 _registered_method=True)
+        self.JoinWaitlist = channel.unary_unary(
+                '/booking.v1.BookingService/JoinWaitlist',
+                request_serializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistResponse.FromString,
+                _registered_method=True)
+        self.GetWaitlistEntry = channel.unary_unary(
+                '/booking.v1.BookingService/GetWaitlistEntry',
+                request_serializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryResponse.FromString,
+                _registered_method=True)
+        self.LeaveWaitlist = channel.unary_unary(
+                '/booking.v1.BookingService/LeaveWaitlist',
+                request_serializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistResponse.FromString,
+                _registered_method=True)
+        self.AcceptWaitlistOffer = channel.unary_unary(
+                '/booking.v1.BookingService/AcceptWaitlistOffer',
+                request_serializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferResponse.FromString,
+                _registered_method=True)
         self.CancelFollowingBookings = channel.unary_unary(
                 '/booking.v1.BookingService/CancelFollowingBookings',
                 request_serializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.SerializeToString,
@@ -319,6 +339,38 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def JoinWaitlist(self, request, context):
+        """Puts a client on the waitlist for a start of a therapist's session type within a window of
+        local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+        offered it in the order they joined, through a notification (waitlist.offered), with a short
+        exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWaitlistEntry(self, request, context):
+        """Returns a waitlist entry with its open offer, if it has one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveWaitlist(self, request, context):
+        """Takes a client off the waitlist, withdrawing its open offer. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptWaitlistOffer(self, request, context):
+        """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+        by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CancelFollowingBookings(self, request, context):
         """Cancels an occurrence of a series and every later one, each refunded by the cancellation
         policy for its own start. Idempotent.
@@ -434,6 +486,26 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.GetCalendarFeed,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.FromString,
                     response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'JoinWaitlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWaitlist,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistResponse.SerializeToString,
+            ),
+            'GetWaitlistEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWaitlistEntry,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryResponse.SerializeToString,
+            ),
+            'LeaveWaitlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveWaitlist,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistResponse.SerializeToString,
+            ),
+            'AcceptWaitlistOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptWaitlistOffer,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferResponse.SerializeToString,
             ),
             'CancelFollowingBookings': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelFollowingBookings,
@@ -1013,6 +1085,114 @@ class BookingService:
             '/booking.v1.BookingService/GetCalendarFeed',
             booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.SerializeToString,
             google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWaitlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/JoinWaitlist',
+            booking_dot_v1_dot_booking__pb2.JoinWaitlistRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.JoinWaitlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWaitlistEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/GetWaitlistEntry',
+            booking_dot_v1_dot_booking__pb2.GetWaitlistEntryRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.GetWaitlistEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveWaitlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/LeaveWaitlist',
+            booking_dot_v1_dot_booking__pb2.LeaveWaitlistRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.LeaveWaitlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptWaitlistOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/AcceptWaitlistOffer',
+            booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferResponse.FromString,
             options,
             channel_credentials,
             insecure,

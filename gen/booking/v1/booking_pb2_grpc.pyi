@@ -98,6 +98,20 @@ class BookingServiceStub:
     calendar apps cannot send one; the feed token is the credential.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
     """
+    JoinWaitlist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.JoinWaitlistRequest, _booking_pb2.JoinWaitlistResponse]
+    """Puts a client on the waitlist for a start of a therapist's session type within a window of
+    local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+    offered it in the order they joined, through a notification (waitlist.offered), with a short
+    exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+    """
+    GetWaitlistEntry: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetWaitlistEntryRequest, _booking_pb2.GetWaitlistEntryResponse]
+    """Returns a waitlist entry with its open offer, if it has one."""
+    LeaveWaitlist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.LeaveWaitlistRequest, _booking_pb2.LeaveWaitlistResponse]
+    """Takes a client off the waitlist, withdrawing its open offer. Idempotent."""
+    AcceptWaitlistOffer: _grpc.UnaryUnaryMultiCallable[_booking_pb2.AcceptWaitlistOfferRequest, _booking_pb2.AcceptWaitlistOfferResponse]
+    """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+    by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
+    """
     CancelFollowingBookings: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
     policy for its own start. Idempotent.
@@ -171,6 +185,20 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
     calendar apps cannot send one; the feed token is the credential.
     buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    JoinWaitlist: _aio.UnaryUnaryMultiCallable[_booking_pb2.JoinWaitlistRequest, _booking_pb2.JoinWaitlistResponse]  # type: ignore[assignment]
+    """Puts a client on the waitlist for a start of a therapist's session type within a window of
+    local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+    offered it in the order they joined, through a notification (waitlist.offered), with a short
+    exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+    """
+    GetWaitlistEntry: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetWaitlistEntryRequest, _booking_pb2.GetWaitlistEntryResponse]  # type: ignore[assignment]
+    """Returns a waitlist entry with its open offer, if it has one."""
+    LeaveWaitlist: _aio.UnaryUnaryMultiCallable[_booking_pb2.LeaveWaitlistRequest, _booking_pb2.LeaveWaitlistResponse]  # type: ignore[assignment]
+    """Takes a client off the waitlist, withdrawing its open offer. Idempotent."""
+    AcceptWaitlistOffer: _aio.UnaryUnaryMultiCallable[_booking_pb2.AcceptWaitlistOfferRequest, _booking_pb2.AcceptWaitlistOfferResponse]  # type: ignore[assignment]
+    """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+    by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
     """
     CancelFollowingBookings: _aio.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]  # type: ignore[assignment]
     """Cancels an occurrence of a series and every later one, each refunded by the cancellation
@@ -368,6 +396,44 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
         calendar apps cannot send one; the feed token is the credential.
         buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def JoinWaitlist(
+        self,
+        request: _booking_pb2.JoinWaitlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.JoinWaitlistResponse, _abc.Awaitable[_booking_pb2.JoinWaitlistResponse]]:
+        """Puts a client on the waitlist for a start of a therapist's session type within a window of
+        local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+        offered it in the order they joined, through a notification (waitlist.offered), with a short
+        exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWaitlistEntry(
+        self,
+        request: _booking_pb2.GetWaitlistEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.GetWaitlistEntryResponse, _abc.Awaitable[_booking_pb2.GetWaitlistEntryResponse]]:
+        """Returns a waitlist entry with its open offer, if it has one."""
+
+    @_abc_1.abstractmethod
+    def LeaveWaitlist(
+        self,
+        request: _booking_pb2.LeaveWaitlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.LeaveWaitlistResponse, _abc.Awaitable[_booking_pb2.LeaveWaitlistResponse]]:
+        """Takes a client off the waitlist, withdrawing its open offer. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def AcceptWaitlistOffer(
+        self,
+        request: _booking_pb2.AcceptWaitlistOfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.AcceptWaitlistOfferResponse, _abc.Awaitable[_booking_pb2.AcceptWaitlistOfferResponse]]:
+        """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+        by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
         """
 
     @_abc_1.abstractmethod

@@ -281,6 +281,42 @@ VIDEO_ROOM_STATE_DISABLED: VideoRoomState.ValueType  # 5
 """No room is kept for this booking (no video provider is configured)."""
 Global___VideoRoomState: _TypeAlias = VideoRoomState  # noqa: Y015
 
+class _WaitlistStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitlistStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitlistStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAITLIST_STATUS_UNSPECIFIED: _WaitlistStatus.ValueType  # 0
+    """Not set (never in an answer)."""
+    WAITLIST_STATUS_WAITING: _WaitlistStatus.ValueType  # 1
+    """Waiting for a free start."""
+    WAITLIST_STATUS_OFFERED: _WaitlistStatus.ValueType  # 2
+    """A start is offered and held for it (see offer)."""
+    WAITLIST_STATUS_BOOKED: _WaitlistStatus.ValueType  # 3
+    """It booked an offered start (see booking_id)."""
+    WAITLIST_STATUS_LEFT: _WaitlistStatus.ValueType  # 4
+    """Its client left the waitlist."""
+    WAITLIST_STATUS_EXPIRED: _WaitlistStatus.ValueType  # 5
+    """Its window passed without a booking."""
+
+class WaitlistStatus(_WaitlistStatus, metaclass=_WaitlistStatusEnumTypeWrapper):
+    """Where a waitlist entry stands."""
+
+WAITLIST_STATUS_UNSPECIFIED: WaitlistStatus.ValueType  # 0
+"""Not set (never in an answer)."""
+WAITLIST_STATUS_WAITING: WaitlistStatus.ValueType  # 1
+"""Waiting for a free start."""
+WAITLIST_STATUS_OFFERED: WaitlistStatus.ValueType  # 2
+"""A start is offered and held for it (see offer)."""
+WAITLIST_STATUS_BOOKED: WaitlistStatus.ValueType  # 3
+"""It booked an offered start (see booking_id)."""
+WAITLIST_STATUS_LEFT: WaitlistStatus.ValueType  # 4
+"""Its client left the waitlist."""
+WAITLIST_STATUS_EXPIRED: WaitlistStatus.ValueType  # 5
+"""Its window passed without a booking."""
+Global___WaitlistStatus: _TypeAlias = WaitlistStatus  # noqa: Y015
+
 @_typing.final
 class Therapist(_message.Message):
     """A therapist and the rules that shape their calendar."""
@@ -2045,3 +2081,309 @@ class GetCalendarFeedRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCalendarFeedRequest: _TypeAlias = GetCalendarFeedRequest  # noqa: Y015
+
+@_typing.final
+class WaitlistOffer(_message.Message):
+    """A start held for a waitlist entry until expire_time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The offer (a UUID), for AcceptWaitlistOffer."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The offered start, UTC."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The hold ends then; the start goes to the next waiting client."""
+
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "offer_id", b"offer_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitlistOffer: _TypeAlias = WaitlistOffer  # noqa: Y015
+
+@_typing.final
+class WaitlistEntry(_message.Message):
+    """A client waiting for a start of a therapist's session type within a window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_START_TIME_FIELD_NUMBER: _builtins.int
+    WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OFFER_FIELD_NUMBER: _builtins.int
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """A UUID, derived from the caller and the request_id."""
+    client_id: _builtins.str
+    """The client (a UUID)."""
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """The session type (a UUID)."""
+    status: Global___WaitlistStatus.ValueType
+    """Where it stands."""
+    booking_id: _builtins.str
+    """The booking it made, when booked."""
+    @_builtins.property
+    def window_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The first start wanted, UTC."""
+
+    @_builtins.property
+    def window_end_time(self) -> _timestamp_pb2.Timestamp:
+        """Starts before this, UTC."""
+
+    @_builtins.property
+    def offer(self) -> Global___WaitlistOffer:
+        """The open offer, when offered."""
+
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+        window_start_time: _timestamp_pb2.Timestamp | None = ...,
+        window_end_time: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___WaitlistStatus.ValueType = ...,
+        offer: Global___WaitlistOffer | None = ...,
+        booking_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "client_id", b"client_id", "entry_id", b"entry_id", "offer", b"offer", "session_type_id", b"session_type_id", "status", b"status", "therapist_id", b"therapist_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitlistEntry: _TypeAlias = WaitlistEntry  # noqa: Y015
+
+@_typing.final
+class JoinWaitlistRequest(_message.Message):
+    """The request of JoinWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the caller (1 to 128 printable characters)."""
+    client_id: _builtins.str
+    """The client waiting (a UUID)."""
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """One of the therapist's session types (a UUID)."""
+    @_builtins.property
+    def window_start(self) -> Global___LocalDateTime:
+        """The first start wanted, a local time."""
+
+    @_builtins.property
+    def window_end(self) -> Global___LocalDateTime:
+        """Starts before this local time, at most 31 days after window_start."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+        window_start: Global___LocalDateTime | None = ...,
+        window_end: Global___LocalDateTime | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "request_id", b"request_id", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinWaitlistRequest: _TypeAlias = JoinWaitlistRequest  # noqa: Y015
+
+@_typing.final
+class JoinWaitlistResponse(_message.Message):
+    """The answer of JoinWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___WaitlistEntry:
+        """The entry."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___WaitlistEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinWaitlistResponse: _TypeAlias = JoinWaitlistResponse  # noqa: Y015
+
+@_typing.final
+class GetWaitlistEntryRequest(_message.Message):
+    """The request of GetWaitlistEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWaitlistEntryRequest: _TypeAlias = GetWaitlistEntryRequest  # noqa: Y015
+
+@_typing.final
+class GetWaitlistEntryResponse(_message.Message):
+    """The answer of GetWaitlistEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___WaitlistEntry:
+        """The entry."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___WaitlistEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWaitlistEntryResponse: _TypeAlias = GetWaitlistEntryResponse  # noqa: Y015
+
+@_typing.final
+class LeaveWaitlistRequest(_message.Message):
+    """The request of LeaveWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveWaitlistRequest: _TypeAlias = LeaveWaitlistRequest  # noqa: Y015
+
+@_typing.final
+class LeaveWaitlistResponse(_message.Message):
+    """The answer of LeaveWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___WaitlistEntry:
+        """The entry, left (unless it had booked or expired already)."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___WaitlistEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveWaitlistResponse: _TypeAlias = LeaveWaitlistResponse  # noqa: Y015
+
+@_typing.final
+class AcceptWaitlistOfferRequest(_message.Message):
+    """The request of AcceptWaitlistOffer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The offer (a UUID)."""
+    request_id: _builtins.str
+    """Idempotency key of the booking this makes (1 to 128 printable characters)."""
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptWaitlistOfferRequest: _TypeAlias = AcceptWaitlistOfferRequest  # noqa: Y015
+
+@_typing.final
+class AcceptWaitlistOfferResponse(_message.Message):
+    """The answer of AcceptWaitlistOffer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def booking(self) -> Global___Booking:
+        """The booking."""
+
+    def __init__(
+        self,
+        *,
+        booking: Global___Booking | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptWaitlistOfferResponse: _TypeAlias = AcceptWaitlistOfferResponse  # noqa: Y015
