@@ -1,10 +1,13 @@
 """python -m bench: the two-service design against the single-transaction baseline.
 
-    python -m bench [--concurrency 32] [--duration-s 20] [--scenarios spread,hot,contended]
+    python -m bench [--runs spread@1,spread@4,spread@32,hot@32,contended@32] [--duration-s 15]
                     [--smoke] [--out bench-results/]
+    python -m bench --concurrency 32 --scenarios spread,hot     (each scenario at that concurrency)
 
-Exits 0 when every correctness check passed, 1 when one failed (the table says which); speed
-is reported, never judged by the exit code.
+By default a sweep: the spread scenario at 1, 4 and 32 clients, hot and contended at 32, each
+run against the services and then the baseline, in one process on one PostgreSQL. Exits 0 when
+every correctness check passed, 1 when one failed (the table says which); speed is reported,
+never judged by the exit code.
 """
 
 from __future__ import annotations
@@ -28,7 +31,11 @@ from bench.loadgen import MEASURE_END, MEASURE_START
 from bench.stack import ROOT, TOKEN_AUDIENCE, TOKEN_ISSUER, BenchStack
 
 DESIGNS = ("services", "baseline")
-SMOKE_CONCURRENCY = 4
+# The issue's sweep (docs/performance.md): a lone booking, a few, and a crowd, and the crowd on one
+# therapist (hot) and on a few slots (contended).
+DEFAULT_RUNS = "spread@1,spread@4,spread@32,hot@32,contended@32"
+SMOKE_RUNS = "spread@1,spread@4,hot@4,contended@4"
+DEFAULT_DURATION_S = 15.0
 SMOKE_DURATION_S = 1.5
 SMOKE_WARMUP_S = 0.3
 # Beyond the run itself: starting the process, setting up the scenario, the last calls' deadlines.
@@ -40,10 +47,11 @@ BUSY_IDLE_FRACTION = 0.8
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    parser.add_argument("--concurrency", type=int, default=None, help="calls in flight (default 32; smoke 4)")
-    parser.add_argument("--duration-s", type=float, default=None, help="measured seconds per run (default 20)")
+    parser.add_argument("--runs", default=None, help=f"scenario@clients, comma-separated (default {DEFAULT_RUNS})")
+    parser.add_argument("--concurrency", type=int, default=None, help="instead of --runs: every scenario at this")
+    parser.add_argument("--scenarios", default=None, help="with --concurrency: comma-separated (default all)")
+    parser.add_argument("--duration-s", type=float, default=None, help="measured seconds per run (default 15)")
     parser.add_argument("--warmup-s", type=float, default=None, help="unmeasured seconds first (default 2)")
-    parser.add_argument("--scenarios", default=",".join(scenarios.SCENARIO_NAMES), help="comma-separated")
     parser.add_argument("--designs", default=",".join(DESIGNS), help="comma-separated: services,baseline")
     parser.add_argument("--smoke", action="store_true", help="a few seconds in all, low concurrency")
     parser.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for JSON and SVG")
@@ -62,24 +70,40 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--service-env takes NAME=VALUE")
     arguments.service_env = dict(setting.split("=", 1) for setting in arguments.service_env)
     smoke = arguments.smoke
-    if arguments.concurrency is None:
-        arguments.concurrency = SMOKE_CONCURRENCY if smoke else 32
     if arguments.duration_s is None:
-        arguments.duration_s = SMOKE_DURATION_S if smoke else 20.0
+        arguments.duration_s = SMOKE_DURATION_S if smoke else DEFAULT_DURATION_S
     if arguments.warmup_s is None:
         arguments.warmup_s = SMOKE_WARMUP_S if smoke else 2.0
-    arguments.scenarios = [s.strip() for s in arguments.scenarios.split(",") if s.strip()]
+    if arguments.concurrency is not None or arguments.scenarios is not None:
+        if arguments.runs is not None:
+            parser.error("give --runs, or --concurrency with --scenarios, not both")
+        names = arguments.scenarios or ",".join(scenarios.SCENARIO_NAMES)
+        clients = arguments.concurrency or 32
+        arguments.runs = ",".join(f"{name.strip()}@{clients}" for name in names.split(",") if name.strip())
+    elif arguments.runs is None:
+        arguments.runs = SMOKE_RUNS if smoke else DEFAULT_RUNS
+    try:
+        arguments.runs = [_run_spec(text) for text in arguments.runs.split(",") if text.strip()]
+    except ValueError as error:
+        parser.error(f"--runs: {error}")
     arguments.designs = [d.strip() for d in arguments.designs.split(",") if d.strip()]
-    unknown = set(arguments.scenarios) - set(scenarios.SCENARIO_NAMES)
-    if unknown or not arguments.scenarios:
-        parser.error(f"--scenarios: unknown {sorted(unknown)}; known: {', '.join(scenarios.SCENARIO_NAMES)}")
+    if not arguments.runs:
+        parser.error("--runs: give at least one scenario@clients")
     if set(arguments.designs) - set(DESIGNS) or not arguments.designs:
         parser.error(f"--designs: choose from {', '.join(DESIGNS)}")
-    if not 1 <= arguments.concurrency <= 1024:
-        parser.error("--concurrency must be between 1 and 1024")
     if not 0 < arguments.duration_s <= 3600 or not 0 <= arguments.warmup_s <= 600:
         parser.error("--duration-s must be in (0, 3600] and --warmup-s in [0, 600]")
     return arguments
+
+
+def _run_spec(text: str) -> tuple[str, int]:
+    """ "spread@32" as ("spread", 32)."""
+    name, _, clients = text.strip().partition("@")
+    if name not in scenarios.SCENARIO_NAMES:
+        raise ValueError(f"unknown scenario {name!r}; known: {', '.join(scenarios.SCENARIO_NAMES)}")
+    if not clients.isdigit() or not 1 <= int(clients) <= 1024:
+        raise ValueError(f"{text.strip()!r}: give scenario@clients, clients between 1 and 1024")
+    return name, int(clients)
 
 
 async def _postgres_facts(server_url: str) -> dict[str, str]:
@@ -95,7 +119,9 @@ async def _postgres_facts(server_url: str) -> dict[str, str]:
     return {row["name"]: row["value"] for row in rows}
 
 
-async def _run_loadgen(arguments: argparse.Namespace, stack: BenchStack, design: str, scenario: str) -> dict[str, Any]:
+async def _run_loadgen(
+    arguments: argparse.Namespace, stack: BenchStack, design: str, scenario: str, concurrency: int
+) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-run-") as folder:
         result_file = Path(folder) / "result.json"
         command = [
@@ -104,7 +130,7 @@ async def _run_loadgen(arguments: argparse.Namespace, stack: BenchStack, design:
             "bench.loadgen",
             f"--design={design}",
             f"--scenario={scenario}",
-            f"--concurrency={arguments.concurrency}",
+            f"--concurrency={concurrency}",
             f"--duration-s={arguments.duration_s}",
             f"--warmup-s={arguments.warmup_s}",
             f"--result-file={result_file}",
@@ -178,15 +204,18 @@ def _cpu_per_call(result: dict[str, Any], design: str) -> dict[str, float | None
     return per_call
 
 
-async def _measure(arguments: argparse.Namespace, stack: BenchStack, design: str, scenario: str) -> dict[str, Any]:
+async def _measure(
+    arguments: argparse.Namespace, stack: BenchStack, design: str, scenario: str, concurrency: int
+) -> dict[str, Any]:
     idle = await asyncio.to_thread(report.cpu_idle_fraction, IDLE_SAMPLE_S)
     if idle is not None and idle < BUSY_IDLE_FRACTION:
         print(
-            f"warning: the CPUs were only {idle:.0%} idle before {design}/{scenario}: other load skews the figures",
+            f"warning: the CPUs were only {idle:.0%} idle before {design}/{scenario}@{concurrency}: "
+            "other load skews the figures",
             file=sys.stderr,
         )
     peaks_reset = stack.reset_peaks() if design == "services" else False
-    result = await _run_loadgen(arguments, stack, design, scenario)
+    result = await _run_loadgen(arguments, stack, design, scenario, concurrency)
     result["cpu_idle_before"] = idle
     violations = checks.count_violations(result)
     if design == "services":
@@ -213,32 +242,32 @@ async def run(arguments: argparse.Namespace) -> int:
         "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
         "machine": report.machine(),
         "options": {
-            "concurrency": arguments.concurrency,
+            "runs": [f"{scenario}@{concurrency}" for scenario, concurrency in arguments.runs],
             "duration_s": arguments.duration_s,
             "warmup_s": arguments.warmup_s,
-            "scenarios": arguments.scenarios,
             "designs": arguments.designs,
             "smoke": arguments.smoke,
             "service_env": arguments.service_env,
         },
-        "scenarios": {},
+        "runs": [],
     }
     stack = BenchStack(
         postgres_url=arguments.postgres_url, keep_logs=arguments.keep_logs, service_env=arguments.service_env
     )
     async with stack:
         document["postgres"] = await _postgres_facts(stack.server_url)
-        for scenario in arguments.scenarios:
-            document["scenarios"][scenario] = {}
+        for scenario, concurrency in arguments.runs:
+            run_results: dict[str, Any] = {"scenario": scenario, "concurrency": concurrency}
             for design in arguments.designs:
-                document["scenarios"][scenario][design] = await _measure(arguments, stack, design, scenario)
-        failed = any(r["violations"] for s in document["scenarios"].values() for r in s.values())
+                run_results[design] = await _measure(arguments, stack, design, scenario, concurrency)
+            document["runs"].append(run_results)
+        failed = any(run[design]["violations"] for run in document["runs"] for design in arguments.designs)
         if failed:
             stack.keep_logs = True
             print(f"services' logs kept in {stack.log_dir}", file=sys.stderr)
-    for scenario in document["scenarios"].values():
-        scenario_ratio = report.ratio(scenario)
-        scenario["ratio"] = None if scenario_ratio is None else round(scenario_ratio, 4)
+    for run_results in document["runs"]:
+        run_ratio = report.ratio(run_results)
+        run_results["ratio"] = None if run_ratio is None else round(run_ratio, 4)
     document["must_show"] = report.must_show(document)
     document["ok"] = not failed
     json_path = arguments.out / f"{stamp}.json"

@@ -70,9 +70,9 @@ def main() -> int:
     load_s = WARMUP_S + arguments.duration_s + 5
     bench = subprocess.Popen(
         [
-            *(sys.executable, "-m", "bench", "--designs", "services", "--scenarios", "spread"),
+            *(sys.executable, "-m", "bench", "--designs", "services"),
+            *("--runs", f"spread@{arguments.concurrency}"),
             *("--duration-s", str(load_s), "--quiet", "--out", str(arguments.out)),
-            *("--concurrency", str(arguments.concurrency)),
         ],
         cwd=ROOT,
     )

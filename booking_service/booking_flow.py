@@ -75,34 +75,43 @@ class BookingFlow:
         self._video_rooms = parts.video_rooms
 
     async def create(self, request: NewBooking) -> Booking:
+        held: int | None = None  # the credits this copy holds for the request (kept if the schedule moves)
         for _ in range(RULES_ATTEMPTS):
             rules = await self._catalogue.rules(request.therapist_id, request.session_type_id)
             blocked, refusal = self._check(rules, request.start)
             found = await self._calendar.look_up(request.key, request.therapist_id, (blocked.start, blocked.end))
             if isinstance(found, Answer):
-                return found.given_to(request.fingerprint, request.request_id)  # a repeat: its answer
+                return await self._given(found, request, held)  # a repeat: its answer
             if found.schedule_version != rules.schedule_version:
                 self._catalogue.forget(request.therapist_id)  # the schedule changed: check it again
                 continue
             if refusal is None and found.slot_taken:
                 refusal = SlotUnavailable(request.start)
-            if refusal is None:
+            if refusal is None and held is None:
                 refusal = await self._reserve(request, rules)
+                held = None if refusal is not None else rules.session_type.credit_cost
             if refusal is not None:
-                return await self._refuse(request, refusal)
+                return await self._given(await self._refuse(request, refusal), request, held)
+            assert held is not None
             self._crash_if("after_reserve")
-            decision = await self._calendar.decide(self._place(request, rules, blocked))
+            decision = await self._calendar.decide(self._place(request, rules, blocked, held))
             if isinstance(decision, Placed):
                 log.info("booking_confirmed", booking_id=str(request.key), therapist_id=str(request.therapist_id))
                 self._crash_if("after_booking_commit")
                 return await self._payments.pay(decision.booking)
             if isinstance(decision, Answered):
-                if decision.answer.booking is None:
-                    await self._payments.release(request.key)  # refused: nothing will pay with this hold
-                return decision.answer.given_to(request.fingerprint, request.request_id)
+                return await self._given(decision.answer, request, held)
             assert isinstance(decision, Stale), decision
             self._catalogue.forget(request.therapist_id)
         raise CalendarBusy("the therapist's schedule kept changing during this booking; retry with the same request_id")
+
+    async def _given(self, answer: Answer, request: NewBooking, held: int | None) -> Booking:
+        """The request's answer, as this copy gives it. A refusal releases the hold this copy
+        made: no session will ever pay with it (a hold another copy made, that copy or the
+        reconciler releases)."""
+        if held is not None and answer.booking is None:
+            await self._payments.release(request.key)
+        return answer.given_to(request.fingerprint, request.request_id)
 
     def _check(self, rules: BookingRules, start: datetime) -> tuple[availability.Interval, Refused | None]:
         """What the session would take from the calendar, and the rules' refusal if they refuse
@@ -130,17 +139,19 @@ class BookingFlow:
             raise RequestIdReused(request.request_id) from None
         return None
 
-    async def _refuse(self, request: NewBooking, refusal: Refused) -> Booking:
+    async def _refuse(self, request: NewBooking, refusal: Refused) -> Answer:
         """Records `refusal` as the request's answer, unless it has one (another copy may have
-        placed the session meanwhile), and gives the answer that stands."""
+        placed the session meanwhile): the answer that stands."""
         proposal = Refuse(request.key, request.fingerprint, request.therapist_id, None, Refusal.of(refusal))
         decision = await self._calendar.decide(proposal)
         assert isinstance(decision, Answered), decision
-        return decision.answer.given_to(request.fingerprint, request.request_id)
+        return decision.answer
 
-    def _place(self, request: NewBooking, rules: BookingRules, blocked: availability.Interval) -> Place:
+    def _place(self, request: NewBooking, rules: BookingRules, blocked: availability.Interval, cost: int) -> Place:
+        """The session to place, at the price its credits were held for (a price changed since
+        the hold does not apply to this booking)."""
         now = self._clock()
-        booking = new_booking(request.key, request.request_id, request.client_id, rules, request.start, now)
+        booking = new_booking(request.key, request.request_id, request.client_id, rules, request.start, now, cost)
         return Place(
             fingerprint=request.fingerprint,
             booking=booking,
@@ -152,17 +163,19 @@ class BookingFlow:
         )
 
 
-def new_booking(
+def new_booking(  # a booking's own fields, each once
     booking_id: uuid.UUID,
     request_id: str,
     client_id: uuid.UUID,
     rules: BookingRules,
     start: datetime,
     now: datetime,
+    cost: int,
     series_id: uuid.UUID | None = None,
     series_index: int | None = None,
 ) -> Booking:
-    """A booking as the locked step inserts it: confirmed, its payment committing."""
+    """A booking as the locked step inserts it: confirmed, its payment committing, at `cost` (the
+    price its credits were held for)."""
     session_type = rules.session_type
     return Booking(
         booking_id=booking_id,
@@ -173,7 +186,7 @@ def new_booking(
         starts_at=start,
         ends_at=start + session_type.duration,
         time_zone=rules.therapist.time_zone,
-        credit_cost=session_type.credit_cost,
+        credit_cost=cost,
         status=BookingStatus.CONFIRMED,
         payment_status=PaymentStatus.COMMITTING,
         cancelled_by=None,

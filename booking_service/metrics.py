@@ -105,9 +105,9 @@ class BookingMetrics:
         self.batch_seconds = Histogram(
             "booking_batch_duration_seconds", "Time one coalesced batch took, by step.", ("step",), registry=registry
         )
+        self._batch_children: dict[str, tuple[Histogram, Histogram]] = {}
         # Every label value exists from the start, at zero, so that rate() sees the first one.
-        for outcome in OUTCOMES:
-            self.bookings.labels(outcome)
+        self._outcomes = {outcome: self.bookings.labels(outcome) for outcome in OUTCOMES}
         for action in RECONCILER_ACTIONS:
             self.reconciler_actions.labels(action)
 
@@ -117,12 +117,16 @@ class BookingMetrics:
         """A server interceptor observer (service_kit.interceptor.RpcObserver)."""
         del duration_s
         if service == SERVICE_NAME and rpc == CREATE_BOOKING:
-            self.bookings.labels(booking_outcome(code, reason)).inc()
+            self._outcomes[booking_outcome(code, reason)].inc()
 
     def batch_finished(self, step: str, size: int, duration_s: float) -> None:
-        """A coalescer observer (service_kit.batching.BatchObserver)."""
-        self.batch_size.labels(step).observe(size)
-        self.batch_seconds.labels(step).observe(duration_s)
+        """A coalescer observer (service_kit.batching.BatchObserver): on every batch, so the
+        labelled children are looked up once per step (labels() costs more than observe())."""
+        children = self._batch_children.get(step)
+        if children is None:
+            children = self._batch_children[step] = (self.batch_size.labels(step), self.batch_seconds.labels(step))
+        children[0].observe(size)
+        children[1].observe(duration_s)
 
     def reconciler_action(self, action: str) -> None:
         assert action in RECONCILER_ACTIONS, action

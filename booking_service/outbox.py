@@ -97,7 +97,7 @@ class Outbox:
                     connection, done.delivered, done.deferred, done.rooms, defer_s=self._settings.commit_retry_after_s
                 )
             for booking_id, kind, state in done.synced:
-                log.info("video_room_synced", booking_id=str(booking_id), kind=kind, state=state.value)
+                log.debug("video_room_synced", booking_id=str(booking_id), kind=kind, state=state.value)
         return len(leased) == self._settings.outbox_batch_size
 
     async def _deliver_in_order(self, group: list[store.OutboxEvent], booking: Booking | None, done: Pass) -> None:

@@ -13,6 +13,7 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from functools import cached_property
 
 # Fixed for ever: another namespace would give every request already answered a new key.
 REQUEST_KEY_NAMESPACE = uuid.UUID("5e8303a7-000e-444e-b17e-69b28e0f3f79")
@@ -56,11 +57,11 @@ class NewBooking:
     session_type_id: uuid.UUID
     start: datetime
 
-    @property
+    @cached_property
     def key(self) -> uuid.UUID:
         return request_key(self.caller, self.request_id)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         return fingerprint(
             "create_booking", self.client_id, self.therapist_id, self.session_type_id, self.start.isoformat()
@@ -76,11 +77,11 @@ class NewStart:
     booking_id: uuid.UUID
     start: datetime
 
-    @property
+    @cached_property
     def key(self) -> uuid.UUID:
         return request_key(self.caller, self.request_id)
 
-    @property
+    @cached_property
     def fingerprint(self) -> str:
         return fingerprint("reschedule_booking", self.booking_id, self.start.isoformat())
 

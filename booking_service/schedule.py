@@ -96,13 +96,18 @@ class Schedule:
         object.__setattr__(self, "overrides", MappingProxyType(frozen))
 
     def validate(self) -> None:
-        """Raise ``UnknownTimeZone``/``InvalidSchedule`` naming the offending field."""
+        """Raise ``UnknownTimeZone``/``InvalidSchedule`` naming the offending field. A schedule
+        is immutable, so one that passed once passes again: the check runs once per instance
+        (the service keeps schedules in memory and checks every booking against one)."""
+        if self.__dict__.get("_valid"):
+            return
         zone(self.time_zone)
         self._validate_weekly()
         self._validate_overrides()
         for name in ("buffer_before", "buffer_after", "minimum_notice"):
             _check_duration(getattr(self, name), name, allow_zero=True)
         _check_duration(self.booking_horizon, "booking_horizon", allow_zero=False)
+        object.__setattr__(self, "_valid", True)
 
     def _validate_weekly(self) -> None:
         by_weekday: dict[int, list[tuple[time, time, str]]] = {}

@@ -71,6 +71,7 @@ class SeriesFlow:
 
     async def create(self, request: NewSeries) -> BookedSeries:
         held: set[int] = set()  # the occurrences whose holds this call made (kept across tries)
+        cost: int | None = None  # the price the holds were made at (a later price is not this series')
         for _ in range(RULES_ATTEMPTS):
             rules = await self._parts.catalogue.rules(request.therapist_id, request.session_type_id)
             planned = plan(rules, request, self._parts.clock())
@@ -84,9 +85,12 @@ class SeriesFlow:
                     p.index: _occurrence_refusal(p, SlotUnavailable(p.start)) for p in planned if p.index in taken
                 }
                 if len(refused) < len(planned) and (request.skip_unavailable or not refused):
-                    refused |= await self._reserve(request, rules, [p for p in planned if p.index not in refused], held)
+                    cost = rules.session_type.credit_cost if cost is None else cost
+                    to_hold = [p for p in planned if p.index not in refused and p.index not in held]
+                    refused |= await self._reserve(request, cost, to_hold, held)
                 self._parts.crash_if("after_reserve")
-            decision = await self._parts.calendar.decide(self._proposal(request, rules, planned, refused))
+            price = rules.session_type.credit_cost if cost is None else cost
+            decision = await self._parts.calendar.decide(self._proposal(request, rules, price, planned, refused))
             if isinstance(decision, Stale):
                 self._parts.catalogue.forget(request.therapist_id)
                 continue
@@ -116,12 +120,11 @@ class SeriesFlow:
         return False, series.schedule_version, taken
 
     async def _reserve(
-        self, request: NewSeries, rules: BookingRules, planned: Sequence[Planned], held: set[int]
+        self, request: NewSeries, cost: int, planned: Sequence[Planned], held: set[int]
     ) -> dict[int, Refusal]:
         """Holds every occurrence's credits in one call; the occurrences the credit service refused.
         When it cannot be reached the error goes to the caller: a retry continues with the same
         holds, or the reconciler gives the series up."""
-        cost = rules.session_type.credit_cost
         holds = [
             HoldRequest(
                 request.occurrence_id(p.index),
@@ -142,15 +145,20 @@ class SeriesFlow:
                 refused[p.index] = _occurrence_refusal(p, outcome)
         return refused
 
-    def _proposal(
-        self, request: NewSeries, rules: BookingRules, planned: Sequence[Planned], refused: Mapping[int, Refusal]
+    def _proposal(  # the series, its rules and price, and each occurrence's verdict
+        self,
+        request: NewSeries,
+        rules: BookingRules,
+        cost: int,
+        planned: Sequence[Planned],
+        refused: Mapping[int, Refusal],
     ) -> PlaceSeries:
         now = self._parts.clock()
         occurrences = []
         for p in planned:
             booking_id = request.occurrence_id(p.index)
             booking = new_booking(
-                booking_id, request.request_id, request.client_id, rules, p.start, now, request.key, p.index
+                booking_id, request.request_id, request.client_id, rules, p.start, now, cost, request.key, p.index
             )
             occurrences.append(
                 Occurrence(

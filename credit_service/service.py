@@ -120,7 +120,8 @@ class CreditService:
         if not outcome.reservation.same_request(item.owner_id, item.amount, item.reference):
             return ReservationIdReused(outcome.reservation)
         if outcome.outcome == "created":
-            log.info("credits_reserved", reservation_id=str(item.reservation_id), amount=item.amount)
+            # Debug: the call's canonical line (rpc_finished) is the one info line of a reserve.
+            log.debug("credits_reserved", reservation_id=str(item.reservation_id), amount=item.amount)
         assert outcome.balance is not None, item  # the hold's own owner has an account
         return outcome.reservation, outcome.balance
 
@@ -192,7 +193,7 @@ class CreditService:
 
         results, moved = await autocommit(self._database.pool, work)
         for before, after in moved:
-            log.info(
+            log.debug(  # as credits_reserved: rpc_finished is the call's info line
                 "reservation_transitioned",
                 reservation_id=str(after.reservation_id),
                 from_status=before.status.value,

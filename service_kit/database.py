@@ -119,7 +119,10 @@ class Database:
             max_inactive_connection_lifetime=300.0,
             # A statement outside an explicit transaction (`autocommit`) is a transaction of its
             # own: name its isolation level here rather than trust the server's default.
-            server_settings={"default_transaction_isolation": "read committed"},
+            server_settings={
+                "default_transaction_isolation": "read committed",
+                "plan_cache_mode": "force_generic_plan",
+            },
             reset=_keep_session,
         )
         assert pool is not None

@@ -133,6 +133,8 @@ class GrpcMetrics:
             _LABELS,
             registry=registry,
         )
+        self._server: dict[tuple[str, str], MethodSeries] = {}
+        self._client: dict[tuple[str, str], MethodSeries] = {}
 
     def initialize_service(self, service_name: str) -> None:
         """Creates every method's server series at zero, as go-grpc-prometheus'
@@ -151,14 +153,39 @@ class GrpcMetrics:
     # The server interceptor's observers (service_kit.interceptor.RpcStartObserver, RpcObserver).
 
     def server_call_started(self, service: str, rpc: str) -> None:
-        self.server_started.labels(UNARY, service, rpc).inc()
+        self._server_series(service, rpc).started.inc()
 
     def server_call_finished(
         self, service: str, rpc: str, code: grpc.StatusCode, reason: str | None, duration_s: float
     ) -> None:
         del reason  # go-grpc-prometheus counts by code only
-        self.server_handled.labels(UNARY, service, rpc, code_name(code)).inc()
-        self.server_handling_seconds.labels(UNARY, service, rpc).observe(duration_s)
+        series = self._server_series(service, rpc)
+        series.handled(code).inc()
+        series.seconds.observe(duration_s)
+
+    def client_series(self, service: str, method: str) -> MethodSeries:
+        found = self._client.get((service, method))
+        if found is None:
+            labels = (UNARY, service, method)
+            found = self._client[(service, method)] = MethodSeries(
+                self.client_started.labels(*labels),
+                self.client_handling_seconds.labels(*labels),
+                self.client_handled,
+                labels,
+            )
+        return found
+
+    def _server_series(self, service: str, rpc: str) -> MethodSeries:
+        found = self._server.get((service, rpc))
+        if found is None:
+            labels = (UNARY, service, rpc)
+            found = self._server[(service, rpc)] = MethodSeries(
+                self.server_started.labels(*labels),
+                self.server_handling_seconds.labels(*labels),
+                self.server_handled,
+                labels,
+            )
+        return found
 
     def client_interceptor(self) -> ClientMetricsInterceptor:
         return ClientMetricsInterceptor(self)
@@ -177,8 +204,8 @@ class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
         client_call_details: grpc.aio.ClientCallDetails,
         request: Any,
     ) -> Any:
-        service, method = split_method(client_call_details.method)
-        self._metrics.client_started.labels(UNARY, service, method).inc()
+        series = self._metrics.client_series(*split_method(client_call_details.method))
+        series.started.inc()
         started = time.perf_counter()
         code = grpc.StatusCode.UNKNOWN
         call: grpc.aio.UnaryUnaryCall[Any, Any] | None = None
@@ -200,9 +227,27 @@ class ClientMetricsInterceptor(grpc.aio.UnaryUnaryClientInterceptor):
             code = error.code()
             raise
         finally:
-            self._metrics.client_handled.labels(UNARY, service, method, code_name(code)).inc()
-            self._metrics.client_handling_seconds.labels(UNARY, service, method).observe(time.perf_counter() - started)
+            series.handled(code).inc()
+            series.seconds.observe(time.perf_counter() - started)
         return call
+
+
+class MethodSeries:
+    """The labelled series of one method, looked up once: prometheus_client's labels() costs
+    more than the increment it leads to, and the interceptors count every call."""
+
+    def __init__(self, started: Counter, seconds: Histogram, handled: Counter, labels: tuple[str, ...]) -> None:
+        self.started = started
+        self.seconds = seconds
+        self._handled_family = handled
+        self._labels = labels
+        self._handled: dict[grpc.StatusCode, Counter] = {}
+
+    def handled(self, code: grpc.StatusCode) -> Counter:
+        found = self._handled.get(code)
+        if found is None:
+            found = self._handled[code] = self._handled_family.labels(*self._labels, code_name(code))
+        return found
 
 
 @dataclass(frozen=True)

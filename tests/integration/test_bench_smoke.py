@@ -16,7 +16,7 @@ from xml.etree import ElementTree
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ("spread", "hot", "contended")
+RUNS = (("spread", 1), ("spread", 4), ("hot", 4), ("contended", 4))
 DESIGNS = ("services", "baseline")
 # The smoke run takes a few seconds per scenario and design; this bounds a hang, not a speed.
 SMOKE_TIMEOUT_S = 150
@@ -48,11 +48,12 @@ def test_smoke_run_of_the_benchmark_keeps_every_guarantee(postgres_server_url: s
 
     assert report["ok"] is True
     assert report["options"]["smoke"] is True
-    assert list(report["scenarios"]) == list(SCENARIOS)
-    for name in SCENARIOS:
+    assert [(run["scenario"], run["concurrency"]) for run in report["runs"]] == list(RUNS)
+    for run in report["runs"]:
+        name = run["scenario"]
         for design in DESIGNS:
-            result = report["scenarios"][name][design]
-            where = f"{name}/{design}"
+            result = run[design]
+            where = f"{name}@{run['concurrency']}/{design}"
             assert result["violations"] == [], where
             assert result["errors"] == {} and result["totals"]["errors"] == {}, where
             totals = result["totals"]
@@ -63,9 +64,9 @@ def test_smoke_run_of_the_benchmark_keeps_every_guarantee(postgres_server_url: s
             assert totals["acknowledged_paid"] == totals["acknowledged"] > 0, where
             if name != "contended":
                 assert totals["refused"] == {}, where  # every call wanted a slot nobody else wanted
-        assert report["scenarios"][name]["ratio"] is not None
+        assert run["ratio"] is not None
     for name in ("booking", "credit"):
-        assert report["scenarios"]["spread"]["services"]["peak_rss_kib"][name] > 0
+        assert report["runs"][0]["services"]["peak_rss_kib"][name] > 0
 
     [chart] = tmp_path.glob("*.svg")
     root = ElementTree.parse(chart).getroot()  # noqa: S314  # the file the run just wrote, not untrusted input
