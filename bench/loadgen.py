@@ -164,6 +164,8 @@ class ServicesTarget:
                         name="Bench session",
                         duration_minutes=scenarios.SLOT_MINUTES,
                         credit_cost=scenarios.CREDIT_COST,
+                        # Slots are SLOT_MINUTES apart from a whole hour: on this grid of starts.
+                        start_step_minutes=scenarios.SLOT_MINUTES,
                     ),
                 ),
                 timeout=SETUP_CALL_TIMEOUT_S,

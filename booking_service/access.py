@@ -4,7 +4,18 @@ from __future__ import annotations
 
 from booking.v1 import booking_pb2
 from booking_service import domain
-from service_kit.auth import ADMIN, CLIENT, SERVICE, THERAPIST, AccessRules, Principal, anyone_with, either, own
+from service_kit.auth import (
+    ADMIN,
+    CLIENT,
+    OPEN_TO_ANYONE,
+    SERVICE,
+    THERAPIST,
+    AccessRules,
+    Principal,
+    anyone_with,
+    either,
+    own,
+)
 
 # Who may call what (docs/security.md). The catalogue (therapists, schedules, session types,
 # slots) is readable by every signed-in caller; a therapist changes only its own; a client books
@@ -56,6 +67,23 @@ ACCESS_RULES: AccessRules = {
     "ListWebhookAttempts": anyone_with(ADMIN, SERVICE),
     "ListWebhookDeliveries": anyone_with(ADMIN, SERVICE),
     "RetryWebhookDelivery": anyone_with(ADMIN, SERVICE),
+    # A practice (issue 16): a client books its own series; the rest as for single bookings.
+    "CreateBookingSeries": either(anyone_with(ADMIN), own(CLIENT, "client_id")),
+    "CancelFollowingBookings": _READERS,
+    # The therapist of the session (the servicer checks whose it is) or an admin; never a client.
+    "RecordSessionOutcome": anyone_with(THERAPIST, ADMIN),
+    # A feed's owner (or an admin) rotates its token; the feed itself is fetched with that token.
+    "RotateCalendarFeed": either(
+        anyone_with(ADMIN),
+        lambda principal, request: bool(request.therapist_id) and own(THERAPIST, "therapist_id")(principal, request),
+        lambda principal, request: bool(request.client_id) and own(CLIENT, "client_id")(principal, request),
+    ),
+    "GetCalendarFeed": OPEN_TO_ANYONE,
+    # A client waits for itself; the servicer checks whose entry or offer it is (NOT_FOUND else).
+    "JoinWaitlist": either(anyone_with(ADMIN), own(CLIENT, "client_id")),
+    "GetWaitlistEntry": anyone_with(CLIENT, ADMIN),
+    "LeaveWaitlist": anyone_with(CLIENT, ADMIN),
+    "AcceptWaitlistOffer": anyone_with(CLIENT, ADMIN),
 }
 # Which cancellation actor each role may speak as (an admin may act for anyone).
 ACTORS_OF_ROLE = {

@@ -18,7 +18,9 @@ Each step has a typed outcome; the batching of concurrent requests is out of sig
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 
 import structlog
@@ -49,25 +51,28 @@ log = structlog.get_logger()
 RULES_ATTEMPTS = 3
 
 
+@dataclass(frozen=True)
+class FlowParts:
+    """What the booking flows (a booking, a series) work with."""
+
+    catalogue: Catalogue
+    calendar: Calendar
+    credits: Credits
+    payments: Payments
+    clock: Callable[[], datetime]
+    crash_if: Callable[[str], None]  # a deliberate death at a protocol step, for fault tests
+    video_rooms: bool
+
+
 class BookingFlow:
-    def __init__(
-        self,
-        catalogue: Catalogue,
-        calendar: Calendar,
-        credits: Credits,
-        payments: Payments,
-        *,
-        clock: Callable[[], datetime],
-        crash_if: Callable[[str], None],
-        video_rooms: bool,
-    ) -> None:
-        self._catalogue = catalogue
-        self._calendar = calendar
-        self._credits = credits
-        self._payments = payments
-        self._clock = clock
-        self._crash_if = crash_if
-        self._video_rooms = video_rooms
+    def __init__(self, parts: FlowParts) -> None:
+        self._catalogue = parts.catalogue
+        self._calendar = parts.calendar
+        self._credits = parts.credits
+        self._payments = parts.payments
+        self._clock = parts.clock
+        self._crash_if = parts.crash_if
+        self._video_rooms = parts.video_rooms
 
     async def create(self, request: NewBooking) -> Booking:
         held: int | None = None  # the credits this copy holds for the request (kept if the schedule moves)
@@ -118,7 +123,8 @@ class BookingFlow:
         if closed is not None:
             return blocked, closed
         try:
-            checked(lambda: availability.check_bookable(rules.schedule, start, duration, self._clock()))
+            step = rules.session_type.start_step
+            checked(lambda: availability.check_bookable(rules.schedule, start, duration, self._clock(), step=step))
         except Refused as refusal:
             return blocked, refusal
         return blocked, None
@@ -148,27 +154,7 @@ class BookingFlow:
         """The session to place, at the price its credits were held for (a price changed since
         the hold does not apply to this booking)."""
         now = self._clock()
-        session_type = rules.session_type
-        booking = Booking(
-            booking_id=request.key,
-            request_id=request.request_id,
-            client_id=request.client_id,
-            therapist_id=request.therapist_id,
-            session_type_id=request.session_type_id,
-            starts_at=request.start,
-            ends_at=request.start + session_type.duration,
-            time_zone=rules.therapist.time_zone,
-            credit_cost=cost,
-            status=BookingStatus.CONFIRMED,
-            payment_status=PaymentStatus.COMMITTING,
-            cancelled_by=None,
-            cancel_reason=None,
-            refunded_credits=0,
-            cancelled_at=None,
-            reschedule_count=0,
-            created_at=now,
-            updated_at=now,
-        )
+        booking = new_booking(request.key, request.request_id, request.client_id, rules, request.start, now, cost)
         return Place(
             fingerprint=request.fingerprint,
             booking=booking,
@@ -178,3 +164,41 @@ class BookingFlow:
             video_room_name=events.video_room_name(request.key) if self._video_rooms else None,
             if_taken=Refusal.of(SlotUnavailable(request.start)),
         )
+
+
+def new_booking(  # a booking's own fields, each once
+    booking_id: uuid.UUID,
+    request_id: str,
+    client_id: uuid.UUID,
+    rules: BookingRules,
+    start: datetime,
+    now: datetime,
+    cost: int,
+    series_id: uuid.UUID | None = None,
+    series_index: int | None = None,
+) -> Booking:
+    """A booking as the locked step inserts it: confirmed, its payment committing, at `cost` (the
+    price its credits were held for)."""
+    session_type = rules.session_type
+    return Booking(
+        booking_id=booking_id,
+        request_id=request_id,
+        client_id=client_id,
+        therapist_id=rules.therapist.therapist_id,
+        session_type_id=session_type.session_type_id,
+        starts_at=start,
+        ends_at=start + session_type.duration,
+        time_zone=rules.therapist.time_zone,
+        credit_cost=cost,
+        status=BookingStatus.CONFIRMED,
+        payment_status=PaymentStatus.COMMITTING,
+        cancelled_by=None,
+        cancel_reason=None,
+        refunded_credits=0,
+        cancelled_at=None,
+        reschedule_count=0,
+        created_at=now,
+        updated_at=now,
+        series_id=series_id,
+        series_index=series_index,
+    )

@@ -22,7 +22,7 @@ from datetime import datetime
 
 import structlog
 
-from booking_service.decisions import Answer, Busy, Decision, Proposal, Refuse, Unanswered
+from booking_service.decisions import Answer, Busy, Decision, Move, Proposal, Refuse, Unanswered
 from booking_service.domain import SessionsOverlap
 from booking_service.store import calendar as store
 from service_kit.batching import BatchObserver, BatchSettings, Coalescer
@@ -105,12 +105,11 @@ class Calendar:
             return decision
         except SessionsOverlap:
             assert not isinstance(proposal, Refuse), proposal  # a refusal inserts no session
+            concerns = None
+            if isinstance(proposal, Move):
+                concerns = proposal.booking.booking_id  # a reschedule's answer names its booking
             refuse = Refuse(
-                proposal.request_key,
-                proposal.fingerprint,
-                proposal.therapist_id,
-                None if proposal.booking.booking_id == proposal.request_key else proposal.booking.booking_id,
-                proposal.if_taken,
+                proposal.request_key, proposal.fingerprint, proposal.therapist_id, concerns, proposal.if_taken
             )
             return await self._decide_alone(refuse)
         except DomainError as error:  # CalendarBusy: this proposal's outcome, not its batch's

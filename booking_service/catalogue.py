@@ -92,7 +92,8 @@ class Catalogue:
                 raise closed  # no slot of an archived therapist or a retired type is bookable
             schedule, duration = rules.schedule, rules.session_type.duration
             busy = await store.busy_ranges(connection, [(therapist_id, *busy_window(schedule, duration, start, end))])
-        return rules.therapist, free_slots(schedule, duration, start, end, self._clock(), busy[therapist_id])
+        step = rules.session_type.start_step
+        return rules.therapist, free_slots(schedule, duration, start, end, self._clock(), busy[therapist_id], step)
 
     # --- therapists and schedules (admin, or the therapist) ---
 
@@ -260,11 +261,13 @@ def free_slots(
     end: datetime,
     now: datetime,
     busy: list[tuple[datetime, datetime]],
+    step: timedelta,
     max_slots: int = MAX_SLOTS,
 ) -> list[availability.Interval]:
-    """The free slots of one therapist: ListAvailableSlots and SearchAvailability both answer
-    with this, given the busy ranges of `busy_window` (store.busy_ranges)."""
+    """The free slots of one therapist on the grid of `step`: ListAvailableSlots and
+    SearchAvailability both answer with this, given the busy ranges of `busy_window`
+    (store.busy_ranges)."""
     busy_intervals = [availability.Interval(s, e) for s, e in busy]
     return checked(
-        lambda: availability.free_slots(schedule, duration, start, end, now, busy_intervals, max_slots=max_slots)
+        lambda: availability.free_slots(schedule, duration, start, end, now, busy_intervals, step, max_slots=max_slots)
     )

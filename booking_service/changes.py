@@ -10,6 +10,7 @@ does not finish there the event row finishes.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
@@ -34,12 +35,15 @@ from booking_service.domain import (
     Refused,
     SessionAlreadyStarted,
     SlotUnavailable,
-    refund_for,
 )
 from booking_service.payments import Payments
+from booking_service.practice import OutcomeAlreadyRecorded, Policy
 from booking_service.requests import NewStart
+from booking_service.rules_cache import BookingRules
 from booking_service.store import calendar as store
+from booking_service.store import catalogue as catalogue_store
 from booking_service.store import outbox as outbox_store
+from booking_service.store import series as series_store
 from service_kit.connection import Connection
 from service_kit.database import Database, in_transaction
 from service_kit.errors import DomainError
@@ -110,7 +114,7 @@ class Changes:
             refusal = (
                 _unmovable(current, now)
                 or rules.therapist_closed()  # a retired session type still moves; an archived therapist not
-                or self._outside_rules(rules.schedule, request.start, duration, now)
+                or self._outside_rules(rules, request.start, now)
             )
             if refusal is not None:
                 proposal: Move | Refuse = Refuse(
@@ -140,11 +144,14 @@ class Changes:
                 self._catalogue.forget(current.therapist_id)
         raise CalendarBusy("the booking or its therapist's schedule kept changing; retry with the same request_id")
 
-    def _outside_rules(
-        self, schedule: availability.Schedule, start: datetime, duration: timedelta, now: datetime
-    ) -> Refused | None:
+    def _outside_rules(self, rules: BookingRules, start: datetime, now: datetime) -> Refused | None:
+        schedule, session_type = rules.schedule, rules.session_type
         try:
-            checked(lambda: availability.check_bookable(schedule, start, duration, now))
+            checked(
+                lambda: availability.check_bookable(
+                    schedule, start, session_type.duration, now, step=session_type.start_step
+                )
+            )
         except Refused as refusal:
             return refusal
         return None
@@ -156,35 +163,72 @@ class Changes:
     async def cancel(self, booking_id: uuid.UUID, actor: Actor, reason: CancelReason) -> Booking:
         now = self._clock()
 
-        async def work(connection: Connection) -> tuple[Booking, int]:
+        async def work(connection: Connection) -> list[tuple[Booking, int]]:
             booking = await store.fetch_booking(connection, booking_id, for_update=True)
             if booking is None:
                 raise BookingNotFound(booking_id)
-            if booking.status is BookingStatus.CANCELLED:
-                return booking, 0  # cancelling twice returns the first cancellation
-            if booking.starts_at <= now and actor is not Actor.ADMIN:
-                raise SessionAlreadyStarted(booking_id, booking.starts_at)
-            refund = refund_for(booking, actor, now, self._free_cancellation)
-            cancelled = await store.cancel_booking(
-                connection,
-                booking_id,
-                actor=actor,
-                reason=reason,
-                refunded_credits=refund,
-                payment_status=PaymentStatus.REFUNDING if refund > 0 else booking.payment_status,
-            )
-            event = events.booking_event(events.CANCELLED, cancelled, now)
-            await outbox_store.enqueue(connection, events.BOOKING_EVENT, booking_id, event)
-            log.info("booking_cancelled", booking_id=str(booking_id), actor=actor.value, refund=refund)
-            return replace(cancelled, video_room=booking.video_room), refund
+            return [await self._cancel_one(connection, booking, actor, reason, now)]
 
-        cancelled, refund = await in_transaction(self._database.pool, work)
+        ((cancelled, refund),) = await in_transaction(self._database.pool, work)
+        return await self._refund(cancelled, refund)
+
+    async def cancel_following(self, booking_id: uuid.UUID, actor: Actor, reason: CancelReason) -> list[Booking]:
+        """Cancels an occurrence of a series and every later one (a booking of no series: itself),
+        in one transaction, each with the refund its own start gives by the policy; then the
+        refunds, each on its own (what does not finish here its event row finishes)."""
+        now = self._clock()
+
+        async def work(connection: Connection) -> list[tuple[Booking, int]]:
+            booking = await store.fetch_booking(connection, booking_id, for_update=True)
+            if booking is None:
+                raise BookingNotFound(booking_id)
+            following = [booking]
+            if booking.series_id is not None and booking.series_index is not None:
+                following = await series_store.occurrences_from(connection, booking.series_id, booking.series_index)
+            return [await self._cancel_one(connection, one, actor, reason, now) for one in following]
+
+        cancelled = await in_transaction(self._database.pool, work)
+        return list(await asyncio.gather(*(self._refund(booking, refund) for booking, refund in cancelled)))
+
+    async def _cancel_one(
+        self, connection: Connection, booking: Booking, actor: Actor, reason: CancelReason, now: datetime
+    ) -> tuple[Booking, int]:
+        """Records one cancellation (its row locked by the caller) with its refund and its event."""
+        if booking.status is BookingStatus.CANCELLED:
+            return booking, 0  # cancelling twice returns the first cancellation
+        if booking.outcome is not None:
+            raise OutcomeAlreadyRecorded(booking.booking_id, booking.outcome)  # it happened: nothing to cancel
+        if booking.starts_at <= now and actor is not Actor.ADMIN:
+            raise SessionAlreadyStarted(booking.booking_id, booking.starts_at)
+        refund = (await self._policy(connection, booking)).cancellation_refund(booking, actor, now)
+        cancelled = await store.cancel_booking(
+            connection,
+            booking.booking_id,
+            actor=actor,
+            reason=reason,
+            refunded_credits=refund,
+            payment_status=PaymentStatus.REFUNDING if refund > 0 else booking.payment_status,
+        )
+        event = events.booking_event(events.CANCELLED, cancelled, now)
+        await outbox_store.enqueue(connection, events.BOOKING_EVENT, booking.booking_id, event)
+        log.info("booking_cancelled", booking_id=str(booking.booking_id), actor=actor.value, refund=refund)
+        return replace(cancelled, video_room=booking.video_room), refund
+
+    async def _policy(self, connection: Connection, booking: Booking) -> Policy:
+        """The refund policy of the booking's session type, as it stands now."""
+        session_type = await catalogue_store.fetch_session_type(
+            connection, booking.therapist_id, booking.session_type_id
+        )
+        assert session_type is not None, booking  # a session's type is never deleted
+        return Policy.of(session_type, self._free_cancellation)
+
+    async def _refund(self, cancelled: Booking, refund: int) -> Booking:
         if refund == 0:
             return cancelled
         try:
-            return await self._payments.refund(booking_id, refund)
+            return await self._payments.refund(cancelled.booking_id, refund)
         except DomainError as error:
-            log.warning("refund_deferred", booking_id=str(booking_id), reason=error.reason)
+            log.warning("refund_deferred", booking_id=str(cancelled.booking_id), reason=error.reason)
             return cancelled
 
 

@@ -148,6 +148,20 @@ class BookingSettings:
     # Therapists whose schedules (the rules' inputs) are kept in memory, checked against the
     # database's version at every claim (migration 0004).
     context_cache_size: int
+    # Sessions nobody marked become COMPLETED this long after their end (the sweeper, every
+    # outcome_sweep_interval_s).
+    outcome_sweep_after_s: float
+    outcome_sweep_interval_s: float
+    # Reminders this long before each session's start (none: no reminders), checked every
+    # reminder_interval_s.
+    reminder_offsets_s: tuple[int, ...]
+    reminder_interval_s: float
+    # A calendar feed shows the bookings from this many weeks back to this many ahead.
+    calendar_past_weeks: int
+    calendar_future_weeks: int
+    # A waitlist offer holds its slot this long; the waitlist worker runs this often.
+    waitlist_offer_hold_s: float
+    waitlist_interval_s: float
     # The outbox retries a reservation's commit only this long after its booking was decided:
     # the inline commit is normally done by then (a longer call has timed out long before).
     commit_retry_after_s: float
@@ -199,6 +213,20 @@ class BookingSettings:
             context_cache_size=config.integer(env, "BOOKING_CONTEXT_CACHE_SIZE", 4096, minimum=0, maximum=1_000_000),
             commit_retry_after_s=config.number(env, "BOOKING_COMMIT_RETRY_AFTER_S", 10.0, minimum=0.0, maximum=3600.0),
             retention=RetentionSettings.from_environment(env),
+            outcome_sweep_after_s=config.number(
+                env, "BOOKING_OUTCOME_SWEEP_AFTER_S", 172_800.0, minimum=0.0, maximum=90 * 86400.0
+            ),
+            outcome_sweep_interval_s=config.number(
+                env, "BOOKING_OUTCOME_SWEEP_INTERVAL_S", 300.0, minimum=0.05, maximum=86400.0
+            ),
+            reminder_offsets_s=_reminder_offsets(env),
+            reminder_interval_s=config.number(env, "BOOKING_REMINDER_INTERVAL_S", 30.0, minimum=0.05, maximum=3600.0),
+            calendar_past_weeks=config.integer(env, "BOOKING_CALENDAR_PAST_WEEKS", 4, minimum=0, maximum=52),
+            calendar_future_weeks=config.integer(env, "BOOKING_CALENDAR_FUTURE_WEEKS", 26, minimum=1, maximum=104),
+            waitlist_offer_hold_s=config.number(
+                env, "BOOKING_WAITLIST_OFFER_HOLD_S", 900.0, minimum=10.0, maximum=86400.0
+            ),
+            waitlist_interval_s=config.number(env, "BOOKING_WAITLIST_INTERVAL_S", 10.0, minimum=0.05, maximum=3600.0),
         )
 
 
@@ -241,6 +269,26 @@ def _side_effects(env: Mapping[str, str]) -> dict[str, Any]:
             env, "BOOKING_SIDE_EFFECT_HTTP_TIMEOUT_S", 5.0, minimum=0.1, maximum=60.0
         ),
     }
+
+
+# At most this many reminders per session, each at most 30 days before it.
+MAX_REMINDER_OFFSETS = 5
+MAX_REMINDER_OFFSET_S = 30 * 86400
+
+
+def _reminder_offsets(env: Mapping[str, str]) -> tuple[int, ...]:
+    """BOOKING_REMINDER_OFFSETS_S: comma-separated seconds before the start (default 24 h and 1 h);
+    empty: no reminders."""
+    text = env.get("BOOKING_REMINDER_OFFSETS_S", "86400,3600")
+    try:
+        offsets = tuple(sorted({int(part) for part in text.split(",") if part.strip()}, reverse=True))
+    except ValueError:
+        raise config.ConfigError("BOOKING_REMINDER_OFFSETS_S must be whole seconds, comma-separated") from None
+    if len(offsets) > MAX_REMINDER_OFFSETS or any(not 0 < o <= MAX_REMINDER_OFFSET_S for o in offsets):
+        raise config.ConfigError(
+            f"BOOKING_REMINDER_OFFSETS_S: at most {MAX_REMINDER_OFFSETS} offsets, each 1 to {MAX_REMINDER_OFFSET_S} s"
+        )
+    return offsets
 
 
 def _require_http_url(name: str, value: str) -> None:

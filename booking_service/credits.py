@@ -28,6 +28,7 @@ from booking_service.domain import (
     CreditServiceTimeout,
     CreditServiceUnavailable,
     HeldReservation,
+    HoldRequest,
     HoldReused,
     InsufficientCredits,
     NoCreditAccount,
@@ -130,6 +131,44 @@ class CreditClient:
             reservation_id=str(reservation_id), owner_id=str(owner_id), amount=amount, reference=reference
         )
         await self._submit(self._reserves, request, reservation_id)
+
+    async def reserve_all(self, holds: Sequence[HoldRequest]) -> list[DomainError | None]:
+        """The holds of one series together: one BatchReserveCredits (one transaction on the credit
+        side), each hold with the outcome its own ReserveCredits would have had (None: held).
+        UNAVAILABLE or DEADLINE_EXCEEDED for the whole call: which holds exist is then unknown, and
+        a retry with the same ids makes the missing ones (each hold is idempotent)."""
+        if len(holds) == 1:
+            (hold,) = holds
+            try:
+                await self.reserve(hold.reservation_id, hold.owner_id, hold.amount, hold.reference)
+            except (InsufficientCredits, NoCreditAccount, HoldReused) as refused:
+                return [refused]
+            return [None]
+        timeout_s = self._timeout_s()
+        calls = [
+            _Call(
+                credit_pb2.ReserveCreditsRequest(
+                    reservation_id=str(hold.reservation_id),
+                    owner_id=str(hold.owner_id),
+                    amount=hold.amount,
+                    reference=hold.reference,
+                ),
+                hold.reservation_id,
+                (),
+                timeout_s,
+            )
+            for hold in holds
+        ]
+        try:
+            async with asyncio.timeout(timeout_s):
+                batch_request = credit_pb2.BatchReserveCreditsRequest
+                outcomes = await self._batch(calls, self._stub.BatchReserveCredits, batch_request)
+        except TimeoutError:
+            raise CreditServiceTimeout("the credit service did not answer in time; retry later") from None
+        for outcome in outcomes:
+            if outcome is not None and not isinstance(outcome, InsufficientCredits | NoCreditAccount | HoldReused):
+                raise outcome  # an answer for the whole call (unavailable, a bug): no item's refusal
+        return [outcome if isinstance(outcome, DomainError) else None for outcome in outcomes]
 
     async def commit(self, reservation_id: uuid.UUID) -> None:
         request = credit_pb2.CommitReservationRequest(reservation_id=str(reservation_id))

@@ -43,6 +43,8 @@ class Answer:
     fingerprint: str | None
     booking: Booking | None
     refusal: Refusal | None
+    # A series answered with bookings: which occurrences it skipped ("occurrence_<index>": reason).
+    details: Mapping[str, str] = field(default_factory=dict)
 
     def given_to(self, fingerprint: str, request_id: str) -> Booking:
         """The answer for a copy of the request that asked for `fingerprint`: its booking, or its
@@ -125,7 +127,46 @@ class Refuse:
     refusal: Refusal
 
 
-Proposal = Place | Move | Refuse
+@dataclass(frozen=True)
+class Occurrence:
+    """One occurrence of a series as proposed: its booking (its id derived from the series key
+    and its index), what it takes from the calendar (None: refused already, by the rules, a taken
+    slot at the pre-check, or the credit service), its event and room, and its refusal (that
+    refusal, or what a taken slot answers). The refusal's metadata names the occurrence."""
+
+    booking: Booking
+    blocked: Interval | None
+    event: Mapping[str, object]
+    video_room_name: str | None
+    refusal: Refusal
+
+    @property
+    def index(self) -> int:
+        assert self.booking.series_index is not None, self.booking
+        return self.booking.series_index
+
+
+@dataclass(frozen=True)
+class PlaceSeries:
+    """A series: its occurrences decided together, under one lock, as one answer for the series
+    key. All or nothing: any occurrence refused or taken refuses the series, naming each. With
+    `skip_unavailable`, the others are placed and the refused ones skipped (all refused: the
+    series is refused)."""
+
+    request_key: uuid.UUID
+    fingerprint: str
+    therapist_id: uuid.UUID
+    schedule_version: int
+    skip_unavailable: bool
+    occurrences: tuple[Occurrence, ...]
+
+    @property
+    def if_taken(self) -> Refusal:
+        """The answer when the exclusion constraint (the last line) refuses an occurrence."""
+        return Refusal("SLOT_UNAVAILABLE", "an occurrence of the series is taken (including buffers)")
+
+
+Proposal = Place | Move | Refuse | PlaceSeries
 
 
 # --- Decisions: what the locked step did. ---
@@ -163,4 +204,17 @@ class Busy:
     """Another transaction held the therapist's lock and the step did not wait: nothing was written."""
 
 
-Decision = Placed | Moved | Answered | Stale | Changed | Busy
+@dataclass(frozen=True)
+class SeriesDecided:
+    """A series' decision: `placed` when this call placed it (its holds are to be committed), else
+    its answer found or its refusal recorded now (`answer.refusal`). `bookings`: the occurrences
+    that have a session, by index; `skipped`: the occurrences not booked, by index, with their
+    refusal's reason."""
+
+    placed: bool
+    answer: Answer
+    bookings: tuple[Booking, ...]
+    skipped: Mapping[int, str]
+
+
+Decision = Placed | Moved | Answered | Stale | Changed | Busy | SeriesDecided

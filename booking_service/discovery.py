@@ -7,18 +7,22 @@ by `MAX_SEARCH_RANGE`, not by how many therapists match. The page token carries 
 last therapist examined, so a page may hold fewer results than asked for, even none, and still
 have a next page (AIP-158). Each therapist's slots are computed exactly as ListAvailableSlots
 computes them (`catalogue.free_slots` over `catalogue.busy_window`, the same schedule and the
-same busy ranges), so every slot found here is one ListAvailableSlots lists.
+same busy ranges), so every slot found here is one ListAvailableSlots lists. The starts lie on
+the grid common to the therapist's matching session types (`common_step`), so each one found
+can be booked with any of the types answered with it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 from booking_service import availability
+from booking_service.availability import DEFAULT_START_STEP
 from booking_service.catalogue import busy_window, free_slots
 from booking_service.domain import SessionType, Therapist, schedule_of
 from booking_service.store import catalogue as catalogue_store
@@ -99,7 +103,14 @@ class Discovery:
                 examined += 1
                 cursor = (candidate.therapist.created_at, candidate.therapist.therapist_id)
                 slots = free_slots(
-                    schedule, query.duration, query.start, query.end, now, busy, max_slots=query.slots_per_therapist
+                    schedule,
+                    query.duration,
+                    query.start,
+                    query.end,
+                    now,
+                    busy,
+                    common_step(candidate.session_types),
+                    max_slots=query.slots_per_therapist,
                 )
                 if slots and candidate.session_types:
                     results.append(Available(candidate.therapist, candidate.session_types, slots))
@@ -130,3 +141,12 @@ class Discovery:
         return [
             (c, schedule, busy[c.therapist.therapist_id]) for c, schedule in zip(candidates, schedules, strict=True)
         ]
+
+
+def common_step(session_types: Sequence[SessionType]) -> timedelta:
+    """The grid on which a start is bookable with every one of `session_types`: the least common
+    multiple of their steps (each divides an hour, so this is at most an hour), the default grid
+    when there are none."""
+    if not session_types:
+        return DEFAULT_START_STEP
+    return timedelta(minutes=math.lcm(*(session_type.start_step_minutes for session_type in session_types)))

@@ -32,6 +32,13 @@ class PaymentStatus(enum.Enum):
     REFUNDED = "refunded"
 
 
+class SessionOutcome(enum.Enum):
+    """What happened, once the session started (recorded by its therapist, an admin, or the sweeper)."""
+
+    COMPLETED = "completed"
+    NO_SHOW = "no_show"
+
+
 class Actor(enum.Enum):
     CLIENT = "client"
     THERAPIST = "therapist"
@@ -76,10 +83,21 @@ class SessionType:
     credit_cost: int
     # Set once retired: not bookable; the bookings stay.
     retired_at: datetime | None = None
+    # A client cancelling later than this before the start gets late_cancel_refund_percent back;
+    # None: the service's BOOKING_FREE_CANCELLATION_HOURS. A no-show gets no_show_refund_percent.
+    late_cancel_notice_minutes: int | None = None
+    late_cancel_refund_percent: int = 0
+    no_show_refund_percent: int = 0
+    # Starts lie every this many minutes of the therapist's local time (a divisor of 60).
+    start_step_minutes: int = 15
 
     @property
     def duration(self) -> timedelta:
         return timedelta(minutes=self.duration_minutes)
+
+    @property
+    def start_step(self) -> timedelta:
+        return timedelta(minutes=self.start_step_minutes)
 
 
 @dataclass(frozen=True)
@@ -119,6 +137,13 @@ class Booking:
     updated_at: datetime
     # None: no room is kept for this booking (no provider, or booked before rooms existed).
     video_room: VideoRoom | None = None
+    # The weekly series it is an occurrence of (its request key), and which one (from 0).
+    series_id: uuid.UUID | None = None
+    series_index: int | None = None
+    # What happened (None: not recorded yet), who said so, and when.
+    outcome: SessionOutcome | None = None
+    outcome_by: Actor | None = None
+    outcome_at: datetime | None = None
 
 
 class VideoRoomState(enum.Enum):
@@ -163,14 +188,6 @@ def schedule_of(
         minimum_notice=timedelta(minutes=therapist.minimum_notice_minutes),
         booking_horizon=timedelta(days=therapist.booking_horizon_days),
     )
-
-
-def refund_for(booking: Booking, actor: Actor, now: datetime, free_cancellation: timedelta) -> int:
-    """The cancellation policy: a therapist, an admin or the system cancelling refunds in full;
-    a client refunds in full when at least `free_cancellation` ahead of the start, else nothing."""
-    if actor is not Actor.CLIENT:
-        return booking.credit_cost
-    return booking.credit_cost if booking.starts_at - now >= free_cancellation else 0
 
 
 # --- Domain errors. The servicer's table maps each to a status code. ---
@@ -248,7 +265,7 @@ class SlotUnavailable(Refused):
 
 
 class OutsideSchedule(Refused):
-    """OUTSIDE_AVAILABILITY, INSUFFICIENT_NOTICE or BEYOND_BOOKING_HORIZON, from availability."""
+    """OUTSIDE_AVAILABILITY, INSUFFICIENT_NOTICE, BEYOND_BOOKING_HORIZON or START_OFF_GRID (availability)."""
 
     def __init__(self, error: availability.AvailabilityError) -> None:
         super().__init__(str(error), metadata=error.metadata)
@@ -371,6 +388,16 @@ class UnexpectedCreditAnswer(DomainError):
 
 
 @dataclass(frozen=True)
+class HoldRequest:
+    """A credit hold to make: for a booking (its reservation id is the booking id), by `reference`."""
+
+    reservation_id: uuid.UUID
+    owner_id: uuid.UUID
+    amount: int
+    reference: str
+
+
+@dataclass(frozen=True)
 class HeldReservation:
     """A credit hold, as the reconciler lists them."""
 
@@ -389,7 +416,10 @@ class CreditServiceTimeout(DomainError):
 
 def domain_error(error: availability.AvailabilityError) -> DomainError:
     """Availability errors as domain errors: bad input names its field; the rest are refusals."""
-    if isinstance(error, availability.OutsideAvailability | availability.TooSoon | availability.TooFarAhead):
+    if isinstance(
+        error,
+        availability.OutsideAvailability | availability.TooSoon | availability.TooFarAhead | availability.OffGrid,
+    ):
         return OutsideSchedule(error)
     invalid = InvalidArgument([FieldViolation(error.field or "request", str(error))], reason=error.reason)
     invalid.metadata.update(error.metadata)
@@ -404,6 +434,7 @@ _RECORDED_REFUSALS: dict[str, type[DomainError]] = {
     "OUTSIDE_AVAILABILITY": OutsideSchedule,
     "INSUFFICIENT_NOTICE": OutsideSchedule,
     "BEYOND_BOOKING_HORIZON": OutsideSchedule,
+    "START_OFF_GRID": OutsideSchedule,
     InsufficientCredits.reason: InsufficientCredits,
     NoCreditAccount.reason: NoCreditAccount,
     BookingNotActive.reason: BookingNotActive,

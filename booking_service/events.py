@@ -29,8 +29,12 @@ LEGACY_VIDEO_ROOM_KINDS = ("create_video_room", "move_video_room", "delete_video
 CONFIRMED = "booking.confirmed"
 CANCELLED = "booking.cancelled"
 RESCHEDULED = "booking.rescheduled"
+COMPLETED = "booking.completed"
+NO_SHOW = "booking.no_show"
+REMINDER = "booking.reminder"
+WAITLIST_OFFERED = "waitlist.offered"
 # What a webhook endpoint may subscribe to.
-EVENT_TYPES = (CONFIRMED, CANCELLED, RESCHEDULED)
+EVENT_TYPES = (CONFIRMED, CANCELLED, RESCHEDULED, COMPLETED, NO_SHOW, REMINDER, WAITLIST_OFFERED)
 
 
 def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **extra: object) -> dict[str, object]:
@@ -46,12 +50,23 @@ def booking_event(event_type: str, booking: Booking, occurred_at: datetime, **ex
         "status": booking.status.value,
         "credit_cost": booking.credit_cost,
     }
+    if booking.series_id is not None:
+        data["series_id"] = str(booking.series_id)
+        data["series_index"] = booking.series_index
+    if booking.outcome is not None:
+        data["outcome"] = booking.outcome.value
+        data["outcome_by"] = booking.outcome_by.value if booking.outcome_by else None
     if booking.status is BookingStatus.CANCELLED:
         data["cancelled_by"] = booking.cancelled_by.value if booking.cancelled_by else None
         data["cancel_reason"] = booking.cancel_reason.value if booking.cancel_reason else None
         data["refunded_credits"] = booking.refunded_credits
     data.update(extra)
     return {"type": event_type, "occurred_at": occurred_at.isoformat(), "data": data}
+
+
+def notification_only(payload: dict[str, object]) -> dict[str, object]:
+    """An event with nothing to do but its notification (an outcome, a reminder): no room to sync."""
+    return {**payload, PENDING_EFFECTS: [NOTIFICATION]}
 
 
 def pending_effects(payload: dict[str, object]) -> tuple[str, ...]:
@@ -74,4 +89,24 @@ def video_room_window(booking: Booking, opens_before_s: int, expires_after_s: in
     return (
         booking.starts_at - timedelta(seconds=opens_before_s),
         booking.ends_at + timedelta(seconds=expires_after_s),
+    )
+
+
+def reminder_event(booking: Booking, offset_s: int, occurred_at: datetime) -> dict[str, object]:
+    """A reminder `offset_s` before the booking's start, for its current start (reschedule_count)."""
+    event = booking_event(REMINDER, booking, occurred_at, reminder_offset_s=offset_s)
+    event["data"]["reschedule_count"] = booking.reschedule_count  # type: ignore[index]
+    return notification_only(event)
+
+
+def reminder_still_due(payload: dict[str, object], booking: Booking | None) -> bool:
+    """Whether a reminder still concerns its booking as it stands: not cancelled, not marked, not
+    moved since (a moved booking gets reminders for its new start)."""
+    data = payload.get("data")
+    if booking is None or not isinstance(data, dict):
+        return False
+    return (
+        booking.status is BookingStatus.CONFIRMED
+        and booking.outcome is None
+        and data.get("reschedule_count") == booking.reschedule_count
     )

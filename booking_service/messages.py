@@ -15,6 +15,7 @@ from google.protobuf import timestamp_pb2
 from booking.v1 import booking_pb2
 from booking_service import availability, domain
 from booking_service.domain import MINUTES_PER_DAY, DateOverride, SessionType, Therapist, WeeklyWindowMinutes
+from booking_service.practice import BookedSeries
 from booking_service.store.outbox import DeadLetter
 from service_kit.errors import FieldViolation, InvalidArgument
 from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
@@ -75,6 +76,11 @@ _REASON_TO_PROTO = {
 REASON_FROM_PROTO = {
     number: reason for reason, number in _REASON_TO_PROTO.items() if reason is not domain.CancelReason.PAYMENT_FAILED
 }
+_OUTCOME_TO_PROTO = {
+    domain.SessionOutcome.COMPLETED: booking_pb2.SESSION_OUTCOME_COMPLETED,
+    domain.SessionOutcome.NO_SHOW: booking_pb2.SESSION_OUTCOME_NO_SHOW,
+}
+OUTCOME_FROM_PROTO = {number: outcome for outcome, number in _OUTCOME_TO_PROTO.items()}
 _VIDEO_ROOM_TO_PROTO = {
     domain.VideoRoomState.PENDING: booking_pb2.VIDEO_ROOM_STATE_PENDING,
     domain.VideoRoomState.READY: booking_pb2.VIDEO_ROOM_STATE_READY,
@@ -119,6 +125,10 @@ def session_type_message(session_type: SessionType) -> booking_pb2.SessionType:
         duration_minutes=session_type.duration_minutes,
         credit_cost=session_type.credit_cost,
         retire_time=timestamp(session_type.retired_at) if session_type.retired_at else None,
+        late_cancellation_notice_minutes=session_type.late_cancel_notice_minutes,
+        late_cancellation_refund_percent=session_type.late_cancel_refund_percent,
+        no_show_refund_percent=session_type.no_show_refund_percent,
+        start_step_minutes=session_type.start_step_minutes,
     )
 
 
@@ -150,7 +160,13 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
         update_time=timestamp(booking.updated_at),
         reschedule_count=booking.reschedule_count,
         video_room=video_room_message(booking.video_room),
+        series_id="" if booking.series_id is None else str(booking.series_id),
+        series_index=booking.series_index or 0,
     )
+    if booking.outcome is not None:
+        assert booking.outcome_at is not None
+        message.outcome = _OUTCOME_TO_PROTO[booking.outcome]
+        message.outcome_time.CopyFrom(timestamp(booking.outcome_at))
     if booking.cancelled_at is not None:
         assert booking.cancelled_by is not None and booking.cancel_reason is not None
         message.cancellation.CopyFrom(
@@ -162,6 +178,19 @@ def booking_message(booking: domain.Booking) -> booking_pb2.Booking:
             )
         )
     return message
+
+
+def series_message(series: BookedSeries) -> booking_pb2.CreateBookingSeriesResponse:
+    return booking_pb2.CreateBookingSeriesResponse(
+        series_id=str(series.series_id),
+        bookings=[booking_message(b) for b in series.bookings],
+        skipped=[
+            booking_pb2.SkippedOccurrence(
+                series_index=skipped.index, start_time=timestamp(skipped.starts_at), reason=skipped.reason
+            )
+            for skipped in series.skipped
+        ],
+    )
 
 
 def video_room_message(room: domain.VideoRoom | None) -> booking_pb2.VideoRoom:
@@ -304,12 +333,17 @@ def start_of(checks: Checks, request: Any) -> datetime:
     if which != "local_start":
         checks.fail("start_time", "is required: give start_time (an instant) or local_start")
         return EARLIEST_INSTANT
-    local = request.local_start
+    return local_instant(checks, "local_start", request.local_start)
+
+
+def local_instant(checks: Checks, name: str, local: booking_pb2.LocalDateTime) -> datetime:
+    """A LocalDateTime field (`name`) as an instant: checked, then resolved in its zone (a time in
+    a DST gap, or one that occurs twice without a disambiguation, is refused naming the field)."""
     if not _LOCAL_DATE_TIME.fullmatch(local.date_time):
-        checks.fail("local_start.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
+        checks.fail(f"{name}.date_time", 'must be "YYYY-MM-DDTHH:MM[:SS]" without an offset')
         return EARLIEST_INSTANT
     disambiguation = checks.enum(
-        "local_start.disambiguation",
+        f"{name}.disambiguation",
         local.disambiguation,
         booking_pb2.Disambiguation.Name,
         allow_unspecified=True,
@@ -317,24 +351,22 @@ def start_of(checks: Checks, request: Any) -> datetime:
     try:
         naive = datetime.fromisoformat(local.date_time)
     except ValueError:
-        checks.fail("local_start.date_time", "is not a valid date and time")
+        checks.fail(f"{name}.date_time", "is not a valid date and time")
         return EARLIEST_INSTANT
     if not EARLIEST_INSTANT.year <= naive.year < LATEST_INSTANT.year:
         # Bounded before any arithmetic: near year 9999 a zone's offset overflows datetime.
-        checks.fail("local_start.date_time", f"must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year - 1}")
+        checks.fail(f"{name}.date_time", f"must be between {EARLIEST_INSTANT.year} and {LATEST_INSTANT.year - 1}")
         return EARLIEST_INSTANT
     checks.done()  # resolve only a well-formed local time
     try:
-        instant = availability.resolve_local(
-            naive, local.time_zone, _DISAMBIGUATION[disambiguation], field="local_start"
-        )
+        instant = availability.resolve_local(naive, local.time_zone, _DISAMBIGUATION[disambiguation], field=name)
     except availability.AvailabilityError as error:
         if isinstance(error, availability.UnknownTimeZone):
-            # availability names its own parameter; the request's field is local_start.time_zone.
-            error.field = "local_start.time_zone"
+            # availability names its own parameter; the request's field is <name>.time_zone.
+            error.field = f"{name}.time_zone"
         raise domain.domain_error(error) from None
     # 2000-01-01T00:00 in UTC+14 is still 1999 in UTC: the instant itself must be in the window too.
-    return checks.within_instant_window("local_start.date_time", instant)
+    return checks.within_instant_window(f"{name}.date_time", instant)
 
 
 def in_request_terms(error: InvalidArgument) -> InvalidArgument:

@@ -115,6 +115,10 @@ class Outbox:
             await self._deliver(event, booking, done)
 
     async def _deliver(self, event: store.OutboxEvent, booking: Booking | None, done: Pass) -> None:
+        if event.payload.get("type") == events.REMINDER and not events.reminder_still_due(event.payload, booking):
+            done.delivered.append(event.event_id)  # cancelled, marked or moved since: never sent
+            log.info("reminder_dropped", event_id=str(event.event_id), booking_id=str(event.booking_id))
+            return
         if event.kind == events.BOOKING_EVENT:
             failed, failure = await self._effects(event, booking, done)
             if failure is not None:

@@ -10,7 +10,7 @@ reconciler from a stale hold.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from datetime import datetime
 from typing import Protocol
@@ -26,6 +26,7 @@ from booking_service.domain import (
     BookingStatus,
     CancelReason,
     HeldReservation,
+    HoldRequest,
     PaymentStatus,
     ReservationGone,
 )
@@ -48,6 +49,7 @@ class Credits(Protocol):
     CreditServiceTimeout when the answer is unknown."""
 
     async def reserve(self, reservation_id: uuid.UUID, owner_id: uuid.UUID, amount: int, reference: str) -> None: ...
+    async def reserve_all(self, holds: Sequence[HoldRequest]) -> list[DomainError | None]: ...
     async def commit(self, reservation_id: uuid.UUID) -> None: ...
     async def cancel(self, reservation_id: uuid.UUID) -> None: ...
     async def refund(self, reservation_id: uuid.UUID, amount: int) -> None: ...

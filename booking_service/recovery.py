@@ -22,7 +22,7 @@ from booking_service.decisions import Answered, Refusal, Refuse
 from booking_service.domain import Booking, BookingAborted
 from booking_service.metrics import BookingMetrics
 from booking_service.payments import Credits, Payments
-from booking_service.requests import HoldOwner, LegacyHold, hold_of
+from booking_service.requests import HoldOwner, LegacyHold, SeriesHold, hold_of
 from booking_service.store import calendar as store
 from service_kit.database import Database
 from service_kit.errors import DomainError
@@ -71,8 +71,13 @@ class Reconciler:
                 self._metrics.reconciler_action("deferred")
         return len(held) == self._batch_size
 
-    async def _resolve(self, owner: HoldOwner | LegacyHold) -> None:
-        booking = await (self._abandon(owner) if isinstance(owner, HoldOwner) else self._abandon_legacy(owner))
+    async def _resolve(self, owner: HoldOwner | SeriesHold | LegacyHold) -> None:
+        if isinstance(owner, HoldOwner):
+            booking = await self._abandon(owner)
+        elif isinstance(owner, SeriesHold):
+            booking = await self._abandon_series(owner)
+        else:
+            booking = await self._abandon_legacy(owner)
         if booking is not None:
             await self._payments.settle(booking)
             log.info("reconciler_committed", reservation_id=str(owner.booking_id))
@@ -88,6 +93,20 @@ class Reconciler:
         decision = await self._calendar.decide(proposal)
         assert isinstance(decision, Answered), decision
         return decision.answer.booking
+
+    async def _abandon_series(self, owner: SeriesHold) -> Booking | None:
+        """The occurrence's session if its series committed with it; else None, with BOOKING_ABORTED
+        now the answer of the whole series when it had none: the abort is proposed for the series
+        key, so no copy of the series can place any occurrence any more (an all-or-nothing series
+        is never left half placed), and every other hold of the series is released in its turn."""
+        proposal = Refuse(owner.series_id, None, owner.therapist_id, None, Refusal.of(BookingAborted()))
+        decision = await self._calendar.decide(proposal)
+        assert isinstance(decision, Answered), decision
+        if decision.answer.booking is None:
+            return None  # refused: no occurrence has a session
+        async with self._database.pool.acquire() as connection:
+            booking = await store.fetch_booking(connection, owner.booking_id)
+        return booking if booking is not None and booking.series_id == owner.series_id else None
 
     async def _abandon_legacy(self, owner: LegacyHold) -> Booking | None:
         async with self._database.pool.acquire() as connection:

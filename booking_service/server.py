@@ -86,6 +86,9 @@ async def start(settings: BookingSettings) -> Runtime:
         workers.append(periodic("retention", settings.retention.interval_s, service.retention.purge_once))
     else:
         log.warning("retention_disabled", detail="request answers, delivered events and dead letters are kept for ever")
+    workers.append(periodic("outcome_sweeper", settings.outcome_sweep_interval_s, service.outcomes.sweep_once))
+    workers.append(periodic("reminders", settings.reminder_interval_s, service.reminders.send_due_once))
+    workers.append(periodic("waitlist", settings.waitlist_interval_s, service.waitlist.offer_once))
     workers.append(metrics.refresher(database, settings.server))
 
     def parts(_: Database) -> ServiceParts:

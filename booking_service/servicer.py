@@ -1,6 +1,7 @@
 """booking.v1.BookingService over gRPC: each handler checks its request, calls one use case and
 answers; the one table of status codes. Translations live in messages.py, access rules in access.py;
-the discovery and webhook endpoint handlers in discovery_servicer.py and webhook_servicer.py."""
+the discovery and webhook endpoint handlers in discovery_servicer.py and webhook_servicer.py, the
+practice's in practice_servicer.py and waitlist_servicer.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ import grpc
 
 from booking.v1 import booking_pb2, booking_pb2_grpc
 from booking_service import availability, domain
-from booking_service.access import ACTORS_OF_ROLE, may_see
 from booking_service.discovery_servicer import DiscoveryHandlers
 from booking_service.domain import (
     MAX_OVERRIDE_WINDOWS,
@@ -24,9 +24,7 @@ from booking_service.domain import (
     WeeklyWindowMinutes,
 )
 from booking_service.messages import (
-    ACTOR_FROM_PROTO,
     MAX_NAME_LENGTH,
-    REASON_FROM_PROTO,
     STATUS_FROM_PROTO,
     UPDATABLE_FIELDS,
     booking_message,
@@ -44,11 +42,14 @@ from booking_service.messages import (
     therapist_message,
     weekly_message,
 )
+from booking_service.practice import START_STEPS_MINUTES
+from booking_service.practice_servicer import PracticeRpcs, session_type_policy
 from booking_service.requests import NewBooking, NewStart
 from booking_service.service import BookingService
+from booking_service.waitlist_servicer import WaitlistRpcs
 from booking_service.webhook_servicer import WebhookHandlers
 from service_kit import pagination
-from service_kit.auth import PermissionDenied, current_principal
+from service_kit.auth import current_principal
 from service_kit.errors import DeadlineExceeded, DomainError, InvalidArgument, Unavailable
 from service_kit.validation import Checks
 
@@ -78,7 +79,9 @@ ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
-class BookingServicer(DiscoveryHandlers, WebhookHandlers, booking_pb2_grpc.BookingServiceServicer):
+class BookingServicer(
+    DiscoveryHandlers, WebhookHandlers, PracticeRpcs, WaitlistRpcs, booking_pb2_grpc.BookingServiceServicer
+):
     def __init__(self, service: BookingService) -> None:
         self._service = service
 
@@ -196,9 +199,24 @@ class BookingServicer(DiscoveryHandlers, WebhookHandlers, booking_pb2_grpc.Booki
         name = checks.text("session_type.name", given.name, max_length=MAX_NAME_LENGTH, required=True)
         duration = checks.integer("session_type.duration_minutes", given.duration_minutes, minimum=5, maximum=480)
         cost = checks.integer("session_type.credit_cost", given.credit_cost, minimum=1, maximum=10_000)
+        notice, late_refund, no_show_refund = session_type_policy(checks, given)
+        step = given.start_step_minutes or START_STEPS_MINUTES[2]
+        if step not in START_STEPS_MINUTES:
+            checks.fail("session_type.start_step_minutes", f"must be one of {', '.join(map(str, START_STEPS_MINUTES))}")
         checks.done()
         created = await self._service.catalogue.create_session_type(
-            request_id, SessionType(uuid.uuid4(), therapist_id, name, duration, cost)
+            request_id,
+            SessionType(
+                uuid.uuid4(),
+                therapist_id,
+                name,
+                duration,
+                cost,
+                late_cancel_notice_minutes=notice,
+                late_cancel_refund_percent=late_refund,
+                no_show_refund_percent=no_show_refund,
+                start_step_minutes=step,
+            ),
         )
         return booking_pb2.CreateSessionTypeResponse(session_type=session_type_message(created))
 
@@ -295,24 +313,8 @@ class BookingServicer(DiscoveryHandlers, WebhookHandlers, booking_pb2_grpc.Booki
     async def CancelBooking(
         self, request: booking_pb2.CancelBookingRequest, context: Context
     ) -> booking_pb2.CancelBookingResponse:
-        checks = Checks()
-        booking_id = checks.uuid("booking_id", request.booking_id)
-        actor = checks.enum("actor", request.actor, booking_pb2.CancellationActor.Name)
-        reason = checks.enum("reason", request.reason, booking_pb2.CancellationReason.Name)
-        if actor and actor not in ACTOR_FROM_PROTO:
-            checks.fail("actor", "must be CLIENT, THERAPIST or ADMIN")
-        if reason and reason not in REASON_FROM_PROTO:
-            checks.fail("reason", "is set by the system only")
-        checks.done()
-        await self._owned_booking(booking_id)
-        principal = current_principal()
-        if not any(actor in ACTORS_OF_ROLE.get(role, ()) for role in principal.roles):
-            raise PermissionDenied("the caller may not cancel as this actor", metadata={"field": "actor"})
-        booking = await self._service.changes.cancel(
-            booking_id,
-            ACTOR_FROM_PROTO[actor],
-            REASON_FROM_PROTO[reason],
-        )
+        booking_id, actor, reason = await self._cancellation(request)
+        booking = await self._service.changes.cancel(booking_id, actor, reason)
         return booking_pb2.CancelBookingResponse(booking=booking_message(booking))
 
     async def RescheduleBooking(
@@ -353,11 +355,3 @@ class BookingServicer(DiscoveryHandlers, WebhookHandlers, booking_pb2_grpc.Booki
         checks.done()
         letter = await self._service.outbox.retry_dead_letter(event_id)
         return booking_pb2.RetryDeadLetterResponse(dead_letter=dead_letter_message(letter))
-
-    async def _owned_booking(self, booking_id: uuid.UUID) -> domain.Booking:
-        """The booking, if the caller may see it; another's is NOT_FOUND, exactly as a missing one.
-        (Who a booking belongs to never changes, so this read cannot go stale before the change.)"""
-        booking = await self._service.changes.booking(booking_id)
-        if not may_see(current_principal(), booking):
-            raise domain.BookingNotFound(booking_id)
-        return booking

@@ -162,7 +162,10 @@ def _operation(path: str, method: str, operation: Mapping[str, Any], schemas: Ma
         parts.append(_schema_summary(request_body["content"]["application/json"]["schema"], schemas))
     ok = operation["responses"]["200"]
     parts.append("<h4>Response</h4>")
-    parts.append(_schema_summary(ok["content"]["application/json"]["schema"], schemas))
+    if "application/json" in ok["content"]:
+        parts.append(_schema_summary(ok["content"]["application/json"]["schema"], schemas))
+    else:  # the body itself (google.api.HttpBody), as its content type says; no token asked
+        parts.append("<p>The body itself, in its own content type (not JSON). No bearer token.</p>")
     errors = [status for status in operation["responses"] if status not in ("200", "default")]
     parts.append(
         f'<p class=note>Errors: {", ".join(errors)} and others, each a <a href="#errors">google.rpc.Status</a>.</p>'

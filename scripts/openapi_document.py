@@ -22,6 +22,9 @@ from typing import Any
 from google.api import annotations_pb2, http_pb2
 from google.protobuf import descriptor_pb2
 
+# The message of a response that is no JSON message but the body itself (google/api/httpbody.proto).
+HTTP_BODY = ".google.api.HttpBody"
+
 SERVICES = ("booking.v1.BookingService", "credit.v1.CreditService")
 TITLE = "Therapy booking API"
 VERSION = "v1"
@@ -154,8 +157,10 @@ class _Types:
 
 
 def _clean_comment(text: str) -> str:
-    """A proto comment as Markdown: the space after `//` gone, paragraphs kept."""
+    """A proto comment as Markdown: the space after `//` gone, paragraphs kept, buf's lint
+    directives (`buf:lint:ignore ...`, for the linter, not for readers) left out."""
     lines = [line.removeprefix(" ").rstrip() for line in text.strip("\n").split("\n")]
+    lines = [line for line in lines if not line.startswith("buf:lint:")]
     return "\n".join(lines).strip()
 
 
@@ -327,8 +332,14 @@ class _Builder:
             response = self.types.messages[method.output_type.lstrip(".")]
             field = next(field for field in response.proto.field if field.name == rule.response_body)
             response_schema = self.field_schema(field)
+        content: dict[str, Any] = {"application/json": {"schema": response_schema}}
+        if method.output_type == HTTP_BODY:
+            # Any content at all, as the method sets it (a calendar feed is text/calendar); such a
+            # method carries its own credential in the request, so it asks for no bearer token.
+            content = {"*/*": {"schema": {"type": "string", "format": "binary"}}}
+            operation["security"] = []
         operation["responses"] = {
-            "200": {"description": "OK", "content": {"application/json": {"schema": response_schema}}},
+            "200": {"description": "OK", "content": content},
             **{status: {"$ref": f"#/components/responses/Error{status}"} for status in ERROR_RESPONSES},
             "default": {"$ref": "#/components/responses/Error"},
         }

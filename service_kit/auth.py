@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from service_kit.config import ConfigError, choice, number, text
 from service_kit.errors import DomainError
 from service_kit.jwks import JwksKeys, JwksRefresher, JwksSettings, check_jwks_url
+from service_kit.validation import Checks
 
 CLIENT = "client"
 THERAPIST = "therapist"
@@ -537,6 +538,15 @@ Rule = Callable[[Principal, Any], bool]
 AccessRules = Mapping[str, Rule]
 
 
+def _open_to_anyone(principal: Principal, request: Any) -> bool:
+    return True
+
+
+# The rule of an RPC anyone may call without a token: the request itself carries its credential
+# (a calendar feed's token, which calendar apps put in the URL since they cannot send headers).
+OPEN_TO_ANYONE: Rule = _open_to_anyone
+
+
 def anyone_with(*roles: str) -> Rule:
     assert set(roles) <= ROLES
 
@@ -547,7 +557,9 @@ def anyone_with(*roles: str) -> Rule:
 
 
 def own(role: str, field: str) -> Rule:
-    """The caller has `role` and the request's `field` (a dotted path) names the caller."""
+    """The caller has `role` and the request's `field` (a dotted path, a UUID) names the caller.
+    A caller with the role whose request's id is malformed (or missing) gets INVALID_ARGUMENT
+    naming the field, as the handler would answer: a malformed value is not a question of rights."""
     assert role in ROLES
     path = field.split(".")
 
@@ -557,7 +569,10 @@ def own(role: str, field: str) -> Rule:
         value = request
         for part in path:
             value = getattr(value, part)
-        return isinstance(value, str) and principal.is_subject(value)
+        checks = Checks()
+        checks.uuid(field, value if isinstance(value, str) else "")
+        checks.done()
+        return principal.is_subject(value)
 
     return rule
 
@@ -594,6 +609,8 @@ class Gate:
         """The caller of an RPC of this service, allowed to make it; None for the open services."""
         if service in OPEN_SERVICES:
             return None
+        if service == self._service_name and self._rules.get(rpc) is OPEN_TO_ANYONE:
+            return None  # no token asked, none read: the handler checks the request's own credential
         if self._verifier is None:
             return DEVELOPMENT_PRINCIPAL
         principal = self._verifier.verify(bearer_token(metadata))

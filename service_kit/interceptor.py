@@ -45,7 +45,7 @@ from service_kit.auth import (
     unbind_principal,
 )
 from service_kit.decoding import MalformedRequest, RequestDecoder
-from service_kit.errors import DomainError, Unavailable, rich_status, status_for
+from service_kit.errors import DomainError, InvalidArgument, Unavailable, rich_status, status_for
 
 log = structlog.get_logger()
 
@@ -299,7 +299,12 @@ class ServerInterceptor(grpc.aio.ServerInterceptor):
         if self._gate is not None:
             # Before the handler: authorization before existence, so a forbidden id and a
             # missing one look alike. Only the subject and roles are logged, never the token.
-            principal = self._gate.admit(service, rpc, request, metadata)
+            try:
+                principal = self._gate.admit(service, rpc, request, metadata)
+            except InvalidArgument:
+                if malformed is not None:
+                    raise malformed from None  # what the bytes are comes first; the rule read a stand-in
+                raise
             if principal is not None:
                 structlog.contextvars.bind_contextvars(caller=principal.subject, roles=sorted(principal.roles))
                 bind_principal(principal)

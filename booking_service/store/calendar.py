@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import asyncpg
@@ -21,9 +22,11 @@ from booking_service.decisions import (
     Moved,
     Place,
     Placed,
+    PlaceSeries,
     Proposal,
     Refusal,
     Refuse,
+    SeriesDecided,
     Stale,
     Unanswered,
 )
@@ -62,10 +65,11 @@ async def look_up(
 
 
 def _answer(row: asyncpg.Record) -> Answer:
-    refusal = None
+    metadata = rows.json_object(row["refusal_metadata"])
     if row["refusal_reason"] is not None:
-        refusal = Refusal(row["refusal_reason"], row["refusal_message"], rows.json_object(row["refusal_metadata"]))
-    return Answer(row["fingerprint"], _session(row), refusal)
+        refusal = Refusal(row["refusal_reason"], row["refusal_message"], metadata)
+        return Answer(row["fingerprint"], _session(row), refusal)
+    return Answer(row["fingerprint"], _session(row), None, metadata)
 
 
 def _session(row: asyncpg.Record) -> Booking | None:
@@ -77,9 +81,32 @@ def _session(row: asyncpg.Record) -> Booking | None:
 
 
 _PROPOSAL_KINDS = {Place: "place", Move: "move", Refuse: "refuse"}
+# Where an occurrence of a series is named in its refusal's metadata, with its index.
+OCCURRENCE_KEY_PREFIX = "occurrence_"
 
 
-def _proposal(proposal: Proposal) -> tuple[object, ...]:
+def _composites(proposal: Proposal) -> list[tuple[object, ...]]:
+    """A proposal as booking.proposal composites: one, or a series' one per occurrence."""
+    if not isinstance(proposal, PlaceSeries):
+        return [_proposal(proposal)]
+    kind = "series_partial" if proposal.skip_unavailable else "series"
+    found: list[tuple[object, ...]] = []
+    for occurrence in proposal.occurrences:
+        booking, refusal, blocked = occurrence.booking, occurrence.refusal, occurrence.blocked
+        found.append(
+            (
+                *(kind, proposal.request_key, proposal.fingerprint, proposal.therapist_id, proposal.schedule_version),
+                *(booking.booking_id, occurrence.index, None, booking.request_id, booking.client_id),
+                *(booking.session_type_id, booking.starts_at, booking.ends_at),
+                None if blocked is None else Range(blocked.start, blocked.end),
+                *(booking.time_zone, booking.credit_cost, occurrence.video_room_name, json.dumps(occurrence.event)),
+                *(refusal.reason, refusal.message, json.dumps(dict(refusal.metadata))),
+            )
+        )
+    return found
+
+
+def _proposal(proposal: Place | Move | Refuse) -> tuple[object, ...]:
     """A proposal as a booking.proposal composite, in the type's field order."""
     if isinstance(proposal, Refuse):
         refusal = proposal.refusal
@@ -118,10 +145,11 @@ async def decide(
     Raises CalendarBusy when waiting for a lock takes longer than `lock_timeout_ms`, and
     SessionsOverlap when the exclusion constraint refuses a session the check let through (the
     whole statement is then undone: the caller decides each proposal alone)."""
+    composites = [_composites(proposal) for proposal in proposals]
     try:
         found = await connection.fetch(
             "SELECT * FROM booking.decide($1::booking.proposal[], $2, $3) ORDER BY item_position",
-            [_proposal(proposal) for proposal in proposals],
+            [row for rows_of_one in composites for row in rows_of_one],
             wait,
             lock_timeout_ms,
         )
@@ -131,8 +159,41 @@ async def decide(
         if error.constraint_name != NO_OVERLAP_CONSTRAINT:
             raise
         raise SessionsOverlap("the exclusion constraint refused an overlapping session") from None
-    assert len(found) == len(proposals), (len(found), len(proposals))
-    return [_decision(row) for row in found]
+    assert len(found) == sum(len(rows_of_one) for rows_of_one in composites), (len(found), len(proposals))
+    decisions: list[Decision] = []
+    position = 0
+    for proposal, rows_of_one in zip(proposals, composites, strict=True):
+        mine = found[position : position + len(rows_of_one)]
+        position += len(rows_of_one)
+        decisions.append(_series_decision(mine) if isinstance(proposal, PlaceSeries) else _decision(mine[0]))
+    return decisions
+
+
+def _series_decision(found: Sequence[asyncpg.Record]) -> Decision:
+    """The rows of one series' occurrences (booking.decide_series) as one decision."""
+    outcomes = {row["outcome"] for row in found}
+    if outcomes == {"busy"}:
+        return Busy()
+    if outcomes == {"stale"}:
+        return Stale()
+    first = found[0]
+    bookings = tuple(sorted((b for b in map(_session, found) if b is not None), key=lambda b: b.series_index or 0))
+    if outcomes <= {"placed", "skipped"}:
+        skipped = {index: reason for row in found if row["outcome"] == "skipped" for index, reason in _named(row)}
+        return SeriesDecided(True, Answer(first["fingerprint"], None, None), bookings, skipped)
+    assert len(outcomes) == 1 and outcomes <= {"answered", "refused"}, outcomes
+    answer = _answer(first)
+    return SeriesDecided(False, replace(answer, booking=None), bookings, dict(_named(first)))
+
+
+def _named(row: asyncpg.Record) -> list[tuple[int, str]]:
+    """The occurrences a refusal's metadata names, with their reasons."""
+    metadata = rows.json_object(row["refusal_metadata"])
+    return [
+        (int(key.removeprefix(OCCURRENCE_KEY_PREFIX)), str(reason))
+        for key, reason in metadata.items()
+        if key.startswith(OCCURRENCE_KEY_PREFIX) and key.removeprefix(OCCURRENCE_KEY_PREFIX).isdigit()
+    ]
 
 
 def _decision(row: asyncpg.Record) -> Decision:

@@ -205,8 +205,9 @@ def schedule_rows(row: Any) -> tuple[list[WeeklyWindowMinutes], list[DateOverrid
 async def insert_session_type(connection: Connection, request_id: str, session_type: SessionType) -> SessionType | None:
     row = await connection.fetchrow(
         f"""INSERT INTO booking.session_types
-               (session_type_id, therapist_id, request_id, name, duration_minutes, credit_cost)
-            VALUES ($1, $2, $3, $4, $5, $6)
+               (session_type_id, therapist_id, request_id, name, duration_minutes, credit_cost,
+                late_cancel_notice_minutes, late_cancel_refund_percent, no_show_refund_percent, start_step_minutes)
+            VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
             ON CONFLICT (request_id) DO NOTHING
             RETURNING {rows.SESSION_TYPE_COLUMNS}""",
         session_type.session_type_id,
@@ -215,6 +216,10 @@ async def insert_session_type(connection: Connection, request_id: str, session_t
         session_type.name,
         session_type.duration_minutes,
         session_type.credit_cost,
+        session_type.late_cancel_notice_minutes,
+        session_type.late_cancel_refund_percent,
+        session_type.no_show_refund_percent,
+        session_type.start_step_minutes,
     )
     return None if row is None else rows.session_type(row)
 

@@ -127,6 +127,8 @@ async def candidates(
     for therapist in therapists:
         row = by_id[therapist.therapist_id]
         weekly, overrides = schedule_rows(row)
-        session_types = [SessionType(*values) for values in row["session_types"]]
+        session_types = [
+            SessionType(**dict(zip(rows.SESSION_TYPE_FIELDS, values, strict=True))) for values in row["session_types"]
+        ]
         result.append(Candidate(therapist, weekly, overrides, session_types))
     return result

@@ -13,6 +13,7 @@ from booking_service.domain import (
     BookingStatus,
     CancelReason,
     PaymentStatus,
+    SessionOutcome,
     SessionType,
     Therapist,
     VideoRoom,
@@ -34,7 +35,18 @@ THERAPIST_FIELDS = (
     "archived_at",
 )
 THERAPIST_COLUMNS = ", ".join(THERAPIST_FIELDS)
-SESSION_TYPE_FIELDS = ("session_type_id", "therapist_id", "name", "duration_minutes", "credit_cost", "retired_at")
+SESSION_TYPE_FIELDS = (
+    "session_type_id",
+    "therapist_id",
+    "name",
+    "duration_minutes",
+    "credit_cost",
+    "late_cancel_notice_minutes",
+    "late_cancel_refund_percent",
+    "no_show_refund_percent",
+    "start_step_minutes",
+    "retired_at",
+)
 SESSION_TYPE_COLUMNS = ", ".join(SESSION_TYPE_FIELDS)
 BOOKING_FIELDS = (
     "booking_id",
@@ -55,6 +67,11 @@ BOOKING_FIELDS = (
     "reschedule_count",
     "created_at",
     "updated_at",
+    "series_id",
+    "series_index",
+    "outcome",
+    "outcome_by",
+    "outcome_at",
 )
 BOOKING_COLUMNS = ", ".join(BOOKING_FIELDS)
 # A booking with its video room: the reads join it in.
@@ -91,6 +108,8 @@ def booking(row: asyncpg.Record, room: VideoRoom | None = None) -> Booking:
     values["payment_status"] = PaymentStatus(values["payment_status"])
     values["cancelled_by"] = Actor(values["cancelled_by"]) if values["cancelled_by"] else None
     values["cancel_reason"] = CancelReason(values["cancel_reason"]) if values["cancel_reason"] else None
+    values["outcome"] = SessionOutcome(values["outcome"]) if values["outcome"] else None
+    values["outcome_by"] = Actor(values["outcome_by"]) if values["outcome_by"] else None
     return Booking(**values, video_room=room)
 
 

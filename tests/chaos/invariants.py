@@ -34,7 +34,7 @@ SELECT reservation_id, count(*) AS entries, -sum(spent_delta) AS amount
 _ACCOUNTS_SQL = "SELECT owner_id, granted FROM credit.accounts"
 _SESSIONS_SQL = """
 SELECT booking_id, request_id, client_id, therapist_id, starts_at, status, payment_status, cancelled_by,
-       cancel_reason, refunded_credits, credit_cost
+       cancel_reason, refunded_credits, credit_cost, series_id, series_index
   FROM booking.sessions
 """
 _REFUSALS_SQL = "SELECT request_key, refusal_reason FROM booking.request_answers WHERE refusal_reason IS NOT NULL"
@@ -77,13 +77,17 @@ class Snapshot:
     refusals: dict[uuid.UUID, str]  # request key -> the refusal recorded as the request's answer
     dead_events: list[asyncpg.Record]
     overlaps: list[asyncpg.Record]
+    # Sessions of single bookings by request id, and the occurrences of series by request id.
     sessions_by_request: dict[str, list[asyncpg.Record]] = field(default_factory=dict)
+    series_by_request: dict[str, list[asyncpg.Record]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         by_request: dict[str, list[asyncpg.Record]] = defaultdict(list)
+        series: dict[str, list[asyncpg.Record]] = defaultdict(list)
         for session in self.sessions.values():
-            by_request[session["request_id"]].append(session)
+            (by_request if session["series_id"] is None else series)[session["request_id"]].append(session)
         self.sessions_by_request = dict(by_request)
+        self.series_by_request = dict(series)
 
 
 async def read_snapshot(credit_db: asyncpg.Pool, booking_db: asyncpg.Pool) -> Snapshot:
@@ -125,6 +129,7 @@ def check_all(snapshot: Snapshot, clients: Sequence[ClientRecord], hold_bound_s:
         lambda: acknowledged_reschedules_hold(snapshot, bookings),
         lambda: sessions_and_holds_agree(snapshot),
         lambda: grants_match_acknowledgements(snapshot, clients),
+        lambda: series_whole(snapshot, clients),
     ]
     return [check() for check in checks]
 
@@ -297,6 +302,39 @@ def one_booking_per_request_id(snapshot: Snapshot, clients: Sequence[ClientRecor
         "every request id made at most one session, and a request that made one was never also answered "
         "with a refusal (a request has one answer)",
         f"{requests} booking requests, {len(snapshot.sessions)} sessions",
+        found,
+    )
+
+
+def series_whole(snapshot: Snapshot, clients: Sequence[ClientRecord]) -> InvariantResult:
+    """No all-or-nothing series was ever placed in part: its occurrences are placed in one
+    transaction, so a series has no session rows or all of them; a refused series made none; an
+    acknowledged one has exactly the sessions its client was told of, one per index."""
+    found = []
+    series = [s for client in clients for s in client.series.values()]
+    for record in series:
+        sessions = snapshot.series_by_request.get(record.request_id, [])
+        indexes = sorted(s["series_index"] for s in sessions)
+        if len({s["series_id"] for s in sessions}) > 1:
+            found.append(f"series request {record.request_id} made sessions of several series")
+        if len(indexes) != len(set(indexes)):
+            found.append(f"series request {record.request_id} has an occurrence twice: {indexes}")
+        if not record.skip_unavailable and sessions and len(sessions) != record.occurrences:
+            found.append(
+                f"all-or-nothing series {record.request_id} has {len(sessions)} of {record.occurrences} occurrences"
+            )
+        if record.told is not None and record.told.startswith("refused") and sessions:
+            found.append(f"series {record.request_id} was {record.told} but has {len(sessions)} sessions")
+        if record.told is not None and record.told.startswith("booked "):
+            told = record.told.removeprefix("booked ").split(",")
+            placed = sorted(str(s["booking_id"]) for s in sessions)
+            if sorted(told) != placed:
+                found.append(f"series {record.request_id} was told {told} but has sessions {placed}")
+    return InvariantResult(
+        "series_whole",
+        "no all-or-nothing series is ever placed in part (its sessions are none or all of its occurrences), a "
+        "refused series made no session, an acknowledged one has exactly the occurrences its client was told of",
+        f"{len(series)} series requests, {sum(len(s) for s in snapshot.series_by_request.values())} occurrences",
         found,
     )
 

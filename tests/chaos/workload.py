@@ -66,12 +66,18 @@ HOT_SHARE = 0.5
 FIRST_DAY_AHEAD = 2
 SPREAD_DAYS = 40
 # Operation weights when the client has an active booking; without one it books or grants.
-WEIGHTS = {"book": 45, "grant": 15, "cancel": 20, "reschedule": 20}
+WEIGHTS = {"book": 40, "series": 10, "grant": 15, "cancel": 20, "reschedule": 20}
+# Weekly series: 2 or 3 occurrences, all or nothing but for a share that books what is free; their
+# first days leave room for every occurrence before the prober's days.
+SERIES_OCCURRENCES = (2, 3)
+SERIES_SKIP_SHARE = 0.25
+SERIES_LAST_FIRST_DAY = SPREAD_DAYS - 7 * (max(SERIES_OCCURRENCES) - 1) - 1
 
 
 class Operation(enum.StrEnum):
     GRANT = "grant"
     BOOK = "book"
+    SERIES = "series"
     CANCEL = "cancel"
     RESCHEDULE = "reschedule"
 
@@ -107,6 +113,17 @@ class BookingRecord:
 
 
 @dataclass
+class SeriesRecord:
+    """A series request and what its client was told: "booked <ids>" (by index, comma-separated),
+    "refused <reason>", or None when the outcome is unknown."""
+
+    request_id: str
+    occurrences: int
+    skip_unavailable: bool
+    told: str | None
+
+
+@dataclass
 class ClientRecord:
     client_id: str
     attempts_per_request: int
@@ -116,11 +133,16 @@ class ClientRecord:
     bookings: dict[str, BookingRecord] = field(default_factory=dict)  # acknowledged, by booking id
     booking_requests_unknown: dict[str, str] = field(default_factory=dict)  # request id -> last error
     booking_requests_refused: dict[str, str] = field(default_factory=dict)  # request id -> reason
-    # Every booking request answered (acknowledged or refused), to ask again after the run.
-    answered_requests: dict[str, booking_pb2.CreateBookingRequest] = field(default_factory=dict)
+    series: dict[str, SeriesRecord] = field(default_factory=dict)  # by request id
+    # Every booking or series request answered (acknowledged or refused), to ask again after the run.
+    answered_requests: dict[str, booking_pb2.CreateBookingRequest | booking_pb2.CreateBookingSeriesRequest] = field(
+        default_factory=dict
+    )
 
     def answer_to(self, request_id: str) -> str:
         """What the client was told of an answered booking request: "booked <id>" or "refused <reason>"."""
+        if request_id in self.series:
+            return str(self.series[request_id].told)
         if request_id in self.booking_requests_refused:
             return f"refused {self.booking_requests_refused[request_id]}"
         (booking_id,) = [b.booking_id for b in self.bookings.values() if b.request_id == request_id]
@@ -182,6 +204,14 @@ class Calendar:
         therapist = rng.choice(self.therapists)
         return therapist, self.start_for(therapist, rng)
 
+    def series_slot(self, rng: random.Random) -> tuple[Therapist, datetime]:
+        """A series' first start: sometimes a hot slot, else a spread one early enough that every
+        occurrence stays within the clients' days."""
+        therapist = rng.choice(self.therapists)
+        if rng.random() < HOT_SHARE:
+            return therapist, self.start_for(therapist, rng)
+        return therapist, self.first_day + timedelta(days=rng.randrange(SERIES_LAST_FIRST_DAY), hours=rng.randrange(24))
+
     def probe_slot(self, index: int) -> tuple[Therapist, datetime]:
         """The prober's own slot, past every day the clients book: the probe must pass the
         availability pre-check and reserve, or it cannot reach the crash point under test."""
@@ -226,6 +256,9 @@ class Client:
         if operation == "book":
             therapist, start = self._calendar.slot(self._rng)
             await self.book(therapist, start)
+        elif operation == "series":
+            therapist, start = self._calendar.series_slot(self._rng)
+            await self.book_series(therapist, start)
         elif operation == "grant":
             await self.grant(self._rng.choice(GRANT_AMOUNTS))
         elif operation == "cancel":
@@ -314,9 +347,51 @@ class Client:
         if answer.unknown is None:
             self.record.answered_requests[request.request_id] = request
 
-    async def ask_again(self, request: booking_pb2.CreateBookingRequest) -> str:
-        """The answer to a booking request sent once more, in the form of `ClientRecord.answer_to`
-        (or "unknown ..." when it cannot be had)."""
+    async def book_series(self, therapist: Therapist, start: datetime) -> None:
+        request = booking_pb2.CreateBookingSeriesRequest(
+            request_id=str(uuid.uuid4()),
+            client_id=self.record.client_id,
+            therapist_id=therapist.therapist_id,
+            session_type_id=therapist.session_type_id,
+            start_time=ts(start),
+            occurrences=self._rng.choice(SERIES_OCCURRENCES),
+            skip_unavailable=self._rng.random() < SERIES_SKIP_SHARE,
+        )
+        answer = await self._call(
+            Operation.SERIES, lambda: self._booking.CreateBookingSeries(request, timeout=CALL_TIMEOUT_S)
+        )
+        told = None
+        if answer.response is not None:
+            told = _series_told(answer.response)
+            for booking in answer.response.bookings:
+                self.record.bookings[booking.booking_id] = BookingRecord(
+                    booking_id=booking.booking_id,
+                    request_id=request.request_id,
+                    client_id=self.record.client_id,
+                    therapist_id=therapist.therapist_id,
+                    credit_cost=booking.credit_cost,
+                    start=booking.start_time.ToDatetime(tzinfo=UTC),
+                )
+        elif answer.refusal is not None:
+            told = f"refused {answer.refusal}"
+        self.record.series[request.request_id] = SeriesRecord(
+            request.request_id, request.occurrences, request.skip_unavailable, told
+        )
+        if told is not None:
+            self.record.answered_requests[request.request_id] = request
+
+    async def ask_again(
+        self, request: booking_pb2.CreateBookingRequest | booking_pb2.CreateBookingSeriesRequest
+    ) -> str:
+        """The answer to a booking or series request sent once more, in the form of
+        `ClientRecord.answer_to` (or "unknown ..." when it cannot be had)."""
+        if isinstance(request, booking_pb2.CreateBookingSeriesRequest):
+            series = await self._call(
+                Operation.SERIES, lambda: self._booking.CreateBookingSeries(request, timeout=CALL_TIMEOUT_S)
+            )
+            if series.response is not None:
+                return _series_told(series.response)
+            return f"refused {series.refusal}" if series.refusal is not None else f"unknown {series.unknown}"
         answer = await self._call(Operation.BOOK, lambda: self._booking.CreateBooking(request, timeout=CALL_TIMEOUT_S))
         if answer.response is not None:
             return f"booked {answer.response.booking.booking_id}"
@@ -353,3 +428,7 @@ class Client:
 
 def attempts_for(rng: random.Random) -> int:
     return IMPATIENT_ATTEMPTS if rng.random() < IMPATIENT_SHARE else PATIENT_ATTEMPTS
+
+
+def _series_told(response: booking_pb2.CreateBookingSeriesResponse) -> str:
+    return "booked " + ",".join(booking.booking_id for booking in response.bookings)

@@ -41,7 +41,7 @@ async def test_no_log_line_holds_a_token_or_a_key(postgres_server_url: str, tmp_
             # Refusals are expected; the logs are what this test reads.
             with contextlib.suppress(grpc.aio.AioRpcError):
                 await stack.credit_stub().GetBalance(request, metadata=bearer(value), timeout=5)
-        start = datetime.now(UTC).replace(microsecond=0) + timedelta(days=3)
+        start = datetime.now(UTC).replace(minute=0, second=0, microsecond=0) + timedelta(days=3)  # on the grid
         booked = await stack.booking_stub().CreateBooking(
             world.booking_request(start), metadata=bearer(token(uuid.uuid4(), [ADMIN])), timeout=10
         )

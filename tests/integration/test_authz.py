@@ -29,6 +29,7 @@ from tests.support.world import ALL_WEEK, World, grant, scene_rows, ts
 OK = grpc.StatusCode.OK
 DENIED = grpc.StatusCode.PERMISSION_DENIED
 MISSING = grpc.StatusCode.NOT_FOUND
+REFUSED = grpc.StatusCode.FAILED_PRECONDITION
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 
 CALLERS = (
@@ -87,6 +88,19 @@ EXPECTED: dict[str, dict[str, grpc.StatusCode]] = {
     "ListWebhookDeliveries": {"admin": OK, "service": OK},
     # The caller may; the delivery does not exist.
     "RetryWebhookDelivery": {"admin": MISSING, "service": MISSING},
+    "CreateBookingSeries": {"client_self": OK, "admin": OK},
+    # A client never may; the therapist and an admin are refused only because it has not started.
+    "RecordSessionOutcome": {"therapist_self": REFUSED, "admin": REFUSED, "therapist_other": MISSING},
+    "RotateCalendarFeed": {"therapist_self": OK, "admin": OK},
+    # No token is asked, none read: every caller alike, and a token nobody made finds no feed.
+    "GetCalendarFeed": dict.fromkeys(CALLERS, MISSING),
+    "JoinWaitlist": {"client_self": OK, "admin": OK},
+    # Another client's entry or offer looks missing; a therapist has no waitlist calls.
+    "GetWaitlistEntry": {"client_self": OK, "admin": OK, "client_other": MISSING},
+    "LeaveWaitlist": {"client_self": OK, "admin": OK, "client_other": MISSING},
+    # No offer has this id (offers come from the waitlist worker).
+    "AcceptWaitlistOffer": dict.fromkeys(("client_self", "client_other", "admin"), MISSING),
+    "CancelFollowingBookings": {**dict.fromkeys(OWNERS, OK), "client_other": MISSING, "therapist_other": MISSING},
     "GrantCredits": {"admin": OK},
     "GetBalance": {"client_self": OK, "admin": OK},
     "ListLedgerEntries": {"client_self": OK, "admin": OK},
@@ -106,7 +120,13 @@ BOOKING_RPCS = [m.name for m in booking_pb2.DESCRIPTOR.services_by_name["Booking
 CREDIT_RPCS = [m.name for m in credit_pb2.DESCRIPTOR.services_by_name["CreditService"].methods]
 
 
+# RPCs whose request carries its own credential instead of a bearer token.
+OPEN_RPCS = frozenset({"GetCalendarFeed"})
+
+
 def expected_code(rpc: str, caller: str) -> grpc.StatusCode:
+    if rpc in OPEN_RPCS:
+        return EXPECTED[rpc][caller]
     if caller in UNAUTHENTICATED_CALLERS:
         return UNAUTHENTICATED
     return EXPECTED[rpc].get(caller, DENIED)
@@ -132,6 +152,7 @@ class Scene:
     booking_stub: Any
     credit_stub: Any
     starts: itertools.count[int]
+    series_starts: itertools.count[int]
     # Channels that attach no token at all.
     anonymous_booking: Any
     anonymous_credit: Any
@@ -144,6 +165,20 @@ class Scene:
 
     async def fresh_booking(self) -> str:
         return (await self.world.book(self.next_start())).booking_id
+
+    def series_request(self, request_id: str) -> booking_pb2.CreateBookingSeriesRequest:
+        """A weekly series of two, far beyond the single bookings, an hour after the previous
+        series (fewer than a week of hours are used, so no two series meet)."""
+        day = datetime.now(UTC).replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=100)
+        w = self.world
+        return booking_pb2.CreateBookingSeriesRequest(
+            request_id=request_id,
+            client_id=w.client_id,
+            therapist_id=w.therapist_id,
+            session_type_id=w.session_type_id,
+            start_time=ts(day + timedelta(hours=next(self.series_starts))),
+            occurrences=2,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +199,7 @@ async def scene(
             world,
             booking_stub,
             credit_stub,
+            itertools.count(),
             itertools.count(),
             booking_pb2_grpc.BookingServiceStub(booking_channel),
             credit_pb2_grpc.CreditServiceStub(credit_channel),
@@ -223,7 +259,7 @@ def actor_of(caller: str) -> booking_pb2.CancellationActor.ValueType:
 Call = Callable[[Scene, str, Any], Awaitable[object]]
 
 
-async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
+async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:  # noqa: PLR0911  # one per kind
     """(stub method, request) for one call; targets the scene's therapist, client and bookings."""
     w, b, c = scene.world, scene.booking_stub, scene.credit_stub
     rid = str(uuid.uuid4())
@@ -279,6 +315,11 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
         ),
         "CreateBooking": lambda: plain(b.CreateBooking, w.booking_request(start, request_id=rid)),
         "ListBookings": lambda: plain(b.ListBookings, booking_pb2.ListBookingsRequest(client_id=w.client_id)),
+        "CreateBookingSeries": lambda: plain(b.CreateBookingSeries, scene.series_request(rid)),
+        "RotateCalendarFeed": lambda: plain(
+            b.RotateCalendarFeed, booking_pb2.RotateCalendarFeedRequest(therapist_id=w.therapist_id)
+        ),
+        "GetCalendarFeed": lambda: plain(b.GetCalendarFeed, booking_pb2.GetCalendarFeedRequest(feed_token="A" * 43)),
         "ListDeadLetters": lambda: plain(b.ListDeadLetters, booking_pb2.ListDeadLettersRequest()),
         "RetryDeadLetter": lambda: plain(b.RetryDeadLetter, booking_pb2.RetryDeadLetterRequest(event_id=rid)),
         "GrantCredits": lambda: plain(
@@ -328,6 +369,36 @@ async def request_for(rpc: str, scene: Scene, caller: str) -> tuple[Any, Any]:
     prepared = await request_on_its_own_target(rpc, scene)
     if prepared is not None:
         return prepared
+    if rpc in ("JoinWaitlist", "GetWaitlistEntry", "LeaveWaitlist"):
+        day = scene.next_start()
+        join = booking_pb2.JoinWaitlistRequest(
+            request_id=rid,
+            client_id=w.client_id,
+            therapist_id=w.therapist_id,
+            session_type_id=w.session_type_id,
+            window_start=booking_pb2.LocalDateTime(date_time=f"{day:%Y-%m-%dT%H:%M}", time_zone="UTC"),
+            window_end=booking_pb2.LocalDateTime(date_time=f"{day:%Y-%m-%dT%H}:30", time_zone="UTC"),
+        )
+        if rpc == "JoinWaitlist":
+            return b.JoinWaitlist, join
+        entry = (await b.JoinWaitlist(join)).entry
+        if rpc == "GetWaitlistEntry":
+            return b.GetWaitlistEntry, booking_pb2.GetWaitlistEntryRequest(entry_id=entry.entry_id)
+        return b.LeaveWaitlist, booking_pb2.LeaveWaitlistRequest(entry_id=entry.entry_id)
+    if rpc == "AcceptWaitlistOffer":
+        return b.AcceptWaitlistOffer, booking_pb2.AcceptWaitlistOfferRequest(offer_id=str(uuid.uuid4()), request_id=rid)
+    if rpc == "RecordSessionOutcome":
+        booking_id = await scene.fresh_booking()
+        return b.RecordSessionOutcome, booking_pb2.RecordSessionOutcomeRequest(
+            booking_id=booking_id, outcome=booking_pb2.SESSION_OUTCOME_COMPLETED
+        )
+    if rpc == "CancelFollowingBookings":
+        series = await b.CreateBookingSeries(scene.series_request(rid))
+        return b.CancelFollowingBookings, booking_pb2.CancelFollowingBookingsRequest(
+            booking_id=series.bookings[0].booking_id,
+            actor=actor_of(caller),
+            reason=booking_pb2.CANCELLATION_REASON_SCHEDULE_CONFLICT,
+        )
     if rpc in ("GetBooking", "CancelBooking", "RescheduleBooking"):
         booking_id = await scene.fresh_booking()
         if rpc == "GetBooking":
@@ -509,3 +580,33 @@ async def test_a_missing_booking_and_anothers_look_alike(scene: Scene) -> None:
         details = error_details(refused.value)
         answers.append((details.code, details.reason, details.message.replace(target, "<id>")))
     assert answers[0] == answers[1]
+
+
+async def test_a_malformed_id_is_invalid_argument_naming_the_field_even_where_rights_are_checked_first(
+    scene: Scene,
+) -> None:
+    """A malformed value is not a question of rights: a client sending a malformed client_id, a
+    therapist a malformed therapist_id, gets INVALID_ARGUMENT naming the field, as the handler
+    would say, not PERMISSION_DENIED from the rule that compares the id with the caller."""
+    w = scene.world
+    as_client = bearer(token(w.client_id, [CLIENT]))
+    as_therapist = bearer(token(w.therapist_id, [THERAPIST]))
+    missing = w.booking_request(scene.next_start())
+    missing.client_id = ""
+    calls = [
+        (scene.booking_stub.CreateBooking, w.booking_request(scene.next_start(), client_id="not-a-uuid"), as_client),
+        (scene.booking_stub.CreateBooking, missing, as_client),
+        (scene.credit_stub.GetBalance, credit_pb2.GetBalanceRequest(owner_id="A" * 36), as_client),
+        (
+            scene.booking_stub.SetWeeklySchedule,
+            booking_pb2.SetWeeklyScheduleRequest(therapist_id=w.therapist_id.upper(), windows=ALL_WEEK),
+            as_therapist,
+        ),
+    ]
+    for method, request, metadata in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await method(request, metadata=metadata, timeout=10)
+        details = error_details(raised.value)
+        assert details.code == grpc.StatusCode.INVALID_ARGUMENT, (request, details)
+        assert len(details.field_violations) == 1, details
+        assert next(iter(details.field_violations)) in ("client_id", "owner_id", "therapist_id"), details

@@ -404,9 +404,9 @@ async def test_the_same_or_an_overlapping_slot_is_refused_without_holding_credit
 
     attempts = [
         world.booking_request(start, client_id=other),
-        world.booking_request(start + timedelta(minutes=25), client_id=other),  # starts inside
-        world.booking_request(start - timedelta(minutes=25), client_id=other),  # ends inside
-        world.booking_request(start + timedelta(minutes=49), client_id=other),  # one minute of overlap
+        world.booking_request(start + timedelta(minutes=15), client_id=other),  # starts inside
+        world.booking_request(start - timedelta(minutes=15), client_id=other),  # ends inside
+        world.booking_request(start + timedelta(minutes=45), client_id=other),  # five minutes of overlap
         world.booking_request(start - timedelta(minutes=30), client_id=other, session_type_id=long_type),  # covers
     ]
     for request in attempts:
@@ -446,8 +446,8 @@ async def test_buffers_keep_sessions_apart_by_before_plus_after(
 
     for too_close in (
         start + SESSION,
-        start + SESSION + gap - timedelta(minutes=1),
-        start - SESSION - gap + timedelta(minutes=1),
+        start + SESSION + gap - timedelta(minutes=5),  # the grid's step (5 minutes) too close
+        start - SESSION - gap + timedelta(minutes=5),
     ):
         error = await refusal(world.booking.CreateBooking(world.booking_request(too_close)))
         assert error.reason == "SLOT_UNAVAILABLE", too_close

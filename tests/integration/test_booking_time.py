@@ -36,8 +36,22 @@ if TYPE_CHECKING:
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
 OFFICE_HOURS = every_day(("09:00", "12:00"), ("14:00", "18:00"))
-# 50-minute sessions, one after another from the start of each window, each ending in it.
-OFFICE_SLOTS = ["09:00", "09:50", "10:40", "14:00", "14:50", "15:40", "16:30"]
+# 50-minute sessions starting on the half hour (the session type's grid), each ending in its window.
+OFFICE_SLOTS = [
+    "09:00",
+    "09:30",
+    "10:00",
+    "10:30",
+    "11:00",
+    "14:00",
+    "14:30",
+    "15:00",
+    "15:30",
+    "16:00",
+    "16:30",
+    "17:00",
+]
+HALF_HOURLY = 30
 # A DST change can be up to a year away, and the day after it one more day.
 HORIZON_DAYS = 730
 SCAN_DAYS = 400
@@ -127,6 +141,7 @@ async def therapist_in(
         weekly=weekly,
         horizon_days=HORIZON_DAYS,
         duration_minutes=duration_minutes,
+        start_step_minutes=HALF_HOURLY,
     )
 
 
@@ -309,8 +324,16 @@ async def test_a_booking_outside_the_weekly_hours_is_refused(
         assert error.metadata["time_zone"] == "Europe/London"
     await assert_untouched(world)
 
-    last_of_morning = (await world.booking.CreateBooking(world.local_booking_request(f"{day}T11:10"))).booking
-    assert last_of_morning.local_start.startswith(f"{day}T11:10:00")
+    # 11:10 would still end by 12:00, but starts lie on the session type's half-hour grid.
+    off_grid = await refusal(world.booking.CreateBooking(world.local_booking_request(f"{day}T11:10")))
+    assert (off_grid.code, off_grid.reason) == (PRECONDITION, "START_OFF_GRID")
+    assert (off_grid.metadata["local_start"], off_grid.metadata["step_minutes"]) == (f"{day}T11:10:00+00:00", "30")
+    assert "every 30 minutes" in off_grid.message
+    seconds_off = datetime.fromisoformat(f"{day}T11:00:30+00:00")
+    assert (await refusal(world.booking.CreateBooking(world.booking_request(seconds_off)))).reason == "START_OFF_GRID"
+    await assert_untouched(world)
+    last_of_morning = (await world.booking.CreateBooking(world.local_booking_request(f"{day}T11:00"))).booking
+    assert last_of_morning.local_start.startswith(f"{day}T11:00:00")
     await assert_books_consistent(
         booking_db, credit_db, therapist_ids=[world.therapist_id], client_ids=[world.client_id]
     )
@@ -345,12 +368,12 @@ async def test_date_overrides_take_a_day_off_or_change_its_hours(
     )
 
     assert await local_slots(day_off) == []
-    assert await local_slots(evening) == ["19:00", "19:50"]
+    assert await local_slots(evening) == ["19:00", "19:30", "20:00"]
     assert await local_slots(normal) == OFFICE_SLOTS
     for refused in (f"{day_off.isoformat()}T09:00", f"{evening.isoformat()}T09:00"):
         error = await refusal(world.booking.CreateBooking(world.local_booking_request(refused)))
         assert error.reason == "OUTSIDE_AVAILABILITY", refused
-    booked = (await world.booking.CreateBooking(world.local_booking_request(f"{evening.isoformat()}T19:50"))).booking
+    booked = (await world.booking.CreateBooking(world.local_booking_request(f"{evening.isoformat()}T20:00"))).booking
     assert booked.status == booking_pb2.BOOKING_STATUS_CONFIRMED
     assert await local_slots(evening) == ["19:00"]
 
@@ -373,6 +396,7 @@ async def test_minimum_notice_and_booking_horizon_are_enforced(
 ) -> None:
     await world.update_therapist(minimum_notice_minutes=120, booking_horizon_days=30)
     now = datetime.now(UTC).replace(second=0, microsecond=0)
+    now -= timedelta(minutes=now.minute % 5)  # on the session type's grid
 
     too_soon = await refusal(world.booking.CreateBooking(world.booking_request(now + timedelta(hours=1))))
     too_far = await refusal(world.booking.CreateBooking(world.booking_request(future_hour(31, 10))))

@@ -243,6 +243,9 @@ async def test_admin_calls_make_a_bookable_therapist_over_http(api: Api) -> None
             "name": "Consultation",
             "duration_minutes": 50,
             "credit_cost": "7",
+            "late_cancellation_refund_percent": 0,
+            "no_show_refund_percent": 0,
+            "start_step_minutes": 15,
         }
     ]
 

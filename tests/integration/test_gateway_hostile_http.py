@@ -93,6 +93,9 @@ class Scene:
             "endpoint_id": str(uuid.uuid4()),
             "endpoint.endpoint_id": str(uuid.uuid4()),
             "delivery_id": str(uuid.uuid4()),
+            "feed_token": "A" * 43,
+            "entry_id": str(uuid.uuid4()),
+            "offer_id": str(uuid.uuid4()),
         }
         names = re.findall(r"\{([^}]+)\}", route.template)
         path = route.template.encode()

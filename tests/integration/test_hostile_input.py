@@ -34,10 +34,12 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from booking.v1 import booking_pb2, booking_pb2_grpc
+from booking_service.requests import request_key
 from credit.v1 import credit_pb2, credit_pb2_grpc
 from service_kit import pagination
 from service_kit.errors import MAX_REASON_LENGTH, error_details
 from service_kit.server import Runtime
+from tests.support.auth import OPERATOR_ID
 from tests.support.hostile import (
     EDGE_CURSOR_PARTS,
     Material,
@@ -82,6 +84,12 @@ REFUSED_VALID_REQUESTS = {
     "booking.v1.BookingService.RetryDeadLetter": "NOT_FOUND DEAD_LETTER_NOT_FOUND",
     # Likewise a dead webhook delivery: an endpoint has to refuse an event for good first.
     "booking.v1.BookingService.RetryWebhookDelivery": "NOT_FOUND WEBHOOK_DELIVERY_NOT_FOUND",
+    # Sessions of the scene are in the future; an outcome needs a session that started.
+    "booking.v1.BookingService.RecordSessionOutcome": "FAILED_PRECONDITION SESSION_NOT_STARTED",
+    # A feed token is made by RotateCalendarFeed and shown once; a well-formed one nobody made.
+    "booking.v1.BookingService.GetCalendarFeed": "NOT_FOUND CALENDAR_FEED_NOT_FOUND",
+    # Offers come from the waitlist worker when a wanted slot is free; a well-formed id of none.
+    "booking.v1.BookingService.AcceptWaitlistOffer": "NOT_FOUND OFFER_NOT_FOUND",
 }
 # The scene's webhook endpoints: nowhere reachable (the discard port), reschedules only.
 HOSTILE_ENDPOINT = booking_pb2.WebhookEndpoint(
@@ -216,6 +224,8 @@ def valid_requests(
     reservation_id, reservation_to_cancel_id = reservation_ids
     window = booking_pb2.TimeWindow(start_time="09:00", end_time="17:00")
     slots_from = future_hour(3, 0)
+    waitlist_request_id, wanted = str(uuid.uuid4()), future_hour(9, 20)
+    entry_id = str(request_key(OPERATOR_ID, waitlist_request_id))
     booking = {
         "CreateTherapist": booking_pb2.CreateTherapistRequest(
             request_id=str(uuid.uuid4()),
@@ -272,6 +282,41 @@ def valid_requests(
         "RetryDeadLetter": booking_pb2.RetryDeadLetterRequest(event_id=str(uuid.uuid4())),
         **discovery_requests(world, spares),
         **webhook_requests(spares),
+        "CreateBookingSeries": booking_pb2.CreateBookingSeriesRequest(
+            request_id=str(uuid.uuid4()),
+            client_id=client_id,
+            therapist_id=therapist_id,
+            session_type_id=session_type_id,
+            local_start=booking_pb2.LocalDateTime(
+                date_time=future_hour(8, 10).strftime("%Y-%m-%dT%H:%M"), time_zone="Europe/London"
+            ),
+            occurrences=2,
+        ),
+        "RotateCalendarFeed": booking_pb2.RotateCalendarFeedRequest(therapist_id=therapist_id),
+        "JoinWaitlist": booking_pb2.JoinWaitlistRequest(
+            request_id=waitlist_request_id,
+            client_id=client_id,
+            therapist_id=therapist_id,
+            session_type_id=session_type_id,
+            window_start=booking_pb2.LocalDateTime(date_time=wanted.strftime("%Y-%m-%dT%H:%M"), time_zone="UTC"),
+            window_end=booking_pb2.LocalDateTime(date_time=f"{wanted:%Y-%m-%d}T23:00", time_zone="UTC"),
+        ),
+        # The entry JoinWaitlist made: its id is the key of its request id (the operator's call).
+        "GetWaitlistEntry": booking_pb2.GetWaitlistEntryRequest(entry_id=entry_id),
+        "LeaveWaitlist": booking_pb2.LeaveWaitlistRequest(entry_id=entry_id),
+        "AcceptWaitlistOffer": booking_pb2.AcceptWaitlistOfferRequest(
+            offer_id=str(uuid.uuid4()), request_id=str(uuid.uuid4())
+        ),
+        "GetCalendarFeed": booking_pb2.GetCalendarFeedRequest(feed_token="A" * 43),
+        "RecordSessionOutcome": booking_pb2.RecordSessionOutcomeRequest(
+            booking_id=second_booking_id, outcome=booking_pb2.SESSION_OUTCOME_NO_SHOW
+        ),
+        # A booking of no series: CancelFollowingBookings cancels it alone.
+        "CancelFollowingBookings": booking_pb2.CancelFollowingBookingsRequest(
+            booking_id=second_booking_id,
+            actor=booking_pb2.CANCELLATION_ACTOR_CLIENT,
+            reason=booking_pb2.CANCELLATION_REASON_NO_LONGER_NEEDED,
+        ),
     }
     credit = {
         "GrantCredits": credit_pb2.GrantCreditsRequest(

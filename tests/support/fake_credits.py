@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -22,11 +22,13 @@ from booking_service.domain import (
     CreditServiceTimeout,
     CreditServiceUnavailable,
     HeldReservation,
+    HoldRequest,
     HoldReused,
     InsufficientCredits,
     NoCreditAccount,
     ReservationGone,
 )
+from service_kit.errors import DomainError
 
 Hook = Callable[[uuid.UUID], Awaitable[None]]
 
@@ -98,6 +100,19 @@ class FakeCredits:
         if self.reserve_lost_answer:
             self.reserve_lost_answer -= 1
             raise CreditServiceTimeout("the credit service did not answer in time; retry later")
+
+    async def reserve_all(self, holds: Sequence[HoldRequest]) -> list[DomainError | None]:
+        """The holds of a series, each with its own outcome (the credit service's batch); a
+        failure of the call itself (a scripted one) is raised for all."""
+        outcomes: list[DomainError | None] = []
+        for hold in holds:
+            try:
+                await self.reserve(hold.reservation_id, hold.owner_id, hold.amount, hold.reference)
+            except (InsufficientCredits, NoCreditAccount, HoldReused) as refused:
+                outcomes.append(refused)
+            else:
+                outcomes.append(None)
+        return outcomes
 
     async def commit(self, reservation_id: uuid.UUID) -> None:
         self.calls.append(("commit", reservation_id))

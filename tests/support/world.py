@@ -91,6 +91,7 @@ class World:
         notice_minutes: int = 0,
         horizon_days: int = 365,
         duration_minutes: int = SESSION_MINUTES,
+        start_step_minutes: int = 5,
     ) -> World:
         # The fixtures hand over stubs built on aio channels; their calls are awaitable.
         booking_stub = cast("BookingServiceAsyncStub", booking)
@@ -112,7 +113,9 @@ class World:
         await booking_stub.SetWeeklySchedule(
             booking_pb2.SetWeeklyScheduleRequest(therapist_id=therapist_id, windows=weekly or ALL_WEEK)
         )
-        session_type_id = await _create_session_type(booking_stub, therapist_id, duration_minutes, credit_cost)
+        session_type_id = await _create_session_type(
+            booking_stub, therapist_id, duration_minutes, credit_cost, start_step_minutes
+        )
         client_id = str(uuid.uuid4())
         if credits:
             await grant(credit_stub, client_id, credits)
@@ -234,14 +237,23 @@ class World:
 
 
 async def _create_session_type(
-    booking: BookingServiceAsyncStub, therapist_id: str, duration_minutes: int, credit_cost: int
+    booking: BookingServiceAsyncStub,
+    therapist_id: str,
+    duration_minutes: int,
+    credit_cost: int,
+    start_step_minutes: int = 5,
 ) -> str:
     response = await booking.CreateSessionType(
         booking_pb2.CreateSessionTypeRequest(
             therapist_id=therapist_id,
             request_id=str(uuid.uuid4()),
+            # Starts every 5 minutes of local time unless asked: the tests' sessions sit back to
+            # back or a few minutes apart; the default grid (15 minutes) has tests of its own.
             session_type=booking_pb2.SessionType(
-                name=f"Session {duration_minutes} min", duration_minutes=duration_minutes, credit_cost=credit_cost
+                name=f"Session {duration_minutes} min",
+                duration_minutes=duration_minutes,
+                credit_cost=credit_cost,
+                start_step_minutes=start_step_minutes,
             ),
         )
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from types import SimpleNamespace
 
 import pytest
@@ -32,6 +33,7 @@ from service_kit.auth import (
     public_pem,
 )
 from service_kit.config import ConfigError
+from service_kit.errors import InvalidArgument
 
 ISSUER, AUDIENCE = "issuer", "audience"
 SUBJECT = "6a1c3f0e-1d2b-4c5d-8e9f-0a1b2c3d4e5f"
@@ -173,9 +175,14 @@ def test_the_gate_refuses_unknown_rpcs_and_lets_probes_through() -> None:
     with pytest.raises(PermissionDenied):
         gate.admit(CREDIT_SERVICE_NAME, "DropAllAccounts", None, admin)
     own = [("authorization", f"Bearer {mint(key)}")]
-    assert gate.admit(CREDIT_SERVICE_NAME, "GetBalance", SimpleNamespace(owner_id=SUBJECT.upper()), own)
+    assert gate.admit(CREDIT_SERVICE_NAME, "GetBalance", SimpleNamespace(owner_id=SUBJECT), own)
     with pytest.raises(PermissionDenied):
-        gate.admit(CREDIT_SERVICE_NAME, "GetBalance", SimpleNamespace(owner_id="someone"), own)
+        gate.admit(CREDIT_SERVICE_NAME, "GetBalance", SimpleNamespace(owner_id=str(uuid.uuid4())), own)
+    # A malformed id is no question of rights: INVALID_ARGUMENT naming the field, as the handler says.
+    for malformed in ("someone", SUBJECT.upper(), ""):
+        with pytest.raises(InvalidArgument) as caught:
+            gate.admit(CREDIT_SERVICE_NAME, "GetBalance", SimpleNamespace(owner_id=malformed), own)
+        assert [v.field for v in caught.value.violations] == ["owner_id"]
 
 
 def test_callers_are_bounded_one_by_one() -> None:

@@ -21,6 +21,7 @@ from booking_service.availability import (
     InvalidSchedule,
     LocalWindow,
     NonexistentLocalTime,
+    OffGrid,
     OutsideAvailability,
     Schedule,
     TooFarAhead,
@@ -30,7 +31,9 @@ from booking_service.availability import (
     availability_intervals,
     check_bookable,
     free_slots,
+    grid_start_at_or_after,
     local_rendering,
+    on_grid,
     resolve_local,
     session_blocked_interval,
     zone,
@@ -530,13 +533,13 @@ def test_free_slots_grid_and_busy_exclusion() -> None:
     day_start, day_end = utc(2026, 1, 14), utc(2026, 1, 15)
     now = utc(2026, 1, 1)
 
-    def starts(busy: list[Interval], step: timedelta | None = None, max_slots: int = 1000) -> list[datetime]:
+    def starts(busy: list[Interval], step: timedelta = 15 * MINUTE, max_slots: int = 1000) -> list[datetime]:
         slots = free_slots(schedule, length, day_start, day_end, now, busy, step, max_slots)
         assert all(slot.end - slot.start == length for slot in slots)
         return [slot.start for slot in slots]
 
-    # Default step = duration.
-    assert starts([]) == [utc(2026, 1, 14, 9), utc(2026, 1, 14, 9, 50), utc(2026, 1, 14, 10, 40)]
+    # The default grid: every 15 minutes of local time, up to the last start that fits (11:10).
+    assert starts([]) == [utc(2026, 1, 14, 9) + k * 15 * MINUTE for k in range(9)]
     half_hourly = [utc(2026, 1, 14, 9) + k * 30 * MINUTE for k in range(5)]
     assert starts([], 30 * MINUTE) == half_hourly
 
@@ -559,9 +562,9 @@ def test_free_slots_respect_range_notice_and_horizon() -> None:
     )
     now = utc(2026, 1, 14, 8)
 
-    slots = free_slots(schedule, HOUR, utc(2026, 1, 14, 9, 10), utc(2026, 1, 16), now, [])
+    slots = free_slots(schedule, HOUR, utc(2026, 1, 14, 9, 10), utc(2026, 1, 16), now, [], HOUR)
 
-    # 09:00 is before now + notice; the grid stays anchored at 09:00 (not 09:10 or 10:00);
+    # 09:00 is before now + notice; the grid is whole local hours (not 09:10);
     # the last start allowed by the horizon is 2026-01-15T09:00Z.
     assert [slot.start for slot in slots] == [
         utc(2026, 1, 14, 10),
@@ -569,31 +572,42 @@ def test_free_slots_respect_range_notice_and_horizon() -> None:
         utc(2026, 1, 15, 9),
     ]
     # range_end is exclusive for starts, but a slot may run past it.
-    assert [s.start for s in free_slots(schedule, HOUR, utc(2026, 1, 14), utc(2026, 1, 14, 11), now, [])] == [
+    assert [s.start for s in free_slots(schedule, HOUR, utc(2026, 1, 14), utc(2026, 1, 14, 11), now, [], HOUR)] == [
         utc(2026, 1, 14, 10)
     ]
-    assert free_slots(schedule, HOUR, utc(2026, 1, 14), utc(2026, 1, 14, 10), now, []) == []
+    assert free_slots(schedule, HOUR, utc(2026, 1, 14), utc(2026, 1, 14, 10), now, [], HOUR) == []
 
 
-def test_free_slot_grid_is_anchored_at_the_start_of_availability() -> None:
-    # Monday 20:00-24:00 and Tuesday 00:00-02:00 London (BST) form one interval, 19:00Z-01:00Z.
-    schedule = make_schedule(LONDON, weekly=(WeeklyWindow(0, time(20), time.max), WeeklyWindow(1, time(0), time(2))))
+def test_the_grid_of_starts_is_counted_in_local_time_from_midnight() -> None:
+    # Kathmandu is UTC+05:45: a 20-minute grid of local time is not a grid of UTC minutes.
+    schedule = make_schedule("Asia/Kathmandu", weekly=every_day((time(9), time(11))))
     now = utc(2026, 5, 1)
-    step = 90 * MINUTE
+    slots = free_slots(schedule, 30 * MINUTE, utc(2026, 6, 1), utc(2026, 6, 2), now, [], 20 * MINUTE)
+    locals_ = [local_rendering(slot.start, "Asia/Kathmandu")[11:16] for slot in slots]
+    assert locals_ == ["09:00", "09:20", "09:40", "10:00", "10:20"]
+    assert slots[0].start == utc(2026, 6, 1, 3, 15)
+    check_bookable(schedule, utc(2026, 6, 1, 3, 35), 30 * MINUTE, now, step=20 * MINUTE)
+    with pytest.raises(OffGrid) as caught:
+        check_bookable(schedule, utc(2026, 6, 1, 3, 20), 30 * MINUTE, now, step=20 * MINUTE)
+    assert caught.value.metadata["local_start"] == "2026-06-01T09:05:00+05:45"
+    assert "every 20 minutes" in caught.value.message
+    assert "09:00:00+05:45 or 2026-06-01T09:20:00+05:45" in caught.value.message
 
-    whole = free_slots(schedule, HOUR, utc(2026, 6, 1, 12), utc(2026, 6, 2, 12), now, [], step)
-    assert [slot.start for slot in whole] == [
-        utc(2026, 6, 1, 19),
-        utc(2026, 6, 1, 20, 30),
-        utc(2026, 6, 1, 22),
-        utc(2026, 6, 1, 23, 30),
-    ]
-    # Asking from Tuesday local midnight (23:00Z) or 09:10 gives the same grid, not one
-    # restarted at the range start.
-    tuesday = free_slots(schedule, HOUR, utc(2026, 6, 1, 23), utc(2026, 6, 2, 12), now, [], step)
-    assert [slot.start for slot in tuesday] == [utc(2026, 6, 1, 23, 30)]
-    late = free_slots(schedule, HOUR, utc(2026, 6, 1, 19, 10), utc(2026, 6, 1, 21), now, [], step)
-    assert [slot.start for slot in late] == [utc(2026, 6, 1, 20, 30)]
+
+def test_grid_starts_across_dst_changes_keep_their_local_times() -> None:
+    # London, spring forward (01:00 GMT -> 02:00 BST at 01:00Z): local 01:xx does not exist.
+    assert grid_start_at_or_after(utc(2026, 3, 29, 0, 50), LONDON, HOUR) == utc(2026, 3, 29, 1)  # 02:00 BST
+    # Fall back (02:00 BST -> 01:00 GMT at 01:00Z): 01:30 occurs twice, and is on the grid twice.
+    assert grid_start_at_or_after(utc(2026, 10, 25, 0, 20), LONDON, 30 * MINUTE) == utc(2026, 10, 25, 0, 30)
+    assert grid_start_at_or_after(utc(2026, 10, 25, 0, 31), LONDON, 30 * MINUTE) == utc(2026, 10, 25, 1)
+    assert grid_start_at_or_after(utc(2026, 10, 25, 1, 1), LONDON, 30 * MINUTE) == utc(2026, 10, 25, 1, 30)
+    # Lord Howe moves its clocks by 30 minutes (02:00 +10:30 -> 02:30 +11:00 on 2026-10-04).
+    lord_howe = "Australia/Lord_Howe"
+    start = grid_start_at_or_after(utc(2026, 10, 3, 15, 1), lord_howe, HOUR)  # 01:31 local, before the jump
+    assert local_rendering(start, lord_howe) == "2026-10-04T03:00:00+11:00"
+    assert on_grid(start, lord_howe, HOUR)
+    assert not on_grid(start + 30 * MINUTE, lord_howe, HOUR)
+    assert not on_grid(utc(2026, 6, 1, 12) + timedelta(seconds=30), LONDON, 15 * MINUTE)  # seconds: off the grid
 
 
 def test_free_slots_rejects_bad_arguments() -> None:
@@ -920,7 +934,7 @@ def test_property_availability_and_free_slots(
         assert now + schedule.minimum_notice <= slot.start <= now + schedule.booking_horizon
         # Inside one merged availability interval:
         assert availability_intervals(schedule, slot.start, slot.end) == [slot]
-        check_bookable(schedule, slot.start, duration, now)
+        check_bookable(schedule, slot.start, duration, now, step=step)
         blocked = session_blocked_interval(schedule, slot.start, duration)
         assert not any(blocked.overlaps(other) for other in busy)
 
@@ -968,3 +982,53 @@ def test_property_resolve_local_round_trips(zone_and_day: tuple[str, datetime], 
         resolve_local(local, time_zone)
     assert caught.value.metadata["earlier_instant"] == first.isoformat().replace("+00:00", "Z")
     assert caught.value.metadata["later_instant"] == second.isoformat().replace("+00:00", "Z")
+
+
+# Every DST zone above, around each of its changes.
+DST_ZONES = [(zone_name, day) for zone_name, days in TRANSITIONS.items() for day in days if len(days) == 2]
+
+
+@settings(max_examples=6, deadline=None, database=None)  # about 0.7 s each: 2,000 starts checked
+@given(
+    zone_and_day=st.sampled_from(DST_ZONES),
+    step_minutes=st.sampled_from([5, 10, 15, 20, 30, 60]),
+    duration_steps=st.integers(1, 24),
+    windows=day_windows(1),
+    notice_steps=st.integers(0, 24),
+)
+def test_property_the_listing_and_the_check_agree_on_every_start_over_a_week_with_a_dst_change(
+    zone_and_day: tuple[str, date],
+    step_minutes: int,
+    duration_steps: int,
+    windows: list[tuple[time, time]],
+    notice_steps: int,
+) -> None:
+    """Every start of a week around a DST change: the check accepts a start exactly when the
+    listing (with nothing booked) offers it. Every offset of these zones is a multiple of 5
+    minutes, so every start any grid can have is a whole UTC minute divisible by 5: all of those
+    are asked, and beside a hundred offered starts the minute before and after and 30 seconds after."""
+    zone_name, day = zone_and_day
+    schedule = make_schedule(
+        zone_name,
+        weekly=tuple(WeeklyWindow(weekday, start, end) for weekday in range(7) for start, end in windows),
+        minimum_notice=notice_steps * STEP,
+        booking_horizon=timedelta(days=30),
+    )
+    week_start = utc(day.year, day.month, day.day) - timedelta(days=3)
+    now = week_start - timedelta(hours=1)
+    step, duration = step_minutes * MINUTE, duration_steps * STEP
+    listed = free_slots(schedule, duration, week_start, week_start + timedelta(days=7), now, [], step, 10_000)
+    offered = {slot.start for slot in listed}
+
+    def accepted(start: datetime) -> bool:
+        try:
+            check_bookable(schedule, start, duration, now, step=step)
+        except AvailabilityError:
+            return False
+        return True
+
+    asked = {week_start + minute * MINUTE for minute in range(0, 7 * DAY_MINUTES, 5)}
+    for start in sorted(offered)[:: max(1, len(offered) // 100)]:  # beside a hundred of them
+        asked |= {start - MINUTE, start + MINUTE, start + timedelta(seconds=30)}
+    disagreements = sorted(start for start in asked if accepted(start) != (start in offered))
+    assert disagreements == [], [local_rendering(start, zone_name) for start in disagreements[:5]]

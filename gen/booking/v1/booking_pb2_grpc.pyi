@@ -5,6 +5,7 @@ isort:skip_file
 
 from booking.v1 import booking_pb2 as _booking_pb2
 from collections import abc as _abc
+from google.api import httpbody_pb2 as _httpbody_pb2
 from grpc import aio as _aio
 import abc as _abc_1
 import grpc as _grpc
@@ -133,6 +134,47 @@ class BookingServiceStub:
     """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
     RetryDeadLetter: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RetryDeadLetterRequest, _booking_pb2.RetryDeadLetterResponse]
     """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
+    CreateBookingSeries: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CreateBookingSeriesRequest, _booking_pb2.CreateBookingSeriesResponse]
+    """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+    Books a weekly series: `occurrences` sessions of one session type at the first start's local
+    time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+    other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+    names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+    stays booked or held. Idempotent by request_id.
+    """
+    RecordSessionOutcome: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RecordSessionOutcomeRequest, _booking_pb2.RecordSessionOutcomeResponse]
+    """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+    admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+    Idempotent: the same outcome again answers the same; another is refused.
+    """
+    RotateCalendarFeed: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RotateCalendarFeedRequest, _booking_pb2.RotateCalendarFeedResponse]
+    """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+    replacing any before it: the old feed URL stops working at once. The token is shown here only.
+    """
+    GetCalendarFeed: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetCalendarFeedRequest, _httpbody_pb2.HttpBody]
+    """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+    calendar apps cannot send one; the feed token is the credential.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    JoinWaitlist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.JoinWaitlistRequest, _booking_pb2.JoinWaitlistResponse]
+    """Puts a client on the waitlist for a start of a therapist's session type within a window of
+    local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+    offered it in the order they joined, through a notification (waitlist.offered), with a short
+    exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+    """
+    GetWaitlistEntry: _grpc.UnaryUnaryMultiCallable[_booking_pb2.GetWaitlistEntryRequest, _booking_pb2.GetWaitlistEntryResponse]
+    """Returns a waitlist entry with its open offer, if it has one."""
+    LeaveWaitlist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.LeaveWaitlistRequest, _booking_pb2.LeaveWaitlistResponse]
+    """Takes a client off the waitlist, withdrawing its open offer. Idempotent."""
+    AcceptWaitlistOffer: _grpc.UnaryUnaryMultiCallable[_booking_pb2.AcceptWaitlistOfferRequest, _booking_pb2.AcceptWaitlistOfferResponse]
+    """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+    by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
+    """
+    CancelFollowingBookings: _grpc.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]
+    """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+    policy for its own start. Idempotent.
+    """
 
 @_typing.type_check_only
 class BookingServiceAsyncStub(BookingServiceStub):
@@ -239,6 +281,47 @@ class BookingServiceAsyncStub(BookingServiceStub):
     """Lists outbox events that exhausted their attempts or failed for good, newest first (admin)."""
     RetryDeadLetter: _aio.UnaryUnaryMultiCallable[_booking_pb2.RetryDeadLetterRequest, _booking_pb2.RetryDeadLetterResponse]  # type: ignore[assignment]
     """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
+    CreateBookingSeries: _aio.UnaryUnaryMultiCallable[_booking_pb2.CreateBookingSeriesRequest, _booking_pb2.CreateBookingSeriesResponse]  # type: ignore[assignment]
+    """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+    Books a weekly series: `occurrences` sessions of one session type at the first start's local
+    time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+    other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+    names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+    stays booked or held. Idempotent by request_id.
+    """
+    RecordSessionOutcome: _aio.UnaryUnaryMultiCallable[_booking_pb2.RecordSessionOutcomeRequest, _booking_pb2.RecordSessionOutcomeResponse]  # type: ignore[assignment]
+    """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+    admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+    Idempotent: the same outcome again answers the same; another is refused.
+    """
+    RotateCalendarFeed: _aio.UnaryUnaryMultiCallable[_booking_pb2.RotateCalendarFeedRequest, _booking_pb2.RotateCalendarFeedResponse]  # type: ignore[assignment]
+    """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+    replacing any before it: the old feed URL stops working at once. The token is shown here only.
+    """
+    GetCalendarFeed: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetCalendarFeedRequest, _httpbody_pb2.HttpBody]  # type: ignore[assignment]
+    """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+    calendar apps cannot send one; the feed token is the credential.
+    buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+    """
+    JoinWaitlist: _aio.UnaryUnaryMultiCallable[_booking_pb2.JoinWaitlistRequest, _booking_pb2.JoinWaitlistResponse]  # type: ignore[assignment]
+    """Puts a client on the waitlist for a start of a therapist's session type within a window of
+    local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+    offered it in the order they joined, through a notification (waitlist.offered), with a short
+    exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+    """
+    GetWaitlistEntry: _aio.UnaryUnaryMultiCallable[_booking_pb2.GetWaitlistEntryRequest, _booking_pb2.GetWaitlistEntryResponse]  # type: ignore[assignment]
+    """Returns a waitlist entry with its open offer, if it has one."""
+    LeaveWaitlist: _aio.UnaryUnaryMultiCallable[_booking_pb2.LeaveWaitlistRequest, _booking_pb2.LeaveWaitlistResponse]  # type: ignore[assignment]
+    """Takes a client off the waitlist, withdrawing its open offer. Idempotent."""
+    AcceptWaitlistOffer: _aio.UnaryUnaryMultiCallable[_booking_pb2.AcceptWaitlistOfferRequest, _booking_pb2.AcceptWaitlistOfferResponse]  # type: ignore[assignment]
+    """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+    by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
+    """
+    CancelFollowingBookings: _aio.UnaryUnaryMultiCallable[_booking_pb2.CancelFollowingBookingsRequest, _booking_pb2.CancelFollowingBookingsResponse]  # type: ignore[assignment]
+    """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+    policy for its own start. Idempotent.
+    """
 
 class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
     """BookingService owns therapists' availability and sessions, and coordinates the two-phase credit
@@ -546,5 +629,100 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.RetryDeadLetterResponse, _abc.Awaitable[_booking_pb2.RetryDeadLetterResponse]]:
         """Makes a dead-lettered event due again with fresh attempts, once its cause is fixed (admin)."""
+
+    @_abc_1.abstractmethod
+    def CreateBookingSeries(
+        self,
+        request: _booking_pb2.CreateBookingSeriesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.CreateBookingSeriesResponse, _abc.Awaitable[_booking_pb2.CreateBookingSeriesResponse]]:
+        """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+        Books a weekly series: `occurrences` sessions of one session type at the first start's local
+        time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+        other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+        names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+        stays booked or held. Idempotent by request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def RecordSessionOutcome(
+        self,
+        request: _booking_pb2.RecordSessionOutcomeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RecordSessionOutcomeResponse, _abc.Awaitable[_booking_pb2.RecordSessionOutcomeResponse]]:
+        """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+        admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+        Idempotent: the same outcome again answers the same; another is refused.
+        """
+
+    @_abc_1.abstractmethod
+    def RotateCalendarFeed(
+        self,
+        request: _booking_pb2.RotateCalendarFeedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.RotateCalendarFeedResponse, _abc.Awaitable[_booking_pb2.RotateCalendarFeedResponse]]:
+        """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+        replacing any before it: the old feed URL stops working at once. The token is shown here only.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCalendarFeed(
+        self,
+        request: _booking_pb2.GetCalendarFeedRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_httpbody_pb2.HttpBody, _abc.Awaitable[_httpbody_pb2.HttpBody]]:
+        """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+        calendar apps cannot send one; the feed token is the credential.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+
+    @_abc_1.abstractmethod
+    def JoinWaitlist(
+        self,
+        request: _booking_pb2.JoinWaitlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.JoinWaitlistResponse, _abc.Awaitable[_booking_pb2.JoinWaitlistResponse]]:
+        """Puts a client on the waitlist for a start of a therapist's session type within a window of
+        local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+        offered it in the order they joined, through a notification (waitlist.offered), with a short
+        exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+        """
+
+    @_abc_1.abstractmethod
+    def GetWaitlistEntry(
+        self,
+        request: _booking_pb2.GetWaitlistEntryRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.GetWaitlistEntryResponse, _abc.Awaitable[_booking_pb2.GetWaitlistEntryResponse]]:
+        """Returns a waitlist entry with its open offer, if it has one."""
+
+    @_abc_1.abstractmethod
+    def LeaveWaitlist(
+        self,
+        request: _booking_pb2.LeaveWaitlistRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.LeaveWaitlistResponse, _abc.Awaitable[_booking_pb2.LeaveWaitlistResponse]]:
+        """Takes a client off the waitlist, withdrawing its open offer. Idempotent."""
+
+    @_abc_1.abstractmethod
+    def AcceptWaitlistOffer(
+        self,
+        request: _booking_pb2.AcceptWaitlistOfferRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.AcceptWaitlistOfferResponse, _abc.Awaitable[_booking_pb2.AcceptWaitlistOfferResponse]]:
+        """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+        by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
+        """
+
+    @_abc_1.abstractmethod
+    def CancelFollowingBookings(
+        self,
+        request: _booking_pb2.CancelFollowingBookingsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_booking_pb2.CancelFollowingBookingsResponse, _abc.Awaitable[_booking_pb2.CancelFollowingBookingsResponse]]:
+        """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+        policy for its own start. Idempotent.
+        """
 
 def add_BookingServiceServicer_to_server(servicer: BookingServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

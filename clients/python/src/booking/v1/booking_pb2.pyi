@@ -274,6 +274,30 @@ CANCELLATION_REASON_PAYMENT_FAILED: CancellationReason.ValueType  # 7
 """The credits could not be committed (the hold had expired); set by the system only."""
 Global___CancellationReason: _TypeAlias = CancellationReason  # noqa: Y015
 
+class _SessionOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _SessionOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_SessionOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    SESSION_OUTCOME_UNSPECIFIED: _SessionOutcome.ValueType  # 0
+    """Not recorded yet."""
+    SESSION_OUTCOME_COMPLETED: _SessionOutcome.ValueType  # 1
+    """The session took place."""
+    SESSION_OUTCOME_NO_SHOW: _SessionOutcome.ValueType  # 2
+    """The client did not come."""
+
+class SessionOutcome(_SessionOutcome, metaclass=_SessionOutcomeEnumTypeWrapper):
+    """What happened to a session once it started."""
+
+SESSION_OUTCOME_UNSPECIFIED: SessionOutcome.ValueType  # 0
+"""Not recorded yet."""
+SESSION_OUTCOME_COMPLETED: SessionOutcome.ValueType  # 1
+"""The session took place."""
+SESSION_OUTCOME_NO_SHOW: SessionOutcome.ValueType  # 2
+"""The client did not come."""
+Global___SessionOutcome: _TypeAlias = SessionOutcome  # noqa: Y015
+
 class _VideoRoomState:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -309,6 +333,42 @@ VIDEO_ROOM_STATE_DELETED: VideoRoomState.ValueType  # 4
 VIDEO_ROOM_STATE_DISABLED: VideoRoomState.ValueType  # 5
 """No room is kept for this booking (no video provider is configured)."""
 Global___VideoRoomState: _TypeAlias = VideoRoomState  # noqa: Y015
+
+class _WaitlistStatus:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _WaitlistStatusEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_WaitlistStatus.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    WAITLIST_STATUS_UNSPECIFIED: _WaitlistStatus.ValueType  # 0
+    """Not set (never in an answer)."""
+    WAITLIST_STATUS_WAITING: _WaitlistStatus.ValueType  # 1
+    """Waiting for a free start."""
+    WAITLIST_STATUS_OFFERED: _WaitlistStatus.ValueType  # 2
+    """A start is offered and held for it (see offer)."""
+    WAITLIST_STATUS_BOOKED: _WaitlistStatus.ValueType  # 3
+    """It booked an offered start (see booking_id)."""
+    WAITLIST_STATUS_LEFT: _WaitlistStatus.ValueType  # 4
+    """Its client left the waitlist."""
+    WAITLIST_STATUS_EXPIRED: _WaitlistStatus.ValueType  # 5
+    """Its window passed without a booking."""
+
+class WaitlistStatus(_WaitlistStatus, metaclass=_WaitlistStatusEnumTypeWrapper):
+    """Where a waitlist entry stands."""
+
+WAITLIST_STATUS_UNSPECIFIED: WaitlistStatus.ValueType  # 0
+"""Not set (never in an answer)."""
+WAITLIST_STATUS_WAITING: WaitlistStatus.ValueType  # 1
+"""Waiting for a free start."""
+WAITLIST_STATUS_OFFERED: WaitlistStatus.ValueType  # 2
+"""A start is offered and held for it (see offer)."""
+WAITLIST_STATUS_BOOKED: WaitlistStatus.ValueType  # 3
+"""It booked an offered start (see booking_id)."""
+WAITLIST_STATUS_LEFT: WaitlistStatus.ValueType  # 4
+"""Its client left the waitlist."""
+WAITLIST_STATUS_EXPIRED: WaitlistStatus.ValueType  # 5
+"""Its window passed without a booking."""
+Global___WaitlistStatus: _TypeAlias = WaitlistStatus  # noqa: Y015
 
 @_typing.final
 class Therapist(_message.Message):
@@ -843,6 +903,10 @@ class SessionType(_message.Message):
     DURATION_MINUTES_FIELD_NUMBER: _builtins.int
     CREDIT_COST_FIELD_NUMBER: _builtins.int
     RETIRE_TIME_FIELD_NUMBER: _builtins.int
+    LATE_CANCELLATION_NOTICE_MINUTES_FIELD_NUMBER: _builtins.int
+    LATE_CANCELLATION_REFUND_PERCENT_FIELD_NUMBER: _builtins.int
+    NO_SHOW_REFUND_PERCENT_FIELD_NUMBER: _builtins.int
+    START_STEP_MINUTES_FIELD_NUMBER: _builtins.int
     session_type_id: _builtins.str
     """A UUID, assigned on creation."""
     therapist_id: _builtins.str
@@ -853,6 +917,19 @@ class SessionType(_message.Message):
     """5 to 480 minutes."""
     credit_cost: _builtins.int
     """Credits it costs, 1 to 10,000."""
+    late_cancellation_notice_minutes: _builtins.int
+    """A client cancelling later than this before the start is a late cancellation, 0 to 43200
+    minutes; unset: the service's default (BOOKING_FREE_CANCELLATION_HOURS).
+    """
+    late_cancellation_refund_percent: _builtins.int
+    """The share of the cost a late cancellation by the client refunds, 0 to 100 (default 0)."""
+    no_show_refund_percent: _builtins.int
+    """The share of the cost a no-show refunds, 0 to 100 (default 0)."""
+    start_step_minutes: _builtins.int
+    """Bookable starts lie every this many minutes of the therapist's local time, from local
+    midnight: 5, 10, 15, 20, 30 or 60 (default, also when unset: 15). ListAvailableSlots offers
+    exactly these starts; CreateBooking refuses any other (START_OFF_GRID).
+    """
     @_builtins.property
     def retire_time(self) -> _timestamp_pb2.Timestamp:
         """Set once retired (RetireSessionType): no longer bookable; output only."""
@@ -866,12 +943,18 @@ class SessionType(_message.Message):
         duration_minutes: _builtins.int = ...,
         credit_cost: _builtins.int = ...,
         retire_time: _timestamp_pb2.Timestamp | None = ...,
+        late_cancellation_notice_minutes: _builtins.int | None = ...,
+        late_cancellation_refund_percent: _builtins.int = ...,
+        no_show_refund_percent: _builtins.int = ...,
+        start_step_minutes: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["retire_time", b"retire_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes", "retire_time", b"retire_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "name", b"name", "retire_time", b"retire_time", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes", "credit_cost", b"credit_cost", "duration_minutes", b"duration_minutes", "late_cancellation_notice_minutes", b"late_cancellation_notice_minutes", "late_cancellation_refund_percent", b"late_cancellation_refund_percent", "name", b"name", "no_show_refund_percent", b"no_show_refund_percent", "retire_time", b"retire_time", "session_type_id", b"session_type_id", "start_step_minutes", b"start_step_minutes", "therapist_id", b"therapist_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__late_cancellation_notice_minutes: _TypeAlias = _typing.Literal["late_cancellation_notice_minutes"]  # noqa: Y015
+    _WhichOneofArgType__late_cancellation_notice_minutes: _TypeAlias = _typing.Literal["_late_cancellation_notice_minutes", b"_late_cancellation_notice_minutes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__late_cancellation_notice_minutes) -> _WhichOneofReturnType__late_cancellation_notice_minutes | None: ...
 
 Global___SessionType: _TypeAlias = SessionType  # noqa: Y015
 
@@ -2392,6 +2475,10 @@ class Booking(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     RESCHEDULE_COUNT_FIELD_NUMBER: _builtins.int
     VIDEO_ROOM_FIELD_NUMBER: _builtins.int
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    SERIES_INDEX_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    OUTCOME_TIME_FIELD_NUMBER: _builtins.int
     booking_id: _builtins.str
     """A UUID; also the id of its credit reservation."""
     request_id: _builtins.str
@@ -2414,6 +2501,12 @@ class Booking(_message.Message):
     """Where its credits stand."""
     reschedule_count: _builtins.int
     """How many times it was moved."""
+    series_id: _builtins.str
+    """The weekly series it belongs to (a UUID); empty for a booking of its own."""
+    series_index: _builtins.int
+    """Which occurrence of its series it is, from 0."""
+    outcome: Global___SessionOutcome.ValueType
+    """What happened, once recorded (by the therapist, an admin, or the sweeper); unspecified before."""
     @_builtins.property
     def start_time(self) -> _timestamp_pb2.Timestamp:
         """Start, UTC."""
@@ -2438,6 +2531,10 @@ class Booking(_message.Message):
     def video_room(self) -> Global___VideoRoom:
         """The session's video room, made after the booking commits (the booking never waits for it)."""
 
+    @_builtins.property
+    def outcome_time(self) -> _timestamp_pb2.Timestamp:
+        """When the outcome was recorded."""
+
     def __init__(
         self,
         *,
@@ -2458,10 +2555,14 @@ class Booking(_message.Message):
         update_time: _timestamp_pb2.Timestamp | None = ...,
         reschedule_count: _builtins.int = ...,
         video_room: Global___VideoRoom | None = ...,
+        series_id: _builtins.str = ...,
+        series_index: _builtins.int = ...,
+        outcome: Global___SessionOutcome.ValueType = ...,
+        outcome_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "start_time", b"start_time", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancellation", b"cancellation", "create_time", b"create_time", "end_time", b"end_time", "outcome_time", b"outcome_time", "start_time", b"start_time", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "cancellation", b"cancellation", "client_id", b"client_id", "create_time", b"create_time", "credit_cost", b"credit_cost", "end_time", b"end_time", "local_start", b"local_start", "outcome", b"outcome", "outcome_time", b"outcome_time", "payment_status", b"payment_status", "request_id", b"request_id", "reschedule_count", b"reschedule_count", "series_id", b"series_id", "series_index", b"series_index", "session_type_id", b"session_type_id", "start_time", b"start_time", "status", b"status", "therapist_id", b"therapist_id", "time_zone", b"time_zone", "update_time", b"update_time", "video_room", b"video_room"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2964,3 +3065,622 @@ class RetryDeadLetterResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RetryDeadLetterResponse: _TypeAlias = RetryDeadLetterResponse  # noqa: Y015
+
+@_typing.final
+class CreateBookingSeriesRequest(_message.Message):
+    """The request of CreateBookingSeries: who books which session type of which therapist, from
+    when, how many times.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    LOCAL_START_FIELD_NUMBER: _builtins.int
+    OCCURRENCES_FIELD_NUMBER: _builtins.int
+    INTERVAL_WEEKS_FIELD_NUMBER: _builtins.int
+    SKIP_UNAVAILABLE_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the caller (1 to 128 printable characters); the series' id is
+    derived from it. A repeat returns the series the first call booked, or its refusal.
+    """
+    client_id: _builtins.str
+    """The client paying (a UUID)."""
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """One of the therapist's session types (a UUID)."""
+    occurrences: _builtins.int
+    """How many sessions, 2 to 26."""
+    interval_weeks: _builtins.int
+    """Weeks between two occurrences: 1 (also when unset) or 2."""
+    skip_unavailable: _builtins.bool
+    """Book the occurrences that are free and report the others, instead of all or nothing. The
+    credits are all or nothing either way: a client short of credits for any occurrence to book
+    is refused (INSUFFICIENT_CREDITS) with nothing held.
+    """
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """An instant (UTC)."""
+
+    @_builtins.property
+    def local_start(self) -> Global___LocalDateTime:
+        """A local time and an IANA zone."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        local_start: Global___LocalDateTime | None = ...,
+        occurrences: _builtins.int = ...,
+        interval_weeks: _builtins.int = ...,
+        skip_unavailable: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["local_start", b"local_start", "start", b"start", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "interval_weeks", b"interval_weeks", "local_start", b"local_start", "occurrences", b"occurrences", "request_id", b"request_id", "session_type_id", b"session_type_id", "skip_unavailable", b"skip_unavailable", "start", b"start", "start_time", b"start_time", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_start: _TypeAlias = _typing.Literal["start_time", "local_start"]  # noqa: Y015
+    _WhichOneofArgType_start: _TypeAlias = _typing.Literal["start", b"start"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_start) -> _WhichOneofReturnType_start | None: ...
+
+Global___CreateBookingSeriesRequest: _TypeAlias = CreateBookingSeriesRequest  # noqa: Y015
+
+@_typing.final
+class SkippedOccurrence(_message.Message):
+    """An occurrence of a series that was not booked (skip_unavailable)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_INDEX_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    series_index: _builtins.int
+    """Which occurrence, from 0."""
+    reason: _builtins.str
+    """Why: SLOT_UNAVAILABLE, OUTSIDE_AVAILABILITY, NONEXISTENT_LOCAL_TIME, ..."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it would have started, UTC."""
+
+    def __init__(
+        self,
+        *,
+        series_index: _builtins.int = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "series_index", b"series_index", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SkippedOccurrence: _TypeAlias = SkippedOccurrence  # noqa: Y015
+
+@_typing.final
+class CreateBookingSeriesResponse(_message.Message):
+    """The answer of CreateBookingSeries."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIES_ID_FIELD_NUMBER: _builtins.int
+    BOOKINGS_FIELD_NUMBER: _builtins.int
+    SKIPPED_FIELD_NUMBER: _builtins.int
+    series_id: _builtins.str
+    """The series' id (a UUID), also each booking's series_id."""
+    @_builtins.property
+    def bookings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Booking]:
+        """The booked occurrences, by series_index."""
+
+    @_builtins.property
+    def skipped(self) -> _containers.RepeatedCompositeFieldContainer[Global___SkippedOccurrence]:
+        """The occurrences not booked (only with skip_unavailable)."""
+
+    def __init__(
+        self,
+        *,
+        series_id: _builtins.str = ...,
+        bookings: _abc.Iterable[Global___Booking] | None = ...,
+        skipped: _abc.Iterable[Global___SkippedOccurrence] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bookings", b"bookings", "series_id", b"series_id", "skipped", b"skipped"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateBookingSeriesResponse: _TypeAlias = CreateBookingSeriesResponse  # noqa: Y015
+
+@_typing.final
+class CancelFollowingBookingsRequest(_message.Message):
+    """The request of CancelFollowingBookings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    ACTOR_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    booking_id: _builtins.str
+    """The first occurrence to cancel (a UUID); every later one of its series is cancelled too."""
+    actor: Global___CancellationActor.ValueType
+    """Who cancels."""
+    reason: Global___CancellationReason.ValueType
+    """Why."""
+    def __init__(
+        self,
+        *,
+        booking_id: _builtins.str = ...,
+        actor: Global___CancellationActor.ValueType = ...,
+        reason: Global___CancellationReason.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "booking_id", b"booking_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelFollowingBookingsRequest: _TypeAlias = CancelFollowingBookingsRequest  # noqa: Y015
+
+@_typing.final
+class CancelFollowingBookingsResponse(_message.Message):
+    """The answer of CancelFollowingBookings."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKINGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def bookings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Booking]:
+        """The cancelled occurrences, by series_index, each with its refund."""
+
+    def __init__(
+        self,
+        *,
+        bookings: _abc.Iterable[Global___Booking] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bookings", b"bookings"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CancelFollowingBookingsResponse: _TypeAlias = CancelFollowingBookingsResponse  # noqa: Y015
+
+@_typing.final
+class RecordSessionOutcomeRequest(_message.Message):
+    """The request of RecordSessionOutcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    booking_id: _builtins.str
+    """The session's booking (a UUID)."""
+    outcome: Global___SessionOutcome.ValueType
+    """COMPLETED or NO_SHOW."""
+    def __init__(
+        self,
+        *,
+        booking_id: _builtins.str = ...,
+        outcome: Global___SessionOutcome.ValueType = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "outcome", b"outcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordSessionOutcomeRequest: _TypeAlias = RecordSessionOutcomeRequest  # noqa: Y015
+
+@_typing.final
+class RecordSessionOutcomeResponse(_message.Message):
+    """The answer of RecordSessionOutcome."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def booking(self) -> Global___Booking:
+        """The booking with its outcome (and a no-show's refund)."""
+
+    def __init__(
+        self,
+        *,
+        booking: Global___Booking | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordSessionOutcomeResponse: _TypeAlias = RecordSessionOutcomeResponse  # noqa: Y015
+
+@_typing.final
+class RotateCalendarFeedRequest(_message.Message):
+    """The request of RotateCalendarFeed: whose feed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    therapist_id: _builtins.str
+    """A therapist's feed: their sessions (a UUID)."""
+    client_id: _builtins.str
+    """A client's feed: their sessions with every therapist (a UUID)."""
+    def __init__(
+        self,
+        *,
+        therapist_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "owner", b"owner", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "owner", b"owner", "therapist_id", b"therapist_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_owner: _TypeAlias = _typing.Literal["therapist_id", "client_id"]  # noqa: Y015
+    _WhichOneofArgType_owner: _TypeAlias = _typing.Literal["owner", b"owner"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_owner) -> _WhichOneofReturnType_owner | None: ...
+
+Global___RotateCalendarFeedRequest: _TypeAlias = RotateCalendarFeedRequest  # noqa: Y015
+
+@_typing.final
+class RotateCalendarFeedResponse(_message.Message):
+    """The answer of RotateCalendarFeed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_TOKEN_FIELD_NUMBER: _builtins.int
+    FEED_PATH_FIELD_NUMBER: _builtins.int
+    feed_token: _builtins.str
+    """The new feed token (43 characters); keep it secret, as the feed's URL is."""
+    feed_path: _builtins.str
+    """The feed's path at the gateway: /v1/calendar-feeds/{feed_token}/calendar.ics."""
+    def __init__(
+        self,
+        *,
+        feed_token: _builtins.str = ...,
+        feed_path: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_path", b"feed_path", "feed_token", b"feed_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateCalendarFeedResponse: _TypeAlias = RotateCalendarFeedResponse  # noqa: Y015
+
+@_typing.final
+class GetCalendarFeedRequest(_message.Message):
+    """The request of GetCalendarFeed."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FEED_TOKEN_FIELD_NUMBER: _builtins.int
+    feed_token: _builtins.str
+    """The feed token from RotateCalendarFeed."""
+    def __init__(
+        self,
+        *,
+        feed_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["feed_token", b"feed_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCalendarFeedRequest: _TypeAlias = GetCalendarFeedRequest  # noqa: Y015
+
+@_typing.final
+class WaitlistOffer(_message.Message):
+    """A start held for a waitlist entry until expire_time."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The offer (a UUID), for AcceptWaitlistOffer."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """The offered start, UTC."""
+
+    @_builtins.property
+    def expire_time(self) -> _timestamp_pb2.Timestamp:
+        """The hold ends then; the start goes to the next waiting client."""
+
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expire_time", b"expire_time", "offer_id", b"offer_id", "start_time", b"start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitlistOffer: _TypeAlias = WaitlistOffer  # noqa: Y015
+
+@_typing.final
+class WaitlistEntry(_message.Message):
+    """A client waiting for a start of a therapist's session type within a window."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_START_TIME_FIELD_NUMBER: _builtins.int
+    WINDOW_END_TIME_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    OFFER_FIELD_NUMBER: _builtins.int
+    BOOKING_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """A UUID, derived from the caller and the request_id."""
+    client_id: _builtins.str
+    """The client (a UUID)."""
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """The session type (a UUID)."""
+    status: Global___WaitlistStatus.ValueType
+    """Where it stands."""
+    booking_id: _builtins.str
+    """The booking it made, when booked."""
+    @_builtins.property
+    def window_start_time(self) -> _timestamp_pb2.Timestamp:
+        """The first start wanted, UTC."""
+
+    @_builtins.property
+    def window_end_time(self) -> _timestamp_pb2.Timestamp:
+        """Starts before this, UTC."""
+
+    @_builtins.property
+    def offer(self) -> Global___WaitlistOffer:
+        """The open offer, when offered."""
+
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+        window_start_time: _timestamp_pb2.Timestamp | None = ...,
+        window_end_time: _timestamp_pb2.Timestamp | None = ...,
+        status: Global___WaitlistStatus.ValueType = ...,
+        offer: Global___WaitlistOffer | None = ...,
+        booking_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["offer", b"offer", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking_id", b"booking_id", "client_id", b"client_id", "entry_id", b"entry_id", "offer", b"offer", "session_type_id", b"session_type_id", "status", b"status", "therapist_id", b"therapist_id", "window_end_time", b"window_end_time", "window_start_time", b"window_start_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitlistEntry: _TypeAlias = WaitlistEntry  # noqa: Y015
+
+@_typing.final
+class JoinWaitlistRequest(_message.Message):
+    """The request of JoinWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    CLIENT_ID_FIELD_NUMBER: _builtins.int
+    THERAPIST_ID_FIELD_NUMBER: _builtins.int
+    SESSION_TYPE_ID_FIELD_NUMBER: _builtins.int
+    WINDOW_START_FIELD_NUMBER: _builtins.int
+    WINDOW_END_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key chosen by the caller (1 to 128 printable characters)."""
+    client_id: _builtins.str
+    """The client waiting (a UUID)."""
+    therapist_id: _builtins.str
+    """The therapist (a UUID)."""
+    session_type_id: _builtins.str
+    """One of the therapist's session types (a UUID)."""
+    @_builtins.property
+    def window_start(self) -> Global___LocalDateTime:
+        """The first start wanted, a local time."""
+
+    @_builtins.property
+    def window_end(self) -> Global___LocalDateTime:
+        """Starts before this local time, at most 31 days after window_start."""
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.str = ...,
+        client_id: _builtins.str = ...,
+        therapist_id: _builtins.str = ...,
+        session_type_id: _builtins.str = ...,
+        window_start: Global___LocalDateTime | None = ...,
+        window_end: Global___LocalDateTime | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["client_id", b"client_id", "request_id", b"request_id", "session_type_id", b"session_type_id", "therapist_id", b"therapist_id", "window_end", b"window_end", "window_start", b"window_start"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinWaitlistRequest: _TypeAlias = JoinWaitlistRequest  # noqa: Y015
+
+@_typing.final
+class JoinWaitlistResponse(_message.Message):
+    """The answer of JoinWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___WaitlistEntry:
+        """The entry."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___WaitlistEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JoinWaitlistResponse: _TypeAlias = JoinWaitlistResponse  # noqa: Y015
+
+@_typing.final
+class GetWaitlistEntryRequest(_message.Message):
+    """The request of GetWaitlistEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWaitlistEntryRequest: _TypeAlias = GetWaitlistEntryRequest  # noqa: Y015
+
+@_typing.final
+class GetWaitlistEntryResponse(_message.Message):
+    """The answer of GetWaitlistEntry."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___WaitlistEntry:
+        """The entry."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___WaitlistEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetWaitlistEntryResponse: _TypeAlias = GetWaitlistEntryResponse  # noqa: Y015
+
+@_typing.final
+class LeaveWaitlistRequest(_message.Message):
+    """The request of LeaveWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_ID_FIELD_NUMBER: _builtins.int
+    entry_id: _builtins.str
+    """A UUID."""
+    def __init__(
+        self,
+        *,
+        entry_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry_id", b"entry_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveWaitlistRequest: _TypeAlias = LeaveWaitlistRequest  # noqa: Y015
+
+@_typing.final
+class LeaveWaitlistResponse(_message.Message):
+    """The answer of LeaveWaitlist."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENTRY_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def entry(self) -> Global___WaitlistEntry:
+        """The entry, left (unless it had booked or expired already)."""
+
+    def __init__(
+        self,
+        *,
+        entry: Global___WaitlistEntry | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["entry", b"entry"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LeaveWaitlistResponse: _TypeAlias = LeaveWaitlistResponse  # noqa: Y015
+
+@_typing.final
+class AcceptWaitlistOfferRequest(_message.Message):
+    """The request of AcceptWaitlistOffer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OFFER_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    offer_id: _builtins.str
+    """The offer (a UUID)."""
+    request_id: _builtins.str
+    """Idempotency key of the booking this makes (1 to 128 printable characters)."""
+    def __init__(
+        self,
+        *,
+        offer_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["offer_id", b"offer_id", "request_id", b"request_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptWaitlistOfferRequest: _TypeAlias = AcceptWaitlistOfferRequest  # noqa: Y015
+
+@_typing.final
+class AcceptWaitlistOfferResponse(_message.Message):
+    """The answer of AcceptWaitlistOffer."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BOOKING_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def booking(self) -> Global___Booking:
+        """The booking."""
+
+    def __init__(
+        self,
+        *,
+        booking: Global___Booking | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["booking", b"booking"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptWaitlistOfferResponse: _TypeAlias = AcceptWaitlistOfferResponse  # noqa: Y015

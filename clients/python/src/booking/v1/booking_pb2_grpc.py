@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from booking.v1 import booking_pb2 as booking_dot_v1_dot_booking__pb2
+from google.api import httpbody_pb2 as google_dot_api_dot_httpbody__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -208,6 +209,51 @@ class BookingServiceStub:
                 '/booking.v1.BookingService/RetryDeadLetter',
                 request_serializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.SerializeToString,
                 response_deserializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.FromString,
+                _registered_method=True)
+        self.CreateBookingSeries = channel.unary_unary(
+                '/booking.v1.BookingService/CreateBookingSeries',
+                request_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.FromString,
+                _registered_method=True)
+        self.RecordSessionOutcome = channel.unary_unary(
+                '/booking.v1.BookingService/RecordSessionOutcome',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.FromString,
+                _registered_method=True)
+        self.RotateCalendarFeed = channel.unary_unary(
+                '/booking.v1.BookingService/RotateCalendarFeed',
+                request_serializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedResponse.FromString,
+                _registered_method=True)
+        self.GetCalendarFeed = channel.unary_unary(
+                '/booking.v1.BookingService/GetCalendarFeed',
+                request_serializer=booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.SerializeToString,
+                response_deserializer=google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+                _registered_method=True)
+        self.JoinWaitlist = channel.unary_unary(
+                '/booking.v1.BookingService/JoinWaitlist',
+                request_serializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistResponse.FromString,
+                _registered_method=True)
+        self.GetWaitlistEntry = channel.unary_unary(
+                '/booking.v1.BookingService/GetWaitlistEntry',
+                request_serializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryResponse.FromString,
+                _registered_method=True)
+        self.LeaveWaitlist = channel.unary_unary(
+                '/booking.v1.BookingService/LeaveWaitlist',
+                request_serializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistResponse.FromString,
+                _registered_method=True)
+        self.AcceptWaitlistOffer = channel.unary_unary(
+                '/booking.v1.BookingService/AcceptWaitlistOffer',
+                request_serializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferResponse.FromString,
+                _registered_method=True)
+        self.CancelFollowingBookings = channel.unary_unary(
+                '/booking.v1.BookingService/CancelFollowingBookings',
+                request_serializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.SerializeToString,
+                response_deserializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsResponse.FromString,
                 _registered_method=True)
 
 
@@ -473,6 +519,85 @@ class BookingServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateBookingSeries(self, request, context):
+        """--- A practice: weekly series, session outcomes, reminders, calendar feeds, the waitlist. ---
+
+        Books a weekly series: `occurrences` sessions of one session type at the first start's local
+        time in the therapist's zone (18:00 stays 18:00 across a DST change), every week or every
+        other week, for one client, paid together. All or nothing unless skip_unavailable: a refusal
+        names each refused occurrence (ErrorInfo metadata occurrence_<index>: its reason), and nothing
+        stays booked or held. Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordSessionOutcome(self, request, context):
+        """Records what happened once a session started: COMPLETED or NO_SHOW (its therapist or an
+        admin; a client cannot). A no-show refunds the session type's no_show_refund_percent.
+        Idempotent: the same outcome again answers the same; another is refused.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RotateCalendarFeed(self, request, context):
+        """Makes a new feed token for a therapist's or a client's iCalendar feed (its owner or an admin),
+        replacing any before it: the old feed URL stops working at once. The token is shown here only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCalendarFeed(self, request, context):
+        """The iCalendar (RFC 5545) feed whose token is in the URL, as text/calendar. No bearer token:
+        calendar apps cannot send one; the feed token is the credential.
+        buf:lint:ignore RPC_RESPONSE_STANDARD_NAME
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def JoinWaitlist(self, request, context):
+        """Puts a client on the waitlist for a start of a therapist's session type within a window of
+        local times. When a start in it is free (a cancellation, a reschedule), waiting clients are
+        offered it in the order they joined, through a notification (waitlist.offered), with a short
+        exclusive hold for the first; when that hold runs out, the next. Idempotent by request_id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetWaitlistEntry(self, request, context):
+        """Returns a waitlist entry with its open offer, if it has one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def LeaveWaitlist(self, request, context):
+        """Takes a client off the waitlist, withdrawing its open offer. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcceptWaitlistOffer(self, request, context):
+        """Books the slot an open offer holds, for the entry's client, paid as any booking. Idempotent
+        by request_id; an offer past its hold is refused (OFFER_NOT_OPEN).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelFollowingBookings(self, request, context):
+        """Cancels an occurrence of a series and every later one, each refunded by the cancellation
+        policy for its own start. Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BookingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -645,6 +770,51 @@ def add_BookingServiceServicer_to_server(servicer, server):
                     servicer.RetryDeadLetter,
                     request_deserializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.FromString,
                     response_serializer=booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.SerializeToString,
+            ),
+            'CreateBookingSeries': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateBookingSeries,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.SerializeToString,
+            ),
+            'RecordSessionOutcome': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordSessionOutcome,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.SerializeToString,
+            ),
+            'RotateCalendarFeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateCalendarFeed,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.RotateCalendarFeedResponse.SerializeToString,
+            ),
+            'GetCalendarFeed': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCalendarFeed,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.FromString,
+                    response_serializer=google_dot_api_dot_httpbody__pb2.HttpBody.SerializeToString,
+            ),
+            'JoinWaitlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.JoinWaitlist,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.JoinWaitlistResponse.SerializeToString,
+            ),
+            'GetWaitlistEntry': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetWaitlistEntry,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.GetWaitlistEntryResponse.SerializeToString,
+            ),
+            'LeaveWaitlist': grpc.unary_unary_rpc_method_handler(
+                    servicer.LeaveWaitlist,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.LeaveWaitlistResponse.SerializeToString,
+            ),
+            'AcceptWaitlistOffer': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptWaitlistOffer,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferResponse.SerializeToString,
+            ),
+            'CancelFollowingBookings': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelFollowingBookings,
+                    request_deserializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.FromString,
+                    response_serializer=booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1570,6 +1740,249 @@ class BookingService:
             '/booking.v1.BookingService/RetryDeadLetter',
             booking_dot_v1_dot_booking__pb2.RetryDeadLetterRequest.SerializeToString,
             booking_dot_v1_dot_booking__pb2.RetryDeadLetterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateBookingSeries(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/CreateBookingSeries',
+            booking_dot_v1_dot_booking__pb2.CreateBookingSeriesRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.CreateBookingSeriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordSessionOutcome(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RecordSessionOutcome',
+            booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RecordSessionOutcomeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateCalendarFeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/RotateCalendarFeed',
+            booking_dot_v1_dot_booking__pb2.RotateCalendarFeedRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.RotateCalendarFeedResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCalendarFeed(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/GetCalendarFeed',
+            booking_dot_v1_dot_booking__pb2.GetCalendarFeedRequest.SerializeToString,
+            google_dot_api_dot_httpbody__pb2.HttpBody.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def JoinWaitlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/JoinWaitlist',
+            booking_dot_v1_dot_booking__pb2.JoinWaitlistRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.JoinWaitlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetWaitlistEntry(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/GetWaitlistEntry',
+            booking_dot_v1_dot_booking__pb2.GetWaitlistEntryRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.GetWaitlistEntryResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def LeaveWaitlist(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/LeaveWaitlist',
+            booking_dot_v1_dot_booking__pb2.LeaveWaitlistRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.LeaveWaitlistResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptWaitlistOffer(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/AcceptWaitlistOffer',
+            booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.AcceptWaitlistOfferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelFollowingBookings(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/booking.v1.BookingService/CancelFollowingBookings',
+            booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsRequest.SerializeToString,
+            booking_dot_v1_dot_booking__pb2.CancelFollowingBookingsResponse.FromString,
             options,
             channel_credentials,
             insecure,
