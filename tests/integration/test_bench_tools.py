@@ -117,8 +117,8 @@ def test_bench_with_preload_reports_both_phases(postgres_server_url: str, tmp_pa
         "bench",
         "--smoke",
         "--preload",
-        "--scenarios",
-        "spread",
+        "--runs",
+        "spread@1",
         "--quiet",
         "--out",
         str(tmp_path),
@@ -133,7 +133,7 @@ def test_bench_with_preload_reports_both_phases(postgres_server_url: str, tmp_pa
     assert section["violations"] == []
     assert section["load"]["rows"]["booking.sessions"] == preload.SMOKE.sessions
     for phase in ("empty", "large"):
-        measured = section["phases"][phase]["create_booking"]["spread"]
+        measured = section["phases"][phase]["create_booking"]["spread@1"]
         assert measured["violations"] == [] and measured["acknowledged"] > 0, phase
         listings = section["phases"][phase]["listings"]
         walked = listings["ListLedgerEntries by owner"]
@@ -141,5 +141,5 @@ def test_bench_with_preload_reports_both_phases(postgres_server_url: str, tmp_pa
         assert walked["last_page_ms"]["p50"] > 0
         assert listings["reconciler: stale pending holds"]["call_ms"]["p50"] > 0
     assert section["phases"]["large"]["listings"]["retention: one pass (6 batches)"]["rows_deleted"] > 0
-    for label in ("CreateBooking spread: latency", "ListBookings by client", "outbox: lease, nothing due"):
+    for label in ("CreateBooking spread@1: latency", "ListBookings by client", "outbox: lease, nothing due"):
         assert label in output, (label, output)

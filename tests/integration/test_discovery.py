@@ -236,21 +236,22 @@ async def test_the_search_across_time_zones_and_a_dst_change(booking_stub: Any) 
     new_york = await therapist(booking_stub, tag, time_zone="America/New_York", windows=every_day(("09:00", "11:00")))
     london = await therapist(booking_stub, tag, time_zone="Europe/London", windows=every_day(("09:00", "11:00")))
     start = datetime(2027, 3, 13, tzinfo=UTC)
-    end = datetime(2027, 3, 16, tzinfo=UTC)
+    end = datetime(2027, 3, 15, tzinfo=UTC)
 
+    # A 50-minute session on the default 15-minute grid of starts: 09:00 to 10:00, five a day, the
+    # ten of the two days the most one answer gives per therapist.
+    starts = ("09:00", "09:15", "09:30", "09:45", "10:00")
     own_zones = await booking_stub.SearchAvailability(search(tag, start, end, slots_per_therapist=10))
     by_id = {r.therapist.therapist_id: r for r in own_zones.results}
     assert [s.local_start for s in by_id[new_york.therapist_id].slots] == [
-        "2027-03-13T09:00:00-05:00",
-        "2027-03-13T09:50:00-05:00",
-        "2027-03-14T09:00:00-04:00",
-        "2027-03-14T09:50:00-04:00",
-        "2027-03-15T09:00:00-04:00",
-        "2027-03-15T09:50:00-04:00",
+        f"2027-03-{day}T{hh_mm}:00{offset}" for day, offset in ((13, "-05:00"), (14, "-04:00")) for hh_mm in starts
     ]
-    assert [s.start_time.ToDatetime(UTC).hour for s in by_id[new_york.therapist_id].slots] == [14, 14, 13, 13, 13, 13]
+    assert [s.start_time.ToDatetime(UTC).hour for s in by_id[new_york.therapist_id].slots] == [
+        *(14, 14, 14, 14, 15),
+        *(13, 13, 13, 13, 14),
+    ]
     assert [s.local_start for s in by_id[london.therapist_id].slots] == [
-        f"2027-03-{day}T09:{minute}:00+00:00" for day in (13, 14, 15) for minute in ("00", "50")
+        f"2027-03-{day}T{hh_mm}:00+00:00" for day in (13, 14) for hh_mm in starts
     ]
 
     in_tokyo = await booking_stub.SearchAvailability(
@@ -261,7 +262,7 @@ async def test_the_search_across_time_zones_and_a_dst_change(booking_stub: Any) 
     (result,) = in_tokyo.results
     assert result.therapist.therapist_id == new_york.therapist_id
     assert result.time_zone == "Asia/Tokyo"
-    assert result.slots[2].local_start == "2027-03-14T22:00:00+09:00"  # 09:00 EDT
+    assert result.slots[5].local_start == "2027-03-14T22:00:00+09:00"  # 09:00 EDT
     for made in (new_york, london):
         expected = await list_available(booking_stub, made, start, end, "Asia/Tokyo")
         found = await booking_stub.SearchAvailability(
