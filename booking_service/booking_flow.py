@@ -33,7 +33,6 @@ from booking_service.domain import (
     Booking,
     BookingStatus,
     CalendarBusy,
-    HoldReused,
     InsufficientCredits,
     NoCreditAccount,
     PaymentStatus,
@@ -41,6 +40,7 @@ from booking_service.domain import (
     RequestIdReused,
     SlotUnavailable,
 )
+from booking_service.holds import HoldReused
 from booking_service.payments import Credits, Payments
 from booking_service.requests import NewBooking, hold_reference
 from booking_service.rules_cache import BookingRules

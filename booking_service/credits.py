@@ -24,14 +24,13 @@ from typing import Any, Generic, TypeVar
 import grpc
 from google.protobuf import message, timestamp_pb2
 
-from booking_service.domain import (
+from booking_service.domain import InsufficientCredits, NoCreditAccount
+from booking_service.holds import (
     CreditServiceTimeout,
     CreditServiceUnavailable,
     HeldReservation,
     HoldRequest,
     HoldReused,
-    InsufficientCredits,
-    NoCreditAccount,
     ReservationGone,
     UnexpectedCreditAnswer,
 )

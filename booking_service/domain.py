@@ -212,20 +212,6 @@ class SessionTypeNotFound(NotFound):
         super().__init__("session type", session_type_id)
 
 
-class WebhookEndpointNotFound(NotFound):
-    reason = "WEBHOOK_ENDPOINT_NOT_FOUND"
-
-    def __init__(self, endpoint_id: uuid.UUID) -> None:
-        super().__init__("webhook endpoint", endpoint_id)
-
-
-class WebhookDeliveryNotFound(NotFound):
-    reason = "WEBHOOK_DELIVERY_NOT_FOUND"
-
-    def __init__(self, delivery_id: uuid.UUID) -> None:
-        super().__init__("webhook delivery", delivery_id)
-
-
 class DeadLetterNotFound(NotFound):
     reason = "DEAD_LETTER_NOT_FOUND"
 
@@ -295,22 +281,6 @@ class SessionTypeRetired(Refused):
         )
 
 
-class WebhookEndpointLimit(Refused):
-    """At most MAX_WEBHOOK_ENDPOINTS endpoints: each is called for every event it subscribes to."""
-
-    reason = "WEBHOOK_ENDPOINT_LIMIT"
-
-
-class WebhookDeliveryNotDead(Refused):
-    reason = "WEBHOOK_DELIVERY_NOT_DEAD"
-
-    def __init__(self, delivery_id: uuid.UUID) -> None:
-        super().__init__(
-            f"webhook delivery {delivery_id} is not dead: only a dead delivery is retried by hand",
-            metadata={"delivery_id": str(delivery_id)},
-        )
-
-
 class InsufficientCredits(Refused):
     reason = "INSUFFICIENT_CREDITS"
 
@@ -363,55 +333,6 @@ class SessionsOverlap(DomainError):
     through. Translated from the driver by the store; the calendar answers it as SLOT_UNAVAILABLE."""
 
     reason = "SLOT_UNAVAILABLE"
-
-
-class HoldReused(DomainError):
-    """The credit service holds this request's key for another amount: the request_id was used
-    for another booking (see RequestIdReused, which the flow raises for it)."""
-
-    reason = "RESERVATION_ID_REUSED"
-
-
-class ReservationGone(DomainError):
-    """The credit service refused a transition because of the reservation's state; `reason`
-    says which (RESERVATION_EXPIRED, RESERVATION_NOT_PENDING, ...)."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason  # type: ignore[misc]  # the credit service's reason, passed on
-
-
-class UnexpectedCreditAnswer(DomainError):
-    """An answer the protocol does not expect (a bug on one side); mapped to INTERNAL."""
-
-    reason = "CREDIT_SERVICE_ERROR"
-
-
-@dataclass(frozen=True)
-class HoldRequest:
-    """A credit hold to make: for a booking (its reservation id is the booking id), by `reference`."""
-
-    reservation_id: uuid.UUID
-    owner_id: uuid.UUID
-    amount: int
-    reference: str
-
-
-@dataclass(frozen=True)
-class HeldReservation:
-    """A credit hold, as the reconciler lists them."""
-
-    reservation_id: uuid.UUID
-    reference: str
-    created_at: datetime
-
-
-class CreditServiceUnavailable(DomainError):
-    reason = "CREDIT_SERVICE_UNAVAILABLE"
-
-
-class CreditServiceTimeout(DomainError):
-    reason = "CREDIT_SERVICE_TIMEOUT"
 
 
 def domain_error(error: availability.AvailabilityError) -> DomainError:

@@ -7,26 +7,22 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import timestamp_pb2
 
 from booking.v1 import booking_pb2
 from booking_service import availability, domain
-from booking_service.domain import MINUTES_PER_DAY, DateOverride, SessionType, Therapist, WeeklyWindowMinutes
+from booking_service.domain import SessionType, Therapist
 from booking_service.practice import BookedSeries
 from booking_service.store.outbox import DeadLetter
-from service_kit.errors import FieldViolation, InvalidArgument
 from service_kit.validation import EARLIEST_INSTANT, LATEST_INSTANT, Checks
 
 MAX_NAME_LENGTH = 200
 MAX_SHOWN_NAMES = 5
 MAX_SHOWN_NAME_LENGTH = 64
 
-_HOUR_MINUTE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
-# How availability's schedule rules name a window (see booking_service.availability.Schedule).
-_SCHEDULE_PATH = re.compile(r"\b(?:weekly|overrides\[[^\]]*\])\[(\d+)\]")
 _LOCAL_DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2})?$")
 UPDATABLE_FIELDS = (
     "display_name",
@@ -213,45 +209,6 @@ def dead_letter_message(letter: DeadLetter) -> booking_pb2.DeadLetter:
     )
 
 
-def _minute_text(minute: int) -> str:
-    return f"{minute // 60:02d}:{minute % 60:02d}"
-
-
-def window_message(start_minute: int, end_minute: int) -> booking_pb2.TimeWindow:
-    return booking_pb2.TimeWindow(start_time=_minute_text(start_minute), end_time=_minute_text(end_minute))
-
-
-def _parse_minute(checks: Checks, field: str, text: str, *, allow_end_of_day: bool) -> int:
-    match = _HOUR_MINUTE.match(text)
-    if match is None:
-        checks.fail(field, 'must be "HH:MM" (24-hour), e.g. "09:30"')
-        return 0
-    minute = int(match.group(1)) * 60 + int(match.group(2))
-    if minute > MINUTES_PER_DAY or (minute == MINUTES_PER_DAY and not allow_end_of_day):
-        checks.fail(field, "must be at most 24:00 (as an end) or 23:59 (as a start)")
-        return 0
-    return minute
-
-
-def parse_window(checks: Checks, field: str, window: booking_pb2.TimeWindow) -> tuple[int, int]:
-    start = _parse_minute(checks, f"{field}.start_time", window.start_time, allow_end_of_day=False)
-    end = _parse_minute(checks, f"{field}.end_time", window.end_time, allow_end_of_day=True)
-    if start >= end and _HOUR_MINUTE.match(window.start_time) and _HOUR_MINUTE.match(window.end_time):
-        checks.fail(f"{field}.end_time", "must be after start_time")
-    return start, end
-
-
-def parse_date(checks: Checks, field: str, text: str) -> str:
-    try:
-        parsed = date.fromisoformat(text)
-    except ValueError:
-        checks.fail(field, 'must be a date "YYYY-MM-DD"')
-        return "2000-01-01"
-    if len(text) != len("YYYY-MM-DD") or not 2000 <= parsed.year < 2100:
-        checks.fail(field, 'must be a date "YYYY-MM-DD" between 2000 and 2099')
-    return parsed.isoformat()
-
-
 def therapist_fields(
     checks: Checks, field: str, message: booking_pb2.Therapist, paths: tuple[str, ...]
 ) -> dict[str, Any]:
@@ -369,35 +326,8 @@ def local_instant(checks: Checks, name: str, local: booking_pb2.LocalDateTime) -
     return checks.within_instant_window(f"{name}.date_time", instant)
 
 
-def in_request_terms(error: InvalidArgument) -> InvalidArgument:
-    """A schedule rule's refusal with its paths (weekly[1], overrides[2030-01-02][1]) renamed to
-    the request's field, windows[1]: the service receives the request's windows in order."""
-
-    def rename(text: str) -> str:
-        return _SCHEDULE_PATH.sub(r"windows[\1]", text)
-
-    renamed = InvalidArgument(
-        [FieldViolation(rename(v.field), rename(v.description)) for v in error.violations], reason=error.reason
-    )
-    renamed.metadata.update({key: rename(value) for key, value in error.metadata.items() if key != "field"})
-    return renamed
-
-
 def shown(names: list[str]) -> str:
     """Names from a request, cut short: echoing them whole let a huge update_mask path blow the
     status past the client's metadata limit (a bare RESOURCE_EXHAUSTED instead of the refusal)."""
     shown = ", ".join(repr(name[:MAX_SHOWN_NAME_LENGTH]) for name in names[:MAX_SHOWN_NAMES])
     return shown + (", ..." if len(names) > MAX_SHOWN_NAMES else "")
-
-
-def weekly_message(window: WeeklyWindowMinutes) -> booking_pb2.WeeklyWindow:
-    return booking_pb2.WeeklyWindow(
-        day_of_week=window.weekday,  # type: ignore[arg-type]  # ISO weekday == DayOfWeek number
-        window=window_message(window.start_minute, window.end_minute),
-    )
-
-
-def override_message(override: DateOverride) -> booking_pb2.DateOverride:
-    return booking_pb2.DateOverride(
-        date=override.local_date, windows=[window_message(start, end) for start, end in override.windows]
-    )

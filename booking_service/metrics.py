@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from booking.v1 import booking_pb2
 from booking_service.store import outbox as store
-from booking_service.store import webhooks as webhook_store
+from booking_service.store import webhook_deliveries as delivery_store
 from service_kit.config import ServerSettings
 from service_kit.database import Database
 from service_kit.server import Worker
@@ -196,10 +196,10 @@ class BookingMetrics:
             now = asyncio.get_running_loop().time()
             async with database.pool.acquire() as connection:
                 pending = await store.outbox_pending_count(connection)
-                waiting = await webhook_store.waiting_count(connection)
+                waiting = await delivery_store.waiting_count(connection)
                 scan = now >= next_scan_at
                 dead = await store.outbox_dead_count(connection) if scan else None
-                dead_deliveries = await webhook_store.dead_count(connection) if scan else None
+                dead_deliveries = await delivery_store.dead_count(connection) if scan else None
             self.outbox_depth.set(pending)
             self.webhook_deliveries_waiting.set(waiting)
             if dead is not None and dead_deliveries is not None:

@@ -30,7 +30,7 @@ from booking_service.payments import Payments
 from booking_service.side_effects import Notifier, VideoProvider
 from booking_service.store import calendar as calendar_store
 from booking_service.store import outbox as store
-from booking_service.store.webhooks import SigningEndpoint
+from booking_service.store.webhook_endpoints import SigningEndpoint
 from booking_service.webhook_delivery import FanOut, WebhookDelivery
 from service_kit.connection import Connection
 from service_kit.database import Database

@@ -19,17 +19,8 @@ import structlog
 
 from booking_service import events
 from booking_service.calendar import Calendar
-from booking_service.domain import (
-    Actor,
-    Booking,
-    BookingNotFound,
-    BookingStatus,
-    CancelReason,
-    HeldReservation,
-    HoldRequest,
-    PaymentStatus,
-    ReservationGone,
-)
+from booking_service.domain import Actor, Booking, BookingNotFound, BookingStatus, CancelReason, PaymentStatus
+from booking_service.holds import HeldReservation, HoldRequest, ReservationGone
 from booking_service.store import calendar as store
 from booking_service.store import outbox as outbox_store
 from service_kit.connection import Connection

@@ -33,15 +33,8 @@ from booking_service import availability, events
 from booking_service.booking_flow import RULES_ATTEMPTS, FlowParts, new_booking
 from booking_service.catalogue import checked
 from booking_service.decisions import Answer, Answered, Occurrence, PlaceSeries, Refusal, SeriesDecided, Stale
-from booking_service.domain import (
-    CalendarBusy,
-    HoldRequest,
-    HoldReused,
-    Refused,
-    RequestIdReused,
-    SlotUnavailable,
-    domain_error,
-)
+from booking_service.domain import CalendarBusy, Refused, RequestIdReused, SlotUnavailable, domain_error
+from booking_service.holds import HoldRequest, HoldReused
 from booking_service.practice import BookedSeries, SkippedOccurrence
 from booking_service.requests import NewSeries, hold_reference
 from booking_service.rules_cache import BookingRules

@@ -1,7 +1,8 @@
 """booking.v1.BookingService over gRPC: each handler checks its request, calls one use case and
-answers; the one table of status codes. Translations live in messages.py, access rules in access.py;
-the discovery and webhook endpoint handlers in discovery_servicer.py and webhook_servicer.py, the
-practice's in practice_servicer.py and waitlist_servicer.py."""
+answers; the one table of status codes. Translations live in messages.py (a schedule's in
+schedule_messages.py), access rules in access.py; the discovery and webhook endpoint handlers in
+discovery_servicer.py and webhook_servicer.py, the practice's in practice_servicer.py and
+waitlist_servicer.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import grpc
 
 from booking.v1 import booking_pb2, booking_pb2_grpc
-from booking_service import availability, domain
+from booking_service import availability, domain, holds
 from booking_service.discovery_servicer import DiscoveryHandlers
 from booking_service.domain import (
     MAX_OVERRIDE_WINDOWS,
@@ -30,21 +31,23 @@ from booking_service.messages import (
     booking_message,
     check_therapist_zone,
     dead_letter_message,
-    in_request_terms,
-    override_message,
-    parse_date,
-    parse_window,
     session_type_message,
     shown,
     slot_message,
     start_of,
     therapist_fields,
     therapist_message,
-    weekly_message,
 )
 from booking_service.practice import START_STEPS_MINUTES
 from booking_service.practice_servicer import PracticeRpcs, session_type_policy
 from booking_service.requests import NewBooking, NewStart
+from booking_service.schedule_messages import (
+    in_request_terms,
+    override_message,
+    parse_date,
+    parse_window,
+    weekly_message,
+)
 from booking_service.service import BookingService
 from booking_service.waitlist_servicer import WaitlistRpcs
 from booking_service.webhook_servicer import WebhookHandlers
@@ -66,11 +69,11 @@ ERROR_CODES: dict[type[DomainError], grpc.StatusCode] = {
     domain.Refused: grpc.StatusCode.FAILED_PRECONDITION,
     domain.BookingAborted: grpc.StatusCode.ABORTED,
     domain.CalendarBusy: grpc.StatusCode.ABORTED,
-    domain.CreditServiceUnavailable: grpc.StatusCode.UNAVAILABLE,
-    domain.CreditServiceTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
-    domain.UnexpectedCreditAnswer: grpc.StatusCode.INTERNAL,
-    domain.ReservationGone: grpc.StatusCode.INTERNAL,
-    domain.HoldReused: grpc.StatusCode.INTERNAL,
+    holds.CreditServiceUnavailable: grpc.StatusCode.UNAVAILABLE,
+    holds.CreditServiceTimeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    holds.UnexpectedCreditAnswer: grpc.StatusCode.INTERNAL,
+    holds.ReservationGone: grpc.StatusCode.INTERNAL,
+    holds.HoldReused: grpc.StatusCode.INTERNAL,
     domain.SessionsOverlap: grpc.StatusCode.INTERNAL,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,

@@ -30,7 +30,8 @@ import structlog
 from booking_service import events, webhooks
 from booking_service.config import BookingSettings
 from booking_service.delivery import Failure, RetryPolicy, attempt, check_response
-from booking_service.store import webhooks as store
+from booking_service.store import webhook_deliveries as delivery_store
+from booking_service.store import webhook_endpoints as endpoint_store
 from service_kit.connection import Connection
 from service_kit.database import Database
 
@@ -51,8 +52,8 @@ class FanOut:
     """What one event's fan-out leaves to write: the deliveries of the endpoints that failed (or
     wait behind earlier failures), and the attempts."""
 
-    deliveries: list[store.NewDelivery] = field(default_factory=list)
-    attempts: list[store.Attempt] = field(default_factory=list)
+    deliveries: list[delivery_store.NewDelivery] = field(default_factory=list)
+    attempts: list[delivery_store.Attempt] = field(default_factory=list)
 
     def extend(self, other: FanOut) -> None:
         self.deliveries += other.deliveries
@@ -61,7 +62,7 @@ class FanOut:
 
 @dataclass(frozen=True)
 class _Sent:
-    attempt: store.Attempt
+    attempt: delivery_store.Attempt
     failure: Failure | None
 
 
@@ -85,16 +86,16 @@ class WebhookDelivery:
 
     # --- the fan-out of the outbox's events ---
 
-    async def endpoints(self, connection: Connection) -> list[store.SigningEndpoint]:
+    async def endpoints(self, connection: Connection) -> list[endpoint_store.SigningEndpoint]:
         """The enabled endpoints, read once per outbox pass (so a disabled one is skipped from the
         next pass on). The first pass makes BOOKING_WEBHOOK_URL's endpoint if it is not there."""
         if not self._bootstrapped:
             await self._bootstrap(connection)
-        return await store.signing_endpoints(connection)
+        return await endpoint_store.signing_endpoints(connection)
 
     async def _bootstrap(self, connection: Connection) -> None:
         url = self._settings.webhook_url
-        created = await store.insert_bootstrap_endpoint(
+        created = await endpoint_store.insert_bootstrap_endpoint(
             connection,
             uuid.uuid5(BOOTSTRAP_NAMESPACE, url),
             f"bootstrap:{url}",
@@ -107,7 +108,7 @@ class WebhookDelivery:
         self._bootstrapped = True
 
     async def fan_out(
-        self, event_id: uuid.UUID, event_type: str, body: bytes, endpoints: Sequence[store.SigningEndpoint]
+        self, event_id: uuid.UUID, event_type: str, body: bytes, endpoints: Sequence[endpoint_store.SigningEndpoint]
     ) -> FanOut:
         """One attempt at every subscribed endpoint that has nothing waiting; a delivery row for
         each that failed or waits. Never raises: a failure is the endpoint's, not the event's."""
@@ -116,7 +117,7 @@ class WebhookDelivery:
         for endpoint in subscribed:
             if endpoint.backed_up:
                 result.deliveries.append(
-                    store.NewDelivery(
+                    delivery_store.NewDelivery(
                         uuid.uuid4(), endpoint.endpoint_id, event_id, event_type, body.decode(), 0, 0.0, False, None
                     )
                 )
@@ -128,7 +129,7 @@ class WebhookDelivery:
                 continue
             dead, delay_s = self._policy.after_failure(outcome.failure, 1)
             result.deliveries.append(
-                store.NewDelivery(
+                delivery_store.NewDelivery(
                     outcome.attempt.delivery_id or uuid.uuid4(),
                     endpoint.endpoint_id,
                     event_id,
@@ -144,7 +145,7 @@ class WebhookDelivery:
         return result
 
     async def record(self, connection: Connection, fan_out: FanOut) -> None:
-        await store.record(connection, fan_out.deliveries, fan_out.attempts)
+        await delivery_store.record(connection, fan_out.deliveries, fan_out.attempts)
 
     # --- the retries ---
 
@@ -153,7 +154,7 @@ class WebhookDelivery:
         in one transaction at the end: a worker that dies before leaves them to the lease's end."""
         async with self._database.pool.acquire() as connection:
             await self._purge_now_and_then(connection)
-            due = await store.lease_due_deliveries(
+            due = await delivery_store.lease_due_deliveries(
                 connection, self._settings.outbox_batch_size, self._settings.outbox_lease_s
             )
         if not due:
@@ -164,12 +165,18 @@ class WebhookDelivery:
         outcomes = []
         for delivery, outcome in zip(due, sent, strict=True):
             if outcome.failure is None:
-                outcomes.append(store.DeliveryOutcome(delivery.delivery_id, store.DeliveryStatus.DELIVERED, 0.0, None))
+                outcomes.append(
+                    delivery_store.DeliveryOutcome(
+                        delivery.delivery_id, delivery_store.DeliveryStatus.DELIVERED, 0.0, None
+                    )
+                )
                 continue
             attempts = delivery.attempts + 1
             dead, delay_s = self._policy.after_failure(outcome.failure, attempts)
-            status = store.DeliveryStatus.DEAD if dead else store.DeliveryStatus.PENDING
-            outcomes.append(store.DeliveryOutcome(delivery.delivery_id, status, delay_s, outcome.failure.reason))
+            status = delivery_store.DeliveryStatus.DEAD if dead else delivery_store.DeliveryStatus.PENDING
+            outcomes.append(
+                delivery_store.DeliveryOutcome(delivery.delivery_id, status, delay_s, outcome.failure.reason)
+            )
             _log_failure(
                 delivery.endpoint.endpoint_id,
                 delivery.event_id,
@@ -179,7 +186,7 @@ class WebhookDelivery:
                 delay_s=delay_s,
             )
         async with self._database.pool.acquire() as connection, connection.transaction():
-            await store.finish_deliveries(connection, outcomes, [outcome.attempt for outcome in sent])
+            await delivery_store.finish_deliveries(connection, outcomes, [outcome.attempt for outcome in sent])
         return len(due) == self._settings.outbox_batch_size
 
     async def _purge_now_and_then(self, connection: Connection) -> None:
@@ -187,7 +194,7 @@ class WebhookDelivery:
         if now_s < self._next_purge_s:
             return
         self._next_purge_s = now_s + PURGE_INTERVAL_S
-        purged = await store.purge(connection, self._settings.webhook_log_retention_s, PURGE_BATCH)
+        purged = await delivery_store.purge(connection, self._settings.webhook_log_retention_s, PURGE_BATCH)
         if purged:
             log.info("webhook_log_purged", rows=purged)
 
@@ -195,7 +202,7 @@ class WebhookDelivery:
 
     async def _send(
         self,
-        endpoint: store.SigningEndpoint,
+        endpoint: endpoint_store.SigningEndpoint,
         event_id: uuid.UUID,
         event_type: str,
         body: bytes,
@@ -217,7 +224,7 @@ class WebhookDelivery:
             delivery_id = uuid.uuid4()
         error = None if failure is None else failure.reason[:_MAX_ERROR_LENGTH]
         return _Sent(
-            store.Attempt(
+            delivery_store.Attempt(
                 attempt_id=uuid.uuid4(),
                 endpoint_id=endpoint.endpoint_id,
                 event_id=event_id,

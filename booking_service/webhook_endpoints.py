@@ -17,14 +17,15 @@ import structlog
 
 from booking_service import webhooks
 from booking_service.config import Secret
-from booking_service.domain import (
-    RequestIdReused,
+from booking_service.domain import RequestIdReused
+from booking_service.store import webhook_deliveries as delivery_store
+from booking_service.store import webhook_endpoints as endpoint_store
+from booking_service.webhook_errors import (
     WebhookDeliveryNotDead,
     WebhookDeliveryNotFound,
     WebhookEndpointLimit,
     WebhookEndpointNotFound,
 )
-from booking_service.store import webhooks as store
 from service_kit.database import Database, in_transaction
 from service_kit.pagination import Page
 
@@ -41,17 +42,19 @@ class WebhookEndpoints:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def create(self, request_id: str, endpoint: store.Endpoint) -> tuple[store.Endpoint, Secret]:
+    async def create(
+        self, request_id: str, endpoint: endpoint_store.Endpoint
+    ) -> tuple[endpoint_store.Endpoint, Secret]:
         """The new endpoint and its secret; a repeat of the request gets the same endpoint and its
         current secret, the same request id with other values REQUEST_ID_REUSED."""
         secret = webhooks.new_secret()
 
-        async def work(connection: Any) -> store.Endpoint | None:
-            await store.lock_creation(connection)
-            existing = await store.endpoint_by_request(connection, request_id)
+        async def work(connection: Any) -> endpoint_store.Endpoint | None:
+            await endpoint_store.lock_creation(connection)
+            existing = await endpoint_store.endpoint_by_request(connection, request_id)
             if existing is not None:
                 return None
-            created = await store.insert_endpoint(
+            created = await endpoint_store.insert_endpoint(
                 connection, request_id, endpoint, secret, max_endpoints=MAX_WEBHOOK_ENDPOINTS
             )
             if created is None:
@@ -63,31 +66,31 @@ class WebhookEndpoints:
             log.info("webhook_endpoint_created", endpoint_id=str(created.endpoint_id), url=created.url)
             return created, Secret(secret)
         async with self._database.pool.acquire() as connection:
-            found = await store.endpoint_by_request(connection, request_id)
+            found = await endpoint_store.endpoint_by_request(connection, request_id)
         assert found is not None
         existing, current = found
         if _asked(existing) != _asked(endpoint):
             raise RequestIdReused(request_id)
         return existing, current
 
-    async def get(self, endpoint_id: uuid.UUID) -> store.Endpoint:
+    async def get(self, endpoint_id: uuid.UUID) -> endpoint_store.Endpoint:
         async with self._database.pool.acquire() as connection:
-            found = await store.fetch_endpoint(connection, endpoint_id)
+            found = await endpoint_store.fetch_endpoint(connection, endpoint_id)
         if found is None:
             raise WebhookEndpointNotFound(endpoint_id)
         return found
 
-    async def list(self, after: tuple[datetime, uuid.UUID] | None, page_size: int) -> Page[store.Endpoint]:
+    async def list(self, after: tuple[datetime, uuid.UUID] | None, page_size: int) -> Page[endpoint_store.Endpoint]:
         async with self._database.pool.acquire() as connection:
-            found = await store.list_endpoints(connection, after or _FIRST_CURSOR, page_size + 1)
+            found = await endpoint_store.list_endpoints(connection, after or _FIRST_CURSOR, page_size + 1)
         return Page.from_rows(found, page_size)
 
-    async def update(self, endpoint_id: uuid.UUID, changes: dict[str, Any]) -> store.Endpoint:
-        async def work(connection: Any) -> store.Endpoint:
-            current = await store.fetch_endpoint(connection, endpoint_id)
+    async def update(self, endpoint_id: uuid.UUID, changes: dict[str, Any]) -> endpoint_store.Endpoint:
+        async def work(connection: Any) -> endpoint_store.Endpoint:
+            current = await endpoint_store.fetch_endpoint(connection, endpoint_id)
             if current is None:
                 raise WebhookEndpointNotFound(endpoint_id)
-            updated = await store.update_endpoint(connection, replace(current, **changes))
+            updated = await endpoint_store.update_endpoint(connection, replace(current, **changes))
             if updated is None:
                 raise WebhookEndpointNotFound(endpoint_id)
             return updated
@@ -96,19 +99,19 @@ class WebhookEndpoints:
         log.info("webhook_endpoint_updated", endpoint_id=str(endpoint_id), fields=sorted(changes))
         return updated
 
-    async def rotate_secret(self, endpoint_id: uuid.UUID, overlap: timedelta) -> tuple[store.Endpoint, Secret]:
+    async def rotate_secret(self, endpoint_id: uuid.UUID, overlap: timedelta) -> tuple[endpoint_store.Endpoint, Secret]:
         assert timedelta(0) <= overlap <= MAX_OVERLAP, overlap
         secret = webhooks.new_secret()
         async with self._database.pool.acquire() as connection:
-            rotated = await store.rotate_secret(connection, endpoint_id, secret, overlap.total_seconds())
+            rotated = await endpoint_store.rotate_secret(connection, endpoint_id, secret, overlap.total_seconds())
         if rotated is None:
             raise WebhookEndpointNotFound(endpoint_id)
         log.info("webhook_secret_rotated", endpoint_id=str(endpoint_id), overlap_s=overlap.total_seconds())
         return rotated, Secret(secret)
 
-    async def set_enabled(self, endpoint_id: uuid.UUID, *, enabled: bool) -> store.Endpoint:
+    async def set_enabled(self, endpoint_id: uuid.UUID, *, enabled: bool) -> endpoint_store.Endpoint:
         async with self._database.pool.acquire() as connection:
-            changed = await store.set_enabled(connection, endpoint_id, enabled=enabled)
+            changed = await endpoint_store.set_enabled(connection, endpoint_id, enabled=enabled)
         if changed is None:
             raise WebhookEndpointNotFound(endpoint_id)
         log.info("webhook_endpoint_enabled" if enabled else "webhook_endpoint_disabled", endpoint_id=str(endpoint_id))
@@ -116,35 +119,35 @@ class WebhookEndpoints:
 
     async def delete(self, endpoint_id: uuid.UUID) -> None:
         async with self._database.pool.acquire() as connection:
-            deleted = await store.delete_endpoint(connection, endpoint_id)
+            deleted = await endpoint_store.delete_endpoint(connection, endpoint_id)
         if not deleted:
             raise WebhookEndpointNotFound(endpoint_id)
         log.info("webhook_endpoint_deleted", endpoint_id=str(endpoint_id))
 
     async def attempts(
         self, endpoint_id: uuid.UUID, after: tuple[datetime, uuid.UUID] | None, page_size: int
-    ) -> Page[store.Attempt]:
+    ) -> Page[delivery_store.Attempt]:
         async with self._database.pool.acquire() as connection:
-            found = await store.attempts(connection, endpoint_id, after, page_size + 1)
+            found = await delivery_store.attempts(connection, endpoint_id, after, page_size + 1)
         return Page.from_rows(found, page_size)
 
     async def deliveries(
         self,
         endpoint_id: uuid.UUID,
-        status: store.DeliveryStatus | None,
+        status: delivery_store.DeliveryStatus | None,
         after: tuple[datetime, uuid.UUID] | None,
         page_size: int,
-    ) -> Page[store.Delivery]:
+    ) -> Page[delivery_store.Delivery]:
         async with self._database.pool.acquire() as connection:
-            found = await store.deliveries(connection, endpoint_id, status, after, page_size + 1)
+            found = await delivery_store.deliveries(connection, endpoint_id, status, after, page_size + 1)
         return Page.from_rows(found, page_size)
 
-    async def retry_delivery(self, endpoint_id: uuid.UUID, delivery_id: uuid.UUID) -> store.Delivery:
+    async def retry_delivery(self, endpoint_id: uuid.UUID, delivery_id: uuid.UUID) -> delivery_store.Delivery:
         """Makes a dead delivery due again with fresh attempts."""
         async with self._database.pool.acquire() as connection:
-            revived = await store.revive_delivery(connection, endpoint_id, delivery_id)
+            revived = await delivery_store.revive_delivery(connection, endpoint_id, delivery_id)
             if revived is None:
-                found = await store.fetch_delivery(connection, endpoint_id, delivery_id)
+                found = await delivery_store.fetch_delivery(connection, endpoint_id, delivery_id)
                 if found is None:
                     raise WebhookDeliveryNotFound(delivery_id)
                 raise WebhookDeliveryNotDead(delivery_id)
@@ -152,6 +155,6 @@ class WebhookEndpoints:
         return revived
 
 
-def _asked(endpoint: store.Endpoint) -> tuple[object, ...]:
+def _asked(endpoint: endpoint_store.Endpoint) -> tuple[object, ...]:
     """What a create asks for, to compare a repeat with the first."""
     return (endpoint.url, tuple(sorted(endpoint.event_types)), endpoint.description, endpoint.partner_id)

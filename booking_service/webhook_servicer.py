@@ -13,11 +13,13 @@ from urllib.parse import urlsplit
 import grpc
 
 from booking.v1 import booking_pb2
-from booking_service import domain, events
+from booking_service import events
 from booking_service.messages import shown, timestamp
 from booking_service.service import BookingService
-from booking_service.store import webhooks as store
+from booking_service.store import webhook_deliveries as delivery_store
+from booking_service.store import webhook_endpoints as endpoint_store
 from booking_service.webhook_endpoints import DEFAULT_OVERLAP, MAX_OVERLAP
+from booking_service.webhook_errors import WebhookEndpointNotFound
 from service_kit import pagination
 from service_kit.auth import ADMIN, SERVICE, current_principal
 from service_kit.validation import Checks
@@ -31,9 +33,9 @@ MAX_DESCRIPTION_LENGTH = 500
 MAX_PARTNER_ID_LENGTH = 200
 ENDPOINT_UPDATABLE_FIELDS = ("url", "event_types", "description", "partner_id")
 _DELIVERY_STATUS_TO_PROTO = {
-    store.DeliveryStatus.PENDING: booking_pb2.WEBHOOK_DELIVERY_STATE_PENDING,
-    store.DeliveryStatus.DELIVERED: booking_pb2.WEBHOOK_DELIVERY_STATE_DELIVERED,
-    store.DeliveryStatus.DEAD: booking_pb2.WEBHOOK_DELIVERY_STATE_DEAD,
+    delivery_store.DeliveryStatus.PENDING: booking_pb2.WEBHOOK_DELIVERY_STATE_PENDING,
+    delivery_store.DeliveryStatus.DELIVERED: booking_pb2.WEBHOOK_DELIVERY_STATE_DELIVERED,
+    delivery_store.DeliveryStatus.DEAD: booking_pb2.WEBHOOK_DELIVERY_STATE_DEAD,
 }
 _DELIVERY_STATUS_FROM_PROTO = {number: status for status, number in _DELIVERY_STATUS_TO_PROTO.items()}
 
@@ -49,7 +51,7 @@ class WebhookHandlers:
         values = _endpoint_fields(checks, request.endpoint, ENDPOINT_UPDATABLE_FIELDS)
         checks.done()
         now = datetime.now(UTC)
-        asked = store.Endpoint(
+        asked = endpoint_store.Endpoint(
             endpoint_id=uuid.uuid4(),
             enabled=True,
             created_at=now,
@@ -186,14 +188,14 @@ class WebhookHandlers:
         delivery = await self._service.webhook_endpoints.retry_delivery(endpoint_id, delivery_id)
         return booking_pb2.RetryWebhookDeliveryResponse(delivery=delivery_message(delivery))
 
-    async def _readable_endpoint(self, endpoint_id: uuid.UUID) -> store.Endpoint:
+    async def _readable_endpoint(self, endpoint_id: uuid.UUID) -> endpoint_store.Endpoint:
         """The endpoint, if the caller may read it: an operator, or its partner. Another's looks
         missing (NOT_FOUND), exactly as one that does not exist."""
         endpoint = await self._service.webhook_endpoints.get(endpoint_id)
         principal = current_principal()
         if principal.has(ADMIN) or (principal.has(SERVICE) and principal.is_subject(endpoint.partner_id)):
             return endpoint
-        raise domain.WebhookEndpointNotFound(endpoint_id)
+        raise WebhookEndpointNotFound(endpoint_id)
 
 
 def _endpoint_id(value: str) -> uuid.UUID:
@@ -246,7 +248,7 @@ def _event_types(checks: Checks, field: str, values: Any) -> tuple[str, ...]:
     return tuple(sorted(set(values)))
 
 
-def endpoint_message(endpoint: store.Endpoint) -> booking_pb2.WebhookEndpoint:
+def endpoint_message(endpoint: endpoint_store.Endpoint) -> booking_pb2.WebhookEndpoint:
     expires = endpoint.previous_secret_expires_at
     return booking_pb2.WebhookEndpoint(
         endpoint_id=str(endpoint.endpoint_id),
@@ -263,7 +265,7 @@ def endpoint_message(endpoint: store.Endpoint) -> booking_pb2.WebhookEndpoint:
     )
 
 
-def attempt_message(attempt: store.Attempt) -> booking_pb2.WebhookAttempt:
+def attempt_message(attempt: delivery_store.Attempt) -> booking_pb2.WebhookAttempt:
     return booking_pb2.WebhookAttempt(
         attempt_id=str(attempt.attempt_id),
         endpoint_id=str(attempt.endpoint_id),
@@ -278,7 +280,7 @@ def attempt_message(attempt: store.Attempt) -> booking_pb2.WebhookAttempt:
     )
 
 
-def delivery_message(delivery: store.Delivery) -> booking_pb2.WebhookDelivery:
+def delivery_message(delivery: delivery_store.Delivery) -> booking_pb2.WebhookDelivery:
     return booking_pb2.WebhookDelivery(
         delivery_id=str(delivery.delivery_id),
         endpoint_id=str(delivery.endpoint_id),
@@ -288,7 +290,7 @@ def delivery_message(delivery: store.Delivery) -> booking_pb2.WebhookDelivery:
         attempts=delivery.attempts,
         last_error=delivery.last_error or "",
         next_attempt_time=timestamp(delivery.next_attempt_at)
-        if delivery.status is store.DeliveryStatus.PENDING
+        if delivery.status is delivery_store.DeliveryStatus.PENDING
         else None,
         create_time=timestamp(delivery.created_at),
         update_time=timestamp(delivery.updated_at),

@@ -3,7 +3,7 @@
 Reservations by state and the age of the oldest PENDING hold are read from the database by a
 periodic worker (a scrape cannot wait for SQL): the pending ones exactly, through their partial
 index; the other states (which grow with the table for ever) exactly while the table is small,
-then estimated from PostgreSQL's own statistics (store.reservation_counts), so that the refresh
+then estimated from PostgreSQL's own statistics (metrics_store.reservation_counts), so that the refresh
 never reads a million rows. Every replica reads the same database, so every replica reports the
 same values: aggregate them with max(), not sum().
 """
@@ -15,7 +15,7 @@ import math
 
 from prometheus_client import CollectorRegistry, Gauge
 
-from credit_service import store
+from credit_service import metrics_store
 from credit_service.domain import ReservationStatus
 from service_kit.config import ServerSettings
 from service_kit.database import Database
@@ -23,7 +23,7 @@ from service_kit.server import Worker
 from service_kit.workers import periodic
 
 # Below this many reservations the other states are counted exactly (a scan of at most ~15 ms of
-# database time); above, estimated (store.reservation_counts).
+# database time); above, estimated (metrics_store.reservation_counts).
 EXACT_COUNT_BELOW_ROWS = 100_000
 
 
@@ -53,9 +53,9 @@ class CreditMetrics:
             scan = now >= next_scan_at
             counts = None
             async with database.pool.acquire() as connection:
-                pending, oldest_pending_age_s = await store.pending_reservation_stats(connection)
+                pending, oldest_pending_age_s = await metrics_store.pending_reservation_stats(connection)
                 if scan:
-                    counts = await store.reservation_counts(
+                    counts = await metrics_store.reservation_counts(
                         connection, pending=pending, exact_below_rows=EXACT_COUNT_BELOW_ROWS
                     )
             self.reservations.labels(ReservationStatus.PENDING.value).set(pending)

@@ -23,7 +23,7 @@ import pytest
 
 from booking_service.store import calendar as booking_store
 from booking_service.store import discovery as discovery_store
-from booking_service.store import webhooks as webhook_store
+from booking_service.store import webhook_deliveries as delivery_store
 from booking_service.store.discovery import TherapistFilter
 from credit_service import store as credit_store
 from service_kit import migrations
@@ -230,6 +230,6 @@ async def test_therapists_page_by_index(booking_db: asyncpg.Connection, where: T
 async def test_the_webhook_log_pages_by_index(booking_db: asyncpg.Connection) -> None:
     arguments = [f"'{SOME_ID}'", "'2030-01-01T01:00:00Z'", f"'{SOME_ID}'", "51"]
 
-    plan = await generic_plan(booking_db, webhook_store.ATTEMPTS_SQL, arguments)
+    plan = await generic_plan(booking_db, delivery_store.ATTEMPTS_SQL, arguments)
 
     assert_cursor_is_an_index_condition(plan, "webhook_attempts", "attempted_at")

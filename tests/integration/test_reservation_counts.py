@@ -1,6 +1,6 @@
 """The credit metrics' reservation counts: exact while the table is small, estimated from
 PostgreSQL's statistics once it is large, so that the refresh never reads every row
-(credit_service.store.reservation_counts)."""
+(credit_service.metrics_store.reservation_counts)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from credit_service import store
+from credit_service import metrics_store
 from service_kit import migrations
 from tests.support.stack import fresh_database
 
@@ -46,7 +46,7 @@ async def connection(postgres_server_url: str) -> AsyncIterator[asyncpg.Connecti
 
 
 async def test_a_small_table_is_counted_exactly(connection: asyncpg.Connection) -> None:
-    counts = await store.reservation_counts(connection, pending=LOADED["pending"], exact_below_rows=1_000_000)
+    counts = await metrics_store.reservation_counts(connection, pending=LOADED["pending"], exact_below_rows=1_000_000)
 
     assert counts == {status: n for status, n in LOADED.items() if status != "pending"}
 
@@ -60,7 +60,7 @@ async def test_a_large_table_is_estimated_from_its_statistics_without_reading_it
         "SELECT seq_scan FROM pg_stat_user_tables WHERE relname = 'reservations' AND schemaname = 'credit'"
     )
 
-    counts = await store.reservation_counts(connection, pending=LOADED["pending"], exact_below_rows=1000)
+    counts = await metrics_store.reservation_counts(connection, pending=LOADED["pending"], exact_below_rows=1000)
 
     assert counts is not None
     # ANALYZE saw every row of a table this small: the estimate is the count, up to rounding.

@@ -18,14 +18,13 @@ from booking_service.domain import (
     BookingStatus,
     CalendarBusy,
     CancelReason,
-    CreditServiceTimeout,
     InsufficientCredits,
     OutsideSchedule,
     PaymentStatus,
-    ReservationGone,
     SlotUnavailable,
     WeeklyWindowMinutes,
 )
+from booking_service.holds import CreditServiceTimeout, ReservationGone
 from booking_service.requests import NewStart
 from service_kit.errors import DomainError
 from tests.service.conftest import CALLER, COST, GRANTED, Practice, PracticeFactory, future_hour

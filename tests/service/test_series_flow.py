@@ -10,7 +10,8 @@ import uuid
 
 import pytest
 
-from booking_service.domain import BookingAborted, CreditServiceTimeout, InsufficientCredits
+from booking_service.domain import BookingAborted, InsufficientCredits
+from booking_service.holds import CreditServiceTimeout
 from booking_service.requests import NewSeries, occurrence_id, request_key
 from tests.service.conftest import CALLER, COST, GRANTED, Practice, PracticeFactory, future_hour
 from tests.support.fake_credits import HoldState

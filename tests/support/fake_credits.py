@@ -18,14 +18,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from booking_service.domain import (
+from booking_service.domain import InsufficientCredits, NoCreditAccount
+from booking_service.holds import (
     CreditServiceTimeout,
     CreditServiceUnavailable,
     HeldReservation,
     HoldRequest,
     HoldReused,
-    InsufficientCredits,
-    NoCreditAccount,
     ReservationGone,
 )
 from service_kit.errors import DomainError
