@@ -64,7 +64,9 @@ async def measure(server_url: str, bookings: int, concurrency: int, meter: Meter
             therapist.therapist_id, [WeeklyWindowMinutes(day, 0, 24 * 60) for day in range(1, 8)]
         )
         kind = await service.catalogue.create_session_type(
-            str(uuid.uuid4()), SessionType(uuid.uuid4(), therapist.therapist_id, "S", 10, 1)
+            # 10-minute sessions back to back on a 10-minute grid of starts, as the benchmark books.
+            str(uuid.uuid4()),
+            SessionType(uuid.uuid4(), therapist.therapist_id, "S", 10, 1, start_step_minutes=10),
         )
         therapists.append((therapist.therapist_id, kind.session_type_id))
     client = uuid.uuid4()
