@@ -18,14 +18,11 @@ from __future__ import annotations
 import re
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import asyncpg
 import pytest
 
-from booking_service.availability import Interval
-from booking_service.decisions import Place, Refusal
-from booking_service.domain import Booking, BookingStatus, PaymentStatus
+from bench.plan_drift import LOOK_UP_SQL, joined_look_up, new_therapist, place_at
 from booking_service.store import calendar as calendar_store
 from service_kit import migrations
 from tests.support.stack import fresh_database
@@ -33,16 +30,6 @@ from tests.support.stack import fresh_database
 SESSIONS = 1000
 # A look-up by key reads a few index and heap pages per table it probes.
 MAX_PAGES = 20  # 8 here; the join read 43 at 1,000 sessions
-MIGRATIONS = Path(__file__).parents[2] / "booking_service" / "migrations"
-LOOK_UP_SQL = "SELECT * FROM {function}($1::uuid[], $2::uuid[], $3::timestamptz[], $4::timestamptz[])"
-
-
-def joined_look_up() -> str:
-    """Migration 0005's booking.look_up, as booking.look_up_joined."""
-    text = (MIGRATIONS / "0005_one_answer_per_request.sql").read_text()
-    found = re.search(r"CREATE FUNCTION booking\.look_up\(.*?\n\$\$;", text, re.S)
-    assert found is not None
-    return found.group(0).replace("booking.look_up(", "booking.look_up_joined(", 1)
 
 
 @pytest.fixture
@@ -87,24 +74,7 @@ def pages_read(plan: str) -> int:
 async def test_a_look_up_planned_on_empty_tables_still_probes_by_key(booking_db: str) -> None:
     connection = await asyncpg.connect(booking_db, server_settings={"plan_cache_mode": "force_generic_plan"})
     try:
-        therapist_id, type_id = uuid.uuid4(), uuid.uuid4()
-        await connection.execute(
-            "INSERT INTO booking.therapists (therapist_id, request_id, display_name, time_zone)"
-            " VALUES ($1, $2, 'T', 'UTC')",
-            therapist_id,
-            str(uuid.uuid4()),
-        )
-        await connection.execute(
-            """INSERT INTO booking.session_types (session_type_id, therapist_id, request_id, name,
-                                                  duration_minutes, credit_cost)
-               VALUES ($1, $2, $3, 'S', 10, 1)""",
-            type_id,
-            therapist_id,
-            str(uuid.uuid4()),
-        )
-        version = await connection.fetchval(
-            "SELECT schedule_version FROM booking.therapists WHERE therapist_id = $1", therapist_id
-        )
+        therapist_id, type_id, version = await new_therapist(connection)
         start = datetime(2031, 1, 1, tzinfo=UTC)
 
         def arguments(at: datetime) -> tuple[object, ...]:
@@ -114,16 +84,7 @@ async def test_a_look_up_planned_on_empty_tables_still_probes_by_key(booking_db:
         for function in ("booking.look_up", "booking.look_up_joined"):
             await connection.fetch(LOOK_UP_SQL.format(function=function), *arguments(start))
         for index in range(SESSIONS):
-            at = start + timedelta(minutes=10 * index)
-            key = uuid.uuid4()
-            booking = Booking(
-                key, str(key), uuid.uuid4(), therapist_id, type_id, at, at + timedelta(minutes=10), "UTC", 1,
-                BookingStatus.CONFIRMED, PaymentStatus.COMMITTING, None, None, 0, None, 0, at, at,
-            )  # fmt: skip
-            place = Place(
-                "f", booking, Interval(at, at + timedelta(minutes=10)), version, {"type": "t"}, None,
-                Refusal("SLOT_UNAVAILABLE", "taken"),
-            )  # fmt: skip
+            place = place_at(therapist_id, type_id, version, start + timedelta(minutes=10 * index))
             await calendar_store.decide(connection, [place], wait=True, lock_timeout_ms=1000)
         later = start + timedelta(days=365)
 
