@@ -24,6 +24,7 @@ from booking_service.messages import (
     therapist_message,
     time_zones,
 )
+from booking_service.practice_servicer import session_type_policy
 from booking_service.service import BookingService
 from booking_service.store.discovery import TherapistFilter
 from service_kit import pagination
@@ -38,6 +39,12 @@ MAX_SEARCH_PAGE_SIZE = 50
 DEFAULT_SLOTS_PER_THERAPIST = 3
 MAX_SLOTS_PER_THERAPIST = 10
 MAX_CREDIT_COST = 10_000
+# The refund policy's fields of a session type (practice_servicer.session_type_policy).
+POLICY_FIELDS = (
+    "late_cancellation_notice_minutes",
+    "late_cancellation_refund_percent",
+    "no_show_refund_percent",
+)
 
 
 class DiscoveryHandlers:
@@ -144,10 +151,10 @@ class DiscoveryHandlers:
         allowed = ", ".join(SESSION_TYPE_UPDATABLE_FIELDS)
         if not paths:
             checks.fail("update_mask", f"must name the fields to change: {allowed}")
-        elif "duration_minutes" in paths:
+        elif "duration_minutes" in paths or "start_step_minutes" in paths:
             checks.fail(
                 "update_mask",
-                "a session type's duration cannot change (its bookings keep theirs): "
+                "a session type's duration and grid of starts cannot change (its bookings keep theirs): "
                 "create another session type and retire this one",
             )
         elif unknown := [p for p in paths if p not in SESSION_TYPE_UPDATABLE_FIELDS]:
@@ -159,6 +166,16 @@ class DiscoveryHandlers:
             changes["credit_cost"] = checks.integer(
                 "session_type.credit_cost", given.credit_cost, minimum=1, maximum=MAX_CREDIT_COST
             )
+        if any(path in POLICY_FIELDS for path in paths):
+            # The refund policy, checked as at creation; a cancellation or a no-show is refunded by
+            # the policy in force when it happens.
+            notice, late_refund, no_show_refund = session_type_policy(checks, given)
+            policy = {
+                "late_cancel_notice_minutes": ("late_cancellation_notice_minutes", notice),
+                "late_cancel_refund_percent": ("late_cancellation_refund_percent", late_refund),
+                "no_show_refund_percent": ("no_show_refund_percent", no_show_refund),
+            }
+            changes.update({field: value for field, (path, value) in policy.items() if path in paths})
         checks.done()
         updated = await self._service.catalogue.update_session_type(therapist_id, session_type_id, changes)
         return booking_pb2.UpdateSessionTypeResponse(session_type=session_type_message(updated))

@@ -34,7 +34,13 @@ UPDATABLE_FIELDS = (
     "languages",
     "specialties",
 )
-SESSION_TYPE_UPDATABLE_FIELDS = ("name", "credit_cost")
+SESSION_TYPE_UPDATABLE_FIELDS = (
+    "name",
+    "credit_cost",
+    "late_cancellation_notice_minutes",
+    "late_cancellation_refund_percent",
+    "no_show_refund_percent",
+)
 MAX_LANGUAGES = 10
 MAX_SPECIALTIES = 20
 MAX_SPECIALTY_LENGTH = 50

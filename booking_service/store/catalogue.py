@@ -258,15 +258,20 @@ async def fetch_session_type(
 
 
 async def update_session_type(connection: Connection, session_type: SessionType) -> SessionType:
-    """Writes the name and price (the trigger of migration 0006 moves the therapist's
-    schedule_version on, so no replica books with the old price from memory)."""
+    """Writes the name, the price and the refund policy (the trigger of migration 0006 moves the
+    therapist's schedule_version on, so no replica books with the old price from memory)."""
     row = await connection.fetchrow(
-        f"""UPDATE booking.session_types SET name = $2, credit_cost = $3, updated_at = now()
+        f"""UPDATE booking.session_types
+               SET name = $2, credit_cost = $3, late_cancel_notice_minutes = $4,
+                   late_cancel_refund_percent = $5, no_show_refund_percent = $6, updated_at = now()
              WHERE session_type_id = $1
          RETURNING {rows.SESSION_TYPE_COLUMNS}""",
         session_type.session_type_id,
         session_type.name,
         session_type.credit_cost,
+        session_type.late_cancel_notice_minutes,
+        session_type.late_cancel_refund_percent,
+        session_type.no_show_refund_percent,
     )
     assert row is not None
     return rows.session_type(row)
