@@ -1529,8 +1529,10 @@ class UpdateSessionTypeRequest(_message.Message):
 
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Which fields to change: name, credit_cost. A duration never changes (its bookings keep
-        theirs): create another session type and retire this one.
+        """Which fields to change: name, credit_cost, late_cancellation_notice_minutes (unset: the
+        service's default), late_cancellation_refund_percent, no_show_refund_percent. A duration or a
+        grid of starts never changes (its bookings keep theirs): create another session type and
+        retire this one.
         """
 
     def __init__(

@@ -373,8 +373,9 @@ class BookingServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UpdateSessionType(self, request, context):
-        """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
-        their price; every booking decided after the change, on any replica, uses the new one.
+        """Changes a session type's name, price or refund policy (admin, or the therapist). Bookings
+        made before keep their price; every booking decided after the change, on any replica, uses
+        the new one; a cancellation or a no-show is refunded by the policy in force when it happens.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -81,8 +81,9 @@ class BookingServiceStub:
     UnarchiveTherapist: _grpc.UnaryUnaryMultiCallable[_booking_pb2.UnarchiveTherapistRequest, _booking_pb2.UnarchiveTherapistResponse]
     """Makes an archived therapist listed and bookable again (admin). Idempotent."""
     UpdateSessionType: _grpc.UnaryUnaryMultiCallable[_booking_pb2.UpdateSessionTypeRequest, _booking_pb2.UpdateSessionTypeResponse]
-    """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
-    their price; every booking decided after the change, on any replica, uses the new one.
+    """Changes a session type's name, price or refund policy (admin, or the therapist). Bookings
+    made before keep their price; every booking decided after the change, on any replica, uses
+    the new one; a cancellation or a no-show is refunded by the policy in force when it happens.
     """
     RetireSessionType: _grpc.UnaryUnaryMultiCallable[_booking_pb2.RetireSessionTypeRequest, _booking_pb2.RetireSessionTypeResponse]
     """Retires a session type (admin, or the therapist): it can no longer be booked; its bookings
@@ -228,8 +229,9 @@ class BookingServiceAsyncStub(BookingServiceStub):
     UnarchiveTherapist: _aio.UnaryUnaryMultiCallable[_booking_pb2.UnarchiveTherapistRequest, _booking_pb2.UnarchiveTherapistResponse]  # type: ignore[assignment]
     """Makes an archived therapist listed and bookable again (admin). Idempotent."""
     UpdateSessionType: _aio.UnaryUnaryMultiCallable[_booking_pb2.UpdateSessionTypeRequest, _booking_pb2.UpdateSessionTypeResponse]  # type: ignore[assignment]
-    """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
-    their price; every booking decided after the change, on any replica, uses the new one.
+    """Changes a session type's name, price or refund policy (admin, or the therapist). Bookings
+    made before keep their price; every booking decided after the change, on any replica, uses
+    the new one; a cancellation or a no-show is refunded by the policy in force when it happens.
     """
     RetireSessionType: _aio.UnaryUnaryMultiCallable[_booking_pb2.RetireSessionTypeRequest, _booking_pb2.RetireSessionTypeResponse]  # type: ignore[assignment]
     """Retires a session type (admin, or the therapist): it can no longer be booked; its bookings
@@ -462,8 +464,9 @@ class BookingServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _booking_pb2.UpdateSessionTypeRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_booking_pb2.UpdateSessionTypeResponse, _abc.Awaitable[_booking_pb2.UpdateSessionTypeResponse]]:
-        """Changes a session type's name or price (admin, or the therapist). Bookings made before keep
-        their price; every booking decided after the change, on any replica, uses the new one.
+        """Changes a session type's name, price or refund policy (admin, or the therapist). Bookings
+        made before keep their price; every booking decided after the change, on any replica, uses
+        the new one; a cancellation or a no-show is refunded by the policy in force when it happens.
         """
 
     @_abc_1.abstractmethod
