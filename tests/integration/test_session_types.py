@@ -70,7 +70,7 @@ async def test_a_name_changes_alone(world: World) -> None:
     assert (changed.session_type.name, changed.session_type.credit_cost) == ("Follow-up", 10)
 
 
-def policy_change(world: World, **fields: int) -> booking_pb2.UpdateSessionTypeRequest:
+def policy_change(world: World, **fields: Any) -> booking_pb2.UpdateSessionTypeRequest:
     return booking_pb2.UpdateSessionTypeRequest(
         session_type=booking_pb2.SessionType(
             therapist_id=world.therapist_id, session_type_id=world.session_type_id, **fields
@@ -84,14 +84,14 @@ async def test_a_new_refund_policy_applies_to_the_next_cancellation(world: World
     with half back is set, cancelling a booking of the same session three days ahead is late."""
     early = await world.book(future_hour(3, 9))
     late = await world.book(future_hour(3, 11))
-    assert (await world.cancel(early.booking_id)).refunded_credits == 10
+    assert (await world.cancel(early.booking_id)).cancellation.refunded_credits == 10
     changed = await world.booking.UpdateSessionType(
         policy_change(world, late_cancellation_notice_minutes=7 * 24 * 60, late_cancellation_refund_percent=50)
     )
     policy = changed.session_type
     assert (policy.late_cancellation_notice_minutes, policy.late_cancellation_refund_percent) == (10080, 50)
     assert (policy.no_show_refund_percent, policy.credit_cost, policy.start_step_minutes) == (0, 10, 5)
-    assert (await world.cancel(late.booking_id)).refunded_credits == 5
+    assert (await world.cancel(late.booking_id)).cancellation.refunded_credits == 5
     assert (await world.balance()).available == 100 - 10 + 10 - 10 + 5
 
     refused = await refusal(world.booking.UpdateSessionType(policy_change(world, no_show_refund_percent=101)))
