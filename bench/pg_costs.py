@@ -20,10 +20,9 @@ from pathlib import Path
 
 import asyncpg
 
+from bench.plan_drift import new_therapist, place_at
 from bench.stack import child_pids, cpu_seconds
-from booking_service.availability import Interval
-from booking_service.decisions import Place, Refusal
-from booking_service.domain import Booking, BookingStatus, PaymentStatus
+from booking_service.decisions import Place
 from booking_service.store import calendar as calendar_store
 from credit_service import store as credit_store
 from credit_service.domain import ReservationStatus
@@ -141,34 +140,12 @@ async def measure_protocol(meter: Meter, url: str, owners: list[uuid.UUID], item
     booking = await asyncpg.connect(await ensure_database(url, f"costs_booking_{plans}"), server_settings=settings)
     credit = await asyncpg.connect(await ensure_database(url, "costs_credit"), server_settings=settings)
     await migrations.migrate(booking, "booking", migrations.load("booking_service"))
-    therapist_id, type_id = uuid.uuid4(), uuid.uuid4()
-    await booking.execute(
-        "INSERT INTO booking.therapists (therapist_id, request_id, display_name, time_zone)"
-        " VALUES ($1, $2, 'T', 'UTC')",
-        therapist_id,
-        str(uuid.uuid4()),
-    )
-    await booking.execute(
-        """INSERT INTO booking.session_types (session_type_id, therapist_id, request_id, name, duration_minutes,
-                                              credit_cost) VALUES ($1, $2, $3, 'S', 10, 1)""",
-        type_id,
-        therapist_id,
-        str(uuid.uuid4()),
-    )
-    version = await booking.fetchval(
-        "SELECT schedule_version FROM booking.therapists WHERE therapist_id = $1", therapist_id
-    )
+    therapist_id, type_id, version = await new_therapist(booking)
     start = datetime(2031, 1, 1, tzinfo=UTC)
     slots = iter(range(10 * items))
-    taken = Refusal("SLOT_UNAVAILABLE", "taken")
 
     def proposal() -> Place:
-        key, at, now = uuid.uuid4(), start + timedelta(minutes=10 * next(slots)), datetime.now(UTC)
-        draft = Booking(
-            key, str(key), owners[0], therapist_id, type_id, at, at + timedelta(minutes=10), "UTC", 1,
-            BookingStatus.CONFIRMED, PaymentStatus.COMMITTING, None, None, 0, None, 0, now, now,
-        )  # fmt: skip
-        return Place("costs", draft, Interval(at, at + timedelta(minutes=10)), version, {"type": "x"}, None, taken)
+        return place_at(therapist_id, type_id, version, start + timedelta(minutes=10 * next(slots)))
 
     async def look_up() -> int:
         place = proposal()

@@ -47,8 +47,22 @@ def test_pg_costs_prints_every_statement() -> None:
         "reserve_many, 1 per call",
         "reserve_many, 64",
         "baseline.book",
+        "booking.look_up",
+        "booking.decide (place)",
+        "mark paid",
+        "booking side of a booking",
+        "credit side of a booking",
     ):
         assert re.search(rf"{re.escape(label)}.* ({NUMBER}) ms CPU/item", output), (label, output)
+
+
+def test_flow_cost_books_on_its_grid_and_prints_the_cost() -> None:
+    """The booking flow in-process (a scripted credit service): every booking must be placed, or
+    the tool fails, as it did when the grid of starts came (a start off the grid is refused)."""
+    output = run_module("bench.flow_cost", "--bookings", "40", "--concurrency", "4")
+    match = re.search(rf"this process ({NUMBER}) ms, PostgreSQL ({NUMBER}) ms", output)
+    assert match is not None, output
+    assert float(match.group(1)) > 0 and float(match.group(3)) > 0
 
 
 def test_profile_counts_each_frame_once_per_stack(tmp_path: Path) -> None:
