@@ -1653,7 +1653,8 @@ class WebhookEndpoint(_message.Message):
     @_builtins.property
     def event_types(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The event types it receives, e.g. "booking.confirmed": at least one of booking.confirmed,
-        booking.cancelled, booking.rescheduled.
+        booking.cancelled, booking.rescheduled, booking.completed, booking.no_show, booking.reminder,
+        waitlist.offered.
         """
 
     @_builtins.property
