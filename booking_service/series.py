@@ -205,6 +205,7 @@ def plan(rules: BookingRules, request: NewSeries, now: datetime) -> list[Planned
     occurrence's date (a DST gap) refuses that occurrence; one that occurs twice is taken as the
     first start was (the earlier or the later)."""
     schedule, duration, step = rules.schedule, rules.session_type.duration, rules.session_type.start_step
+    closed = rules.closed()  # an archived therapist or a retired session type refuses every occurrence
     zone_name = rules.therapist.time_zone
     first = request.first_start.astimezone(availability.zone(zone_name))
     disambiguation = availability.Disambiguation.LATER if first.fold else availability.Disambiguation.EARLIER
@@ -221,6 +222,8 @@ def plan(rules: BookingRules, request: NewSeries, now: datetime) -> list[Planned
         shown = availability.local_rendering(start, zone_name)
         blocked = checked(partial(availability.session_blocked_interval, schedule, start, duration))
         try:
+            if closed is not None:
+                raise closed
             checked(partial(availability.check_bookable, schedule, start, duration, now, step=step))
         except Refused as refusal:
             planned.append(Planned(index, start, shown, blocked, _refusal(index, shown, refusal)))

@@ -65,7 +65,10 @@ class Waitlist:
         self._batch_size = batch_size
 
     async def join(self, request: NewWaitlistEntry) -> WaitlistEntry:
-        await self._catalogue.rules(request.therapist_id, request.session_type_id)  # both exist, and match
+        rules = await self._catalogue.rules(request.therapist_id, request.session_type_id)  # both exist, and match
+        closed = rules.closed()
+        if closed is not None:
+            raise closed  # no start of an archived therapist or a retired session type will be offered
         entry = WaitlistEntry(
             request.key,
             request.request_id,
@@ -146,6 +149,8 @@ class Waitlist:
         if start >= end:
             return
         rules = await self._catalogue.rules(entry.therapist_id, entry.session_type_id)
+        if rules.closed() is not None:
+            return  # archived or retired since the entry joined: nothing to offer (and no error per pass)
         _, slots = await self._catalogue.available_slots(entry.therapist_id, entry.session_type_id, start, end)
         duration = rules.session_type.duration
         async with self._database.pool.acquire() as connection:

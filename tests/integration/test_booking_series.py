@@ -245,3 +245,38 @@ async def test_overlapping_series_of_two_clients_at_once_never_overlap_and_each_
     )
     assert sorted(row["n"] for row in counts) == [3, 3, 3, 3]
     await assert_books_consistent(booking_db, credit_db, therapist_ids=[world.therapist_id], client_ids=clients)
+
+
+async def test_a_retired_session_type_takes_no_series_and_no_waitlist_entry(
+    world: World, credit_db: asyncpg.Pool
+) -> None:
+    """A series and a waitlist keep the rules of a single booking: a retired type (or an archived
+    therapist) refuses every occurrence, with its own reason, and nothing is held."""
+    await world.booking.RetireSessionType(
+        booking_pb2.RetireSessionTypeRequest(therapist_id=world.therapist_id, session_type_id=world.session_type_id)
+    )
+    start = datetime.combine(datetime.now(UTC).date() + timedelta(days=3), time(9), UTC)
+    before = await world.balance()
+
+    for skip_unavailable in (False, True):
+        error = await refusal(
+            world.booking.CreateBookingSeries(series_request(world, start, 3, skip_unavailable=skip_unavailable))
+        )
+        assert (error.code, error.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_TYPE_RETIRED"), error
+        assert error.metadata == {f"occurrence_{index}": "SESSION_TYPE_RETIRED" for index in range(3)}
+    joined = await refusal(
+        world.booking.JoinWaitlist(
+            booking_pb2.JoinWaitlistRequest(
+                request_id=str(uuid.uuid4()),
+                client_id=world.client_id,
+                therapist_id=world.therapist_id,
+                session_type_id=world.session_type_id,
+                window_start=booking_pb2.LocalDateTime(date_time=f"{start:%Y-%m-%d}T09:00", time_zone="UTC"),
+                window_end=booking_pb2.LocalDateTime(date_time=f"{start:%Y-%m-%d}T12:00", time_zone="UTC"),
+            )
+        )
+    )
+    assert (joined.code, joined.reason) == (grpc.StatusCode.FAILED_PRECONDITION, "SESSION_TYPE_RETIRED")
+    after = await world.balance()
+    assert (after.available, after.held) == (before.available, before.held)
+    assert await pending_holds(credit_db, world.client_id) == 0
