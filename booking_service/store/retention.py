@@ -50,7 +50,15 @@ class _Rows:
 
 # What each kind of row is, and so each one's batch statement.
 ROWS = {
-    Purged.REQUEST_ANSWERS: _Rows("booking.request_answers", "request_key", "created_at"),
+    # A series' answer names its first session and is the only record of which request made the
+    # series (its occurrences' ids derive from the request key): it stays while the series has a
+    # session. A refusal's answer, and a reschedule's (its booking stays), go.
+    Purged.REQUEST_ANSWERS: _Rows(
+        "booking.request_answers",
+        "request_key",
+        "created_at",
+        "NOT EXISTS (SELECT 1 FROM booking.sessions s WHERE s.series_id = o.request_key)",
+    ),
     Purged.DELIVERED_EVENTS: _Rows("booking.outbox", "event_id", "updated_at", "o.status = 'delivered'"),
     # A dead letter whose booking still waits for its payment (COMMITTING, REFUNDING) is what the
     # runbook re-drives: it stays until the payment is settled, whatever its age.

@@ -230,6 +230,18 @@ async def test_what_is_past_its_bound_goes_and_everything_else_stays(db: asyncpg
             NOW - BOUNDS[Purged.REQUEST_ANSWERS] - ONE_S,
         )
     )
+    # A series' answer stays however old while the series has a session: it is the only record of
+    # which request made the series.
+    series_key = await db.fetchval(
+        """INSERT INTO booking.request_answers (request_key, fingerprint, booking_id, created_at)
+           VALUES (gen_random_uuid(), 'f', $1, $2) RETURNING request_key""",
+        SESSIONS.paid,
+        NOW - timedelta(days=1000),
+    )
+    await db.execute(
+        "UPDATE booking.sessions SET series_id = $1, series_index = 0 WHERE booking_id = $2", series_key, SESSIONS.paid
+    )
+    kept[Purged.REQUEST_ANSWERS].add(str(series_key))
     # Dead letters of bookings still waiting for their payment stay, however old: a person
     # re-drives them (the runbook). Events not delivered yet stay, however old.
     ancient = NOW - timedelta(days=1000)
