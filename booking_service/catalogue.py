@@ -212,8 +212,8 @@ class Catalogue:
     async def update_session_type(
         self, therapist_id: uuid.UUID, session_type_id: uuid.UUID, changes: dict[str, Any]
     ) -> SessionType:
-        """Changes the name, the price or the refund policy. The therapist's row is locked first (the order every
-        catalogue change takes); the trigger then moves its schedule_version on."""
+        """Changes the name, the price or the refund policy. The therapist's row is locked first
+        (the order every catalogue change takes); the trigger then moves its schedule_version on."""
 
         async def work(connection: Connection) -> SessionType:
             current = await self._session_type_for_update(connection, therapist_id, session_type_id)
