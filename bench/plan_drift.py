@@ -1,9 +1,12 @@
 """Does a connection's look-up get slower as it books? `python -m bench.plan_drift [--bookings 6000]`.
 
+`--plan-cache-mode auto` runs it in PostgreSQL's default mode instead of the services' one.
+
 The services' connections use generic plans (service_kit/database.py), made once per connection
 and kept. This books `--bookings` sessions of one therapist through the booking's own look-up and
 locked step on one connection whose plans were made on empty tables, and prints what a look-up
-costs (wall milliseconds, the mean of 200, at one call at a time) every 1,000 bookings: for
+costs (wall milliseconds, the mean of 200, at one call at a time) every 1,000 bookings, and once
+more after an ANALYZE of the tables it reads (which makes the connection plan again): for
 today's look-up (booking migration 0015) and for migration 0005's, installed beside it under
 another name (docs/performance.md, "A plan that aged"). Starts an embedded PostgreSQL in a
 temporary folder.
@@ -79,14 +82,21 @@ def place_at(therapist_id: uuid.UUID, type_id: uuid.UUID, version: int, at: date
     )  # fmt: skip
 
 
-async def drift(url: str, function: str, bookings: int) -> None:
-    connection = await asyncpg.connect(url, server_settings={"plan_cache_mode": "force_generic_plan"})
+async def drift(url: str, function: str, bookings: int, plan_cache_mode: str) -> None:
+    connection = await asyncpg.connect(url, server_settings={"plan_cache_mode": plan_cache_mode})
     therapist_id, type_id, version = await new_therapist(connection)
     start = datetime(2031, 1, 1, tzinfo=UTC) + timedelta(days=3650 * (function != "booking.look_up"))
     sql = LOOK_UP_SQL.format(function=function)
 
     async def look_up(at: datetime) -> None:
         await connection.fetch(sql, [uuid.uuid4()], [therapist_id], [at], [at + timedelta(minutes=10)])
+
+    async def report(when: str) -> None:
+        began = time.perf_counter()
+        for _ in range(TIMED):
+            await look_up(start - timedelta(days=1))
+        per_call_ms = (time.perf_counter() - began) / TIMED * 1000
+        print(f"{function:<24} {when:<21}: {per_call_ms:6.3f} ms per look-up", flush=True)
 
     await look_up(start)  # planned now, on empty tables (or on the other run's rows)
     for index in range(bookings):
@@ -95,15 +105,13 @@ async def drift(url: str, function: str, bookings: int) -> None:
         place = place_at(therapist_id, type_id, version, at)
         await calendar_store.decide(connection, [place], wait=True, lock_timeout_ms=1000)
         if (index + 1) % STEP == 0:
-            began = time.perf_counter()
-            for _ in range(TIMED):
-                await look_up(start - timedelta(days=1))
-            per_call_ms = (time.perf_counter() - began) / TIMED * 1000
-            print(f"{function:<24} after {index + 1:>6} bookings: {per_call_ms:6.3f} ms per look-up", flush=True)
+            await report(f"after {index + 1:>6} bookings")
+    await connection.execute("ANALYZE booking.sessions, booking.request_answers, booking.video_rooms")
+    await report("after ANALYZE")
     await connection.close()
 
 
-async def run(bookings: int) -> None:
+async def run(bookings: int, plan_cache_mode: str) -> None:
     folder = Path(tempfile.mkdtemp(prefix="plan-drift-"))
     server = EmbeddedPostgres(folder / "data")
     url = server.start()
@@ -114,7 +122,7 @@ async def run(bookings: int) -> None:
             await migrations.migrate(connection, "booking", migrations.load("booking_service"))
             await connection.execute(joined_look_up())
             await connection.close()
-            await drift(database, function, bookings)
+            await drift(database, function, bookings, plan_cache_mode)
     finally:
         server.stop()
         shutil.rmtree(folder, ignore_errors=True)
@@ -123,10 +131,16 @@ async def run(bookings: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.plan_drift", description=__doc__.splitlines()[0])
     parser.add_argument("--bookings", type=int, default=6000, help="bookings per look-up (default 6000)")
+    parser.add_argument(
+        "--plan-cache-mode",
+        default="force_generic_plan",
+        choices=("force_generic_plan", "auto"),
+        help="the connection's plan_cache_mode (default: the services' force_generic_plan)",
+    )
     arguments = parser.parse_args()
     if not STEP <= arguments.bookings <= 100_000:
         parser.error(f"--bookings must be between {STEP} and 100000")
-    asyncio.run(run(arguments.bookings))
+    asyncio.run(run(arguments.bookings, arguments.plan_cache_mode))
 
 
 if __name__ == "__main__":

@@ -120,10 +120,11 @@ class Database:
             # A statement outside an explicit transaction (`autocommit`) is a transaction of its
             # own: name its isolation level here rather than trust the server's default. Generic
             # plans: a statement is planned once per connection instead of on every call while
-            # PostgreSQL weighs custom plans (the booking's look-up: 0.3 ms against 1.1 ms). A
-            # generic plan is made without the parameters' values and kept, so every statement
-            # must find its rows through their keys whatever the statistics said when it was made
-            # (booking migration 0015; tests/integration/test_plans_age_well.py).
+            # PostgreSQL weighs custom plans (the booking's look-up: 0.2 to 0.3 ms a call against
+            # 0.8 to 0.9 ms; python -m bench.plan_drift [--plan-cache-mode auto]). A generic plan
+            # is made without the parameters' values and kept until its tables are analysed, so a
+            # statement must find its rows by key whatever the statistics said (booking migration
+            # 0015; tests/integration/test_plans_age_well.py).
             server_settings={
                 "default_transaction_isolation": "read committed",
                 "plan_cache_mode": "force_generic_plan",

@@ -1,12 +1,12 @@
 -- booking.look_up (migration 0005) finds each request's answer, session and room by key, in one
 -- statement. As a join it let the planner pick hash joins over whole tables when the statistics
--- said they were small, and a plan made once on a connection is kept: made on a fresh database,
--- every later look-up on that connection read every session (1.1 ms after 1,000 bookings, 5.0 ms
--- after 6,000; python -m bench.plan_drift, docs/performance.md, "A plan that aged"). Here each row
--- is found through its key, a probe per item whatever the statistics say: each table is read by a
--- lateral subquery that depends on the item, and OFFSET 0 keeps the planner from turning it back
--- into a join over the table. Same signature, same answers. (A row's IS NULL is true only when
--- every one of its fields is: the checks below ask its key.)
+-- said they were small, and a plan made once on a connection is kept until the table is analysed:
+-- made on a fresh database, every later look-up on that connection read every session (1.1 ms
+-- after 1,000 bookings, 5.0 ms after 6,000; python -m bench.plan_drift, docs/performance.md, "A
+-- plan that aged"). Here each row is found through its key, a probe per item whatever the
+-- statistics say: each table is read by a lateral subquery that depends on the item, and OFFSET 0
+-- keeps the planner from turning it back into a join over the table. Same signature, same answers.
+-- (A row's IS NULL is true only when every one of its fields is: the checks below ask its key.)
 CREATE OR REPLACE FUNCTION booking.look_up(
     p_request_keys uuid[], p_therapist_ids uuid[], p_blocked_lowers timestamptz[], p_blocked_uppers timestamptz[]
 ) RETURNS TABLE (
